@@ -1,0 +1,59 @@
+"""The backend interface: the few fused primitives every method is built from.
+
+A backend works on one *chunk* of one block's training gradients, `G` of shape
+`(c, D)` (or `(c, rows, cols)` for the GFIM), stored as float32, bfloat16,
+float16 or float64. Query-side operands (`V`, `H`, weights) and all results are
+in the compute dtype (float32, or float64 when the inputs are float64), and
+every reduction accumulates in at least float32. Methods are written once
+against this interface; the Triton (GPU) and C++ (CPU) backends are drop-ins
+that must pass `tests/test_backend_interface.py`.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+
+class Backend(ABC):
+    """Fused primitives on a chunk of gradients. See the module docstring."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def sq_norms(self, G: torch.Tensor) -> torch.Tensor:
+        """`G` (c, D) -> `(c,)`: ‖g_i‖²."""
+
+    @abstractmethod
+    def dots(self, G: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        """`G` (c, D), `V` (m, D) -> `(m, c)`: V Gᵀ."""
+
+    @abstractmethod
+    def norms_and_dots(self, G: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`G` (c, D), `V` (m, D) -> (`(c,)` ‖g_i‖², `(m, c)` V Gᵀ), reading G once."""
+
+    @abstractmethod
+    def weighted_sum(self, C: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+        """`C` (m, c), `G` (c, D) -> `(m, D)`: Σ_i C[j, i] g_i."""
+
+    @abstractmethod
+    def rank_one_accumulate(
+        self, acc: torch.Tensor, G: torch.Tensor, V: torch.Tensor, w: torch.Tensor
+    ) -> None:
+        """In place `acc (m, D) += ((V Gᵀ) * w) G` with `w` (c,), reading G once.
+
+        DataInf's rank-one corrections with `w_i = 1/(n(λ + ‖g_i‖²))`, and the
+        Fisher-vector product of LiSSA with `w_i = 1/n`.
+        """
+
+    @abstractmethod
+    def gram(self, G1: torch.Tensor, G2: torch.Tensor) -> torch.Tensor:
+        """`G1` (c1, D), `G2` (c2, D) -> `(c1, c2)`: G1 G2ᵀ."""
+
+    @abstractmethod
+    def gfim(self, G: torch.Tensor) -> torch.Tensor:
+        """`G` (c, rows, cols) -> `(cols, cols)`: Σ_i g_iᵀ g_i (rows = 1: GᵀG)."""
+
+    @abstractmethod
+    def score(self, H: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+        """`H` (m, D), `G` (c, D) -> `(m, c)`: −H Gᵀ."""

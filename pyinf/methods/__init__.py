@@ -1,0 +1,20 @@
+"""The methods, one module each, all following `base.Method`'s protocol."""
+from __future__ import annotations
+
+from .base import Method
+from .datainf import DataInf
+from .exact import Exact
+from .hyperinf import HyperINF
+from .lissa import LiSSA
+from .tracin import TracIn
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (TracIn, DataInf, Exact, LiSSA, HyperINF)}
+
+
+def get_method(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
+    return METHODS[name]
+
+
+__all__ = ["Method", "METHODS", "get_method", *(cls.__name__ for cls in METHODS.values())]

@@ -1,0 +1,159 @@
+"""The protocol every method follows: fit -> precondition -> score.
+
+- `fit(train)` reads the training gradients (one or more passes over the
+  source) and keeps the statistics the method needs: per-block damping λ_b,
+  squared norms, Grams, GFIMs...
+- `precondition(queries)` turns query gradients `V_b` (m, rows, cols) into
+  `H_b` (m, D_b) ≈ V_b (F_b + λ_b I)⁻¹.
+- `score(train, H)` is one pass: `score[j, i] = −Σ_b ⟨h_jb, g_ib⟩`, shape (m, n).
+
+A method is one module defining a subclass with its `name` and its options
+(with defaults); everything else is shared here.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, ClassVar
+
+import torch
+
+from ..backends import Backend
+from ..blocks import Block, GradientSource, check_finite
+
+DAMPING_MODES = ("relative", "absolute")
+
+
+class Method:
+    """Base class of all methods. Subclasses set `name`, `options` and override `_fit`/`precondition`."""
+
+    name: ClassVar[str] = "abstract"
+    #: option name -> default value; anything else passed by the user is an error.
+    options: ClassVar[dict[str, Any]] = {}
+    #: whether `fit` needs the per-block damping (tracin does not).
+    needs_damping: ClassVar[bool] = True
+
+    def __init__(self, backend: Backend, damping: float = 0.1, damping_mode: str = "relative", **options):
+        if damping_mode not in DAMPING_MODES:
+            raise ValueError(f"damping_mode must be one of {DAMPING_MODES}, got {damping_mode!r}")
+        if not isinstance(damping, (int, float)) or not math.isfinite(damping) or damping <= 0:
+            raise ValueError(f"damping must be a finite number > 0, got {damping!r}")
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {unknown} for method '{self.name}'; valid options: {sorted(self.options) or 'none'}"
+            )
+        self.backend = backend
+        self.damping = float(damping)
+        self.damping_mode = damping_mode
+        self.opts = {**self.options, **options}
+        self._check_options()
+        self.n = 0
+        self.lam: dict[str, float] = {}
+        self.sq_norms: dict[str, torch.Tensor] = {}
+
+    # -- fit -------------------------------------------------------------
+    def fit(self, train: GradientSource) -> "Method":
+        """Read the training gradients and keep what `precondition` needs."""
+        self.train = train  # precondition passes over it again (datainf, exact, lissa)
+        self.n = train.n
+        self.dtype = train.dtype
+        self.blocks = train.blocks
+        self._check_blocks(train.blocks)
+        if self.needs_damping:
+            self._fit_damping(train)
+        self._fit(train)
+        return self
+
+    def _check_options(self) -> None:
+        """Validate `self.opts` (default: nothing to check)."""
+
+    def _check_blocks(self, blocks: list[Block]) -> None:
+        """Refuse block shapes the method cannot handle, before any pass."""
+
+    def _fit(self, train: GradientSource) -> None:
+        """Method-specific statistics (default: none)."""
+
+    def _check_positive_int(self, key: str) -> None:
+        value = self.opts[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{self.name}: option {key} must be an int >= 1, got {value!r}")
+
+    def _check_positive_float(self, key: str, allow_none: bool = False) -> None:
+        value = self.opts[key]
+        if value is None and allow_none:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
+            raise ValueError(f"{self.name}: option {key} must be a finite number > 0, got {value!r}")
+
+    def _fit_damping(self, train: GradientSource) -> None:
+        """One pass: per-sample squared norms, NaN/Inf check, and λ_b."""
+        norms = {b.name: torch.empty(train.n, dtype=self.dtype, device=train.device) for b in train.blocks}
+        for start, chunk in train.chunks():
+            for name, G in chunk.items():
+                norms[name][start : start + G.shape[0]] = self.backend.sq_norms(G.reshape(G.shape[0], -1))
+        for b in train.blocks:
+            s = norms[b.name]
+            if not bool(torch.isfinite(s).all()):
+                i = int((~torch.isfinite(s)).nonzero()[0, 0])
+                raise ValueError(
+                    f"block '{b.name}': train gradient of sample {i} contains NaN or Inf "
+                    f"(or its squared norm overflows {s.dtype})"
+                )
+            if self.damping_mode == "absolute":
+                self.lam[b.name] = self.damping
+            else:
+                lam = self.damping * float(s.double().mean()) / b.size
+                if lam == 0.0:
+                    raise ValueError(
+                        f"block '{b.name}': all train gradients are zero, so relative damping gives λ = 0 "
+                        f"(PEFT initialises LoRA B to zero, so g_A is zero before training); drop the block, "
+                        f"train the adapter first, or use damping_mode='absolute'"
+                    )
+                self.lam[b.name] = lam
+        self.sq_norms = norms
+
+    # -- precondition ----------------------------------------------------
+    def precondition(self, queries: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`queries` {name: (m, rows, cols)} -> `H` {name: (m, D_b)} in the compute dtype."""
+        raise NotImplementedError
+
+    # -- score -----------------------------------------------------------
+    def score(self, train: GradientSource, H: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One pass over `train`: `(m, n)` scores −Σ_b H_b G_bᵀ."""
+        m = next(iter(H.values())).shape[0]
+        out = torch.zeros(m, train.n, dtype=self.dtype, device=train.device)
+        for start, chunk in train.chunks():
+            cols = out[:, start : start + next(iter(chunk.values())).shape[0]]
+            for name, G in chunk.items():
+                cols += self.backend.score(H[name], G.reshape(G.shape[0], -1))
+        if not self.needs_damping and not bool(torch.isfinite(out).all()):
+            # tracin skips the norms pass; locate the bad sample only on this error path.
+            for start, chunk in train.chunks():
+                for name, G in chunk.items():
+                    check_finite(name, G, "train gradient", offset=start)
+        return out
+
+    def self_influence(self, train: GradientSource) -> torch.Tensor:
+        """`(n,)`: −g_iᵀ H⁻¹ g_i, preconditioning each training chunk as queries."""
+        out = torch.empty(train.n, dtype=self.dtype, device=train.device)
+        for start, chunk in train.chunks():
+            H = self.precondition(chunk)
+            total = 0
+            for name, G in chunk.items():
+                total = total - (H[name] * G.reshape(G.shape[0], -1).to(self.dtype)).sum(dim=1)
+            out[start : start + total.shape[0]] = total
+        return out
+
+    # -- helpers for subclasses -----------------------------------------
+    def _flat(self, queries: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Queries as (m, D_b) in the compute dtype."""
+        return {name: V.reshape(V.shape[0], -1).to(self.dtype) for name, V in queries.items()}
+
+    def _warn_not_converged(self, what: str, iterations: int, residual: float, tol: float) -> None:
+        warnings.warn(
+            f"{self.name}: {what} did not reach tol={tol:g} in {iterations} iterations "
+            f"(residual {residual:.3g}); raise `iterations` or the damping",
+            RuntimeWarning,
+            stacklevel=4,
+        )
