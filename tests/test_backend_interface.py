@@ -1,0 +1,91 @@
+"""The shared suite every backend must pass: each primitive against float64 formulas.
+
+Odd shapes, fp32 / bf16 / fp64 storage, outputs compared normwise. A new
+backend registers itself in `pyinf.backends.BACKENDS` and is picked up here.
+"""
+import pytest
+import torch
+
+from pyinf.backends import BACKENDS, get_backend
+
+SHAPES = [(1, 1, 1), (7, 13, 3), (41, 401, 5), (5, 1271, 16)]  # (c, D, m)
+DTYPES = [torch.float32, torch.bfloat16, torch.float64]
+TOL = {torch.float32: 2e-6, torch.bfloat16: 2e-6, torch.float64: 1e-12}  # vs fp64 on the stored values
+
+
+def _compute(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend(request):
+    return get_backend(request.param, torch.device("cpu"))
+
+
+@pytest.fixture(params=SHAPES, ids=lambda s: "c%d-D%d-m%d" % s)
+def data(request):
+    c, D, m = request.param
+    gen = torch.Generator().manual_seed(c * 1000 + D)
+    return torch.randn(c, D, generator=gen), torch.randn(m, D, generator=gen)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_norms_dots_and_score(backend, data, dtype):
+    G, V = data
+    G = G.to(dtype)
+    V = V.to(_compute(dtype))
+    G64, V64 = G.double(), V.double()
+    s, P = backend.norms_and_dots(G, V)
+    assert s.shape == (G.shape[0],) and P.shape == (V.shape[0], G.shape[0])
+    assert _rel(s, (G64 * G64).sum(1)) < TOL[dtype]
+    assert _rel(backend.sq_norms(G), (G64 * G64).sum(1)) < TOL[dtype]
+    assert _rel(P, V64 @ G64.T) < TOL[dtype]
+    assert _rel(backend.dots(G, V), V64 @ G64.T) < TOL[dtype]
+    assert _rel(backend.score(V, G), -(V64 @ G64.T)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_weighted_sum_and_rank_one(backend, data, dtype):
+    G, V = data
+    G = G.to(dtype)
+    cd = _compute(dtype)
+    V = V.to(cd)
+    gen = torch.Generator().manual_seed(1)
+    C = torch.randn(V.shape[0], G.shape[0], generator=gen).to(cd)
+    w = torch.rand(G.shape[0], generator=gen).to(cd)
+    G64 = G.double()
+    assert _rel(backend.weighted_sum(C, G), C.double() @ G64) < TOL[dtype]
+    acc0 = torch.randn(V.shape[0], G.shape[1], generator=gen).to(cd)
+    acc = acc0.clone()
+    backend.rank_one_accumulate(acc, G, V, w)
+    expect = acc0.double() + ((V.double() @ G64.T) * w.double()) @ G64
+    assert _rel(acc, expect) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,cols", [(1, 17), (3, 7), (8, 33)])
+def test_gram_and_gfim(backend, dtype, rows, cols):
+    gen = torch.Generator().manual_seed(rows * cols)
+    G = torch.randn(11, rows, cols, generator=gen).to(dtype)
+    G2 = torch.randn(5, rows * cols, generator=gen).to(dtype)
+    flat, G64 = G.reshape(11, -1), G.double()
+    assert _rel(backend.gram(flat, G2), flat.double() @ G2.double().T) < TOL[dtype]
+    assert _rel(backend.gfim(G), torch.einsum("nri,nrj->ij", G64, G64)) < TOL[dtype]
+
+
+def test_results_in_compute_dtype(backend):
+    G = torch.randn(4, 9).to(torch.bfloat16)
+    V = torch.randn(2, 9)
+    assert backend.sq_norms(G).dtype == torch.float32
+    assert backend.dots(G, V).dtype == torch.float32
+    assert backend.gfim(G.reshape(4, 3, 3)).dtype == torch.float32
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="unknown backend"):
+        get_backend("nope", torch.device("cpu"))
