@@ -60,7 +60,7 @@ def influence(
     if aggregate:
         queries = {name: V.to(train.dtype).mean(dim=0, keepdim=True) for name, V in queries.items()}
     m.fit(train)
-    scores = m.score(train, m.precondition(queries)).float()
+    scores = m.influence(queries).float()
     return scores[0] if aggregate else scores
 
 

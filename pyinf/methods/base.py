@@ -115,18 +115,28 @@ class Method:
 
     # -- precondition ----------------------------------------------------
     def precondition(self, queries: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """`queries` {name: (m, rows, cols)} -> `H` {name: (m, D_b)} in the compute dtype."""
+        """`queries` {name: (m, rows, cols)} -> `H` {name: (m, D_b)}, compute dtype or float64."""
         raise NotImplementedError
 
     # -- score -----------------------------------------------------------
+    def influence(self, queries: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`(m, n)` scores of the fitted training set for `queries` {name: (m, rows, cols)}.
+
+        precondition + score by default; a method overrides it where scoring
+        the training set has a cheaper or more accurate form (exact).
+        """
+        return self.score(self.train, self.precondition(queries))
+
     def score(self, train: GradientSource, H: dict[str, torch.Tensor]) -> torch.Tensor:
         """One pass over `train`: `(m, n)` scores −Σ_b H_b G_bᵀ."""
         m = next(iter(H.values())).shape[0]
-        out = torch.zeros(m, train.n, dtype=self.dtype, device=train.device)
-        for start, chunk in train.chunks():
-            cols = out[:, start : start + next(iter(chunk.values())).shape[0]]
-            for name, G in chunk.items():
-                cols += self.backend.score(H[name], G.reshape(G.shape[0], -1))
+        # float64 H (exact, hyperinf: their solves are float64) is scored in
+        # float64: H has large components that cancel against G, and rounding
+        # H to float32 would cost ~κ·eps of the answer.
+        dtype = torch.float64 if any(h.dtype == torch.float64 for h in H.values()) else self.dtype
+        out = torch.zeros(m, train.n, dtype=dtype, device=train.device)
+        for start, cols in self.score_chunks(train, H):
+            out[:, start : start + cols.shape[1]] = cols
         if not self.needs_damping and not bool(torch.isfinite(out).all()):
             # tracin skips the norms pass; locate the bad sample only on this error path.
             for start, chunk in train.chunks():
@@ -134,14 +144,24 @@ class Method:
                     check_finite(name, G, "train gradient", offset=start)
         return out
 
+    def score_chunks(self, train: GradientSource, H: dict[str, torch.Tensor]):
+        """One pass: yield `(start, (m, c) scores)` per chunk (lets a caller keep a top-k, not (m, n))."""
+        m = next(iter(H.values())).shape[0]
+        dtype = torch.float64 if any(h.dtype == torch.float64 for h in H.values()) else self.dtype
+        for start, chunk in train.chunks():
+            cols = torch.zeros(m, next(iter(chunk.values())).shape[0], dtype=dtype, device=train.device)
+            for name, G in chunk.items():
+                cols += self.backend.score(H[name], G.reshape(G.shape[0], -1))
+            yield start, cols
+
     def self_influence(self, train: GradientSource) -> torch.Tensor:
         """`(n,)`: −g_iᵀ H⁻¹ g_i, preconditioning each training chunk as queries."""
-        out = torch.empty(train.n, dtype=self.dtype, device=train.device)
+        out = torch.empty(train.n, dtype=torch.float64, device=train.device)
         for start, chunk in train.chunks():
             H = self.precondition(chunk)
             total = 0
             for name, G in chunk.items():
-                total = total - (H[name] * G.reshape(G.shape[0], -1).to(self.dtype)).sum(dim=1)
+                total = total - (H[name] * G.reshape(G.shape[0], -1).to(H[name].dtype)).sum(dim=1)
             out[start : start + total.shape[0]] = total
         return out
 

@@ -1,9 +1,15 @@
 """Exact block inverse: h = (F + λI)⁻¹ v with F = (1/n) Σ_i g_i g_iᵀ, per block.
 
 Primal when D_b ≤ n: accumulate F (D_b × D_b) and Cholesky-factor F + λI.
-Woodbury when D_b > n: (F + λI)⁻¹ = (1/λ)[I − Gᵀ(nλI + GGᵀ)⁻¹G], with the
-n × n Gram Cholesky-factored. The small dense solves run in float64 whatever
-the storage dtype, so fp32 rounding is not amplified by the condition number.
+Woodbury when D_b > n: with the Gram K = G Gᵀ and M = nλI + K,
+
+    (F + λI)⁻¹ = (1/λ)[I − Gᵀ M⁻¹ G],
+
+so a query's scores on the training set are −⟨h, g_i⟩ = −n (M⁻¹ G v)_i: one
+pass for the dots P = V Gᵀ and an n × n solve, no H needed. This form is also
+the accurate one: building H = (V − P M⁻¹ G)/λ and scoring it against G
+cancels large terms, and float32 dots then lose ~1/λ of the answer. The small
+dense solves run in float64 whatever the storage dtype.
 """
 from __future__ import annotations
 
@@ -27,7 +33,8 @@ class Exact(Method):
             for _, chunk in train.chunks():
                 for b in primal:
                     G = chunk[b.name]
-                    F[b.name] += self.backend.gfim(G.reshape(G.shape[0], 1, -1)).double()
+                    # float64 accumulation: F's rounding would cost ~κ·eps of the answer
+                    F[b.name] += self.backend.gfim(G.reshape(G.shape[0], 1, -1).double())
             for b in primal:
                 A = F[b.name] / train.n
                 A.diagonal().add_(self.lam[b.name])
@@ -49,27 +56,68 @@ class Exact(Method):
                 M.diagonal().add_(train.n * self.lam[b.name])
                 self.chol[b.name] = torch.linalg.cholesky(M)
 
+    def _woodbury_scores(self, P: torch.Tensor, name: str) -> torch.Tensor:
+        """Dots `P` (m, n) = V Gᵀ of one Woodbury block -> its scores −n P M⁻¹ (float64)."""
+        return -self.n * torch.cholesky_solve(P.double().T, self.chol[name]).T
+
     def precondition(self, queries):
-        V = self._flat(queries)
-        H = {}
+        """H in float64. Woodbury blocks: H = (V − P M⁻¹ G)/λ, built in float64
+        (two passes); `influence` avoids it when scoring the training set."""
+        V = {name: q.reshape(q.shape[0], -1).double() for name, q in queries.items()}
+        H = {name: torch.cholesky_solve(V[name].T, self.chol[name]).T for name in V if self.primal[name]}
         dual = [name for name in V if not self.primal[name]]
-        for name in V:
-            if self.primal[name]:  # H = V (F + λI)⁻¹, symmetric
-                H[name] = torch.cholesky_solve(V[name].double().T, self.chol[name]).T.to(self.dtype)
         if dual:
-            # Woodbury: P = V Gᵀ (one pass), C = P (nλI + K)⁻¹, H = (V − C G) / λ (one pass).
-            P = {name: torch.empty(V[name].shape[0], self.n, dtype=self.dtype, device=V[name].device) for name in dual}
-            for start, chunk in self.train.chunks():
-                for name in dual:
-                    G = chunk[name]
-                    P[name][:, start : start + G.shape[0]] = self.backend.dots(G.reshape(G.shape[0], -1), V[name])
-            C = {name: torch.cholesky_solve(P[name].double().T, self.chol[name]).T.to(self.dtype) for name in dual}
+            P = self._dual_dots({name: V[name] for name in dual})
             acc = {name: torch.zeros_like(V[name]) for name in dual}
             for start, chunk in self.train.chunks():
                 for name in dual:
                     G = chunk[name]
-                    c = C[name][:, start : start + G.shape[0]]
-                    acc[name] += self.backend.weighted_sum(c, G.reshape(G.shape[0], -1))
+                    C = self._woodbury_scores(P[name], name)[:, start : start + G.shape[0]] / -self.n
+                    acc[name] += self.backend.weighted_sum(C, G.reshape(G.shape[0], -1))
             for name in dual:
                 H[name] = (V[name] - acc[name]) / self.lam[name]
         return {name: H[name] for name in V}
+
+    def _dual_dots(self, V: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One pass: P = V Gᵀ (m, n) for the given Woodbury blocks."""
+        P = {name: torch.empty(v.shape[0], self.n, dtype=v.dtype, device=v.device) for name, v in V.items()}
+        for start, chunk in self.train.chunks():
+            for name, v in V.items():
+                G = chunk[name]
+                P[name][:, start : start + G.shape[0]] = self.backend.dots(G.reshape(G.shape[0], -1), v)
+        return P
+
+    def influence(self, queries):
+        """(m, n) in one pass: primal blocks score H Gᵀ, Woodbury blocks need only the dots."""
+        V = self._flat(queries)
+        H = {name: torch.cholesky_solve(V[name].double().T, self.chol[name]).T for name in V if self.primal[name]}
+        dual = {name: V[name] for name in V if not self.primal[name]}
+        m = next(iter(V.values())).shape[0]
+        out = torch.zeros(m, self.n, dtype=torch.float64, device=self.train.device)
+        P = {name: torch.empty(m, self.n, dtype=self.dtype, device=out.device) for name in dual}
+        for start, chunk in self.train.chunks():
+            for name, G in chunk.items():
+                G = G.reshape(G.shape[0], -1)
+                if name in dual:
+                    P[name][:, start : start + G.shape[0]] = self.backend.dots(G, dual[name])
+                else:
+                    out[:, start : start + G.shape[0]] += self.backend.score(H[name], G)
+        for name in dual:
+            out += self._woodbury_scores(P[name], name)
+        return out
+
+    def self_influence(self, train):
+        """Woodbury blocks in closed form, −n (K M⁻¹)_ii = −n (1 − nλ (M⁻¹)_ii); primal blocks per chunk."""
+        out = torch.zeros(self.n, dtype=torch.float64, device=train.device)
+        for b in self.blocks:
+            if not self.primal[b.name]:
+                m_inv_diag = torch.cholesky_inverse(self.chol[b.name]).diagonal()
+                out -= self.n * (1 - self.n * self.lam[b.name] * m_inv_diag)
+        if any(self.primal.values()):
+            for start, chunk in train.chunks():
+                for name, G in chunk.items():
+                    if self.primal[name]:
+                        g = G.reshape(G.shape[0], -1).double()
+                        h = torch.cholesky_solve(g.T, self.chol[name]).T
+                        out[start : start + g.shape[0]] -= (h * g).sum(dim=1)
+        return out

@@ -48,7 +48,8 @@ class LiSSA(Method):
         }
         top = {}
         for _ in range(POWER_ITERATIONS):
-            u = {name: x / x.norm() for name, x in u.items()}
+            # clamp: an all-zero block (absolute damping) has F = 0, so F u = 0
+            u = {name: x / x.norm().clamp_min(torch.finfo(x.dtype).tiny) for name, x in u.items()}
             Fu = self._fisher_products(u)
             top = {name: float((u[name] * Fu[name]).sum()) for name in u}
             u = Fu

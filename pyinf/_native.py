@@ -1,0 +1,180 @@
+"""Loader and torch-facing wrappers for the optional C++ extension ``pyinf._C``.
+
+The extension is imported once, on first use.  When it is missing (no compiler
+at install time, ...) pyinf falls back to PyTorch: :func:`load` returns ``None``
+and warns once with a :class:`RuntimeWarning`.  With ``PYINF_REQUIRE_NATIVE=1``
+in the environment a failed import raises :class:`ImportError` instead (the
+test suite sets it so that a broken C++ build cannot hide).
+
+Public API::
+
+    is_available() -> bool
+    load() -> module | None
+    import_error() -> BaseException | None
+    num_threads() -> int
+    set_num_threads(n: int) -> None          # 0 restores the OpenMP default
+    norms_and_dots(G, V, *, s_out=None, dots_out=None) -> (s, dots)
+
+The raw module functions (``pyinf._C``) work on buffers (numpy arrays)::
+
+    _C.norms_and_dots(G, V, s_out, dots_out)       # G float32 or uint16/int16 bf16 bits
+    _C.norms_and_dots_bf16(G_u16, V, s_out, dots_out)
+    _C.num_threads(); _C.set_num_threads(n)
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+
+__all__ = [
+    "is_available",
+    "load",
+    "import_error",
+    "num_threads",
+    "set_num_threads",
+    "norms_and_dots",
+]
+
+_lock = threading.Lock()
+_loaded = False
+_module = None
+_error: BaseException | None = None
+_warned = False
+
+
+def _require_native() -> bool:
+    return os.environ.get("PYINF_REQUIRE_NATIVE", "").strip().lower() in (
+        "1",
+        "true",
+        "yes",
+        "on",
+    )
+
+
+def _try_import() -> None:
+    global _loaded, _module, _error
+    with _lock:
+        if _loaded:
+            return
+        try:
+            from pyinf import _C  # type: ignore[attr-defined]
+
+            _module = _C
+        except ImportError as exc:  # pragma: no cover - depends on the build
+            _error = exc
+        _loaded = True
+
+
+def load():
+    """Return the ``pyinf._C`` module, or ``None`` (warning once) when missing.
+
+    Raises ImportError (chained to the original error) if the import failed and
+    ``PYINF_REQUIRE_NATIVE=1`` is set.
+    """
+    global _warned
+    _try_import()
+    if _module is not None:
+        return _module
+    if _require_native():
+        raise ImportError(
+            f"pyinf._C could not be imported and PYINF_REQUIRE_NATIVE=1 is set: {_error}"
+        ) from _error
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            f"pyinf native extension pyinf._C is not available ({_error}); "
+            "pyinf falls back to PyTorch for its CPU kernels. Reinstall with a C++ "
+            "compiler (and pybind11) to build it.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return None
+
+
+def is_available() -> bool:
+    """True when ``pyinf._C`` imports.  Never warns, never raises."""
+    _try_import()
+    return _module is not None
+
+
+def import_error() -> BaseException | None:
+    """The exception raised by ``import pyinf._C``, or None if it imported."""
+    _try_import()
+    return _error
+
+
+def _required():
+    mod = load()
+    if mod is None:
+        raise RuntimeError(f"pyinf._C is not available: {_error}")
+    return mod
+
+
+def num_threads() -> int:
+    """Threads the native kernels use (1 when the extension is missing)."""
+    mod = load()
+    return 1 if mod is None else int(mod.num_threads())
+
+
+def set_num_threads(n: int) -> None:
+    """Set the native kernels' thread count (0 = OpenMP default)."""
+    _required().set_num_threads(int(n))
+
+
+def norms_and_dots(G, V, *, s_out=None, dots_out=None):
+    """One read of ``G``: ``s[i] = ||G[i]||^2`` and ``dots[j, i] = <V[j], G[i]>``.
+
+    Args:
+        G: CPU ``torch.Tensor`` (c, D), float32 or bfloat16, C-contiguous.
+        V: CPU ``torch.Tensor`` (m, D), float32, C-contiguous.
+        s_out / dots_out: optional preallocated CPU float32 contiguous tensors
+            of shape (c,) and (m, c) to write into.
+
+    Returns:
+        ``(s, dots)``: float32 tensors of shape (c,) and (m, c).  Accumulation
+        is in float32.  No copy of ``G`` or ``V`` is made: they are handed to
+        C++ as zero-copy numpy views (bf16 via ``G.view(torch.int16)``).
+
+    Raises:
+        RuntimeError if the extension is not available; ValueError (from C++ or
+        here) for wrong device, dtype, shape or layout.
+    """
+    import torch
+
+    mod = _required()
+    for name, t in (("G", G), ("V", V)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device.type != "cpu":
+            raise ValueError(f"{name} must be a CPU tensor, got device {t.device}")
+        if t.requires_grad:
+            raise ValueError(f"{name} must not require grad (detach it first)")
+    if G.dim() != 2 or V.dim() != 2:
+        raise ValueError(
+            f"G and V must be 2-D, got G {tuple(G.shape)} and V {tuple(V.shape)}"
+        )
+    if G.dtype == torch.float32:
+        g_np = G.numpy()
+    elif G.dtype == torch.bfloat16:
+        if not G.is_contiguous():
+            raise ValueError(f"G must be C-contiguous, got strides {G.stride()}")
+        g_np = G.view(torch.int16).numpy()
+    else:
+        raise ValueError(f"G must be float32 or bfloat16, got {G.dtype}")
+    if V.dtype != torch.float32:
+        raise ValueError(f"V must be float32, got {V.dtype}")
+    c, m = G.shape[0], V.shape[0]
+    if s_out is None:
+        s_out = torch.empty(c, dtype=torch.float32)
+    if dots_out is None:
+        dots_out = torch.empty(m, c, dtype=torch.float32)
+    for name, t in (("s_out", s_out), ("dots_out", dots_out)):
+        if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.dtype != torch.float32:
+            raise ValueError(f"{name} must be a CPU float32 torch.Tensor")
+    if G.dtype == torch.bfloat16:
+        mod.norms_and_dots_bf16(g_np, V.numpy(), s_out.detach().numpy(), dots_out.detach().numpy())
+    else:
+        mod.norms_and_dots(g_np, V.numpy(), s_out.detach().numpy(), dots_out.detach().numpy())
+    return s_out, dots_out

@@ -1,0 +1,61 @@
+"""Shared pytest setup for pyinf.
+
+* ``TRITON_INTERPRET=1`` is set before anything imports triton, so Triton
+  kernels run on the CPU.
+* The tests must exercise the INSTALLED package (``make test`` builds and
+  installs it, then runs pytest from ``tests/`` with ``--import-mode=importlib``):
+  importing ``pyinf`` from the source tree would skip the C++ build and the
+  packaging of ``kernels/`` as ``pyinf.kernels``.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pathlib  # noqa: E402
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+_SOURCE_PKG = REPO_ROOT / "pyinf"
+
+import pyinf  # noqa: E402
+
+_pyinf_dirs = [pathlib.Path(p).resolve() for p in getattr(pyinf, "__path__", [])]
+if pyinf.__file__:
+    _pyinf_dirs.append(pathlib.Path(pyinf.__file__).resolve().parent)
+if any(d == _SOURCE_PKG or _SOURCE_PKG in d.parents for d in _pyinf_dirs):
+    raise pytest.UsageError(
+        "run `make test`: tests must import the installed pyinf, but pyinf was "
+        f"imported from the source tree ({pyinf.__file__ or _pyinf_dirs})"
+    )
+
+
+def seed_all(seed: int = 0) -> None:
+    """Seed python, numpy and torch RNGs."""
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:  # pragma: no cover
+        pass
+    import torch
+
+    torch.manual_seed(seed)
+
+
+@pytest.fixture
+def seed():
+    """Seed all RNGs with 0; returns the seeding function for re-seeding."""
+    seed_all(0)
+    return seed_all
+
+
+@pytest.fixture
+def torch_gen():
+    """A CPU ``torch.Generator`` seeded with 0."""
+    import torch
+
+    return torch.Generator().manual_seed(0)

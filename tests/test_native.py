@@ -1,0 +1,200 @@
+"""The C++ extension pyinf._C: norms_and_dots against a float64 reference."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from pyinf import _native
+
+C = _native.load()  # with PYINF_REQUIRE_NATIVE=1 this raises if the build is missing
+if C is None:  # only reachable outside `make test`
+    pytest.fail(
+        "pyinf._C is not available: " + str(_native.import_error()), pytrace=False
+    )
+
+CS = [1, 7, 41]
+DS = [1, 13, 401, 1271]
+MS = [1, 3, 16]
+
+
+def _ref(G, V):
+    G64, V64 = G.double(), V.double()
+    return (G64 * G64).sum(1), V64 @ G64.T
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    den = b.norm().item()
+    return (a - b).norm().item() / (den if den > 0 else 1.0)
+
+
+@pytest.fixture(params=[1, 2], ids=lambda n: f"threads{n}")
+def threads(request):
+    old = C.num_threads()
+    C.set_num_threads(request.param)
+    assert C.num_threads() == request.param
+    yield request.param
+    C.set_num_threads(0)
+    assert C.num_threads() == old or old == request.param
+
+
+def _make(c, m, D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed * 1000003 + c * 7919 + D * 31 + m)
+    G = torch.randn(c, D, generator=g).to(dtype)
+    # a non-zero mean so the dots do not cancel to ~0
+    V = torch.randn(m, D, generator=g) + 0.25
+    return G, V
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("D", DS)
+@pytest.mark.parametrize("c", CS)
+def test_norms_and_dots_raw(c, D, m, dtype, threads):
+    G, V = _make(c, m, D, dtype)
+    s = np.full((c,), np.nan, dtype=np.float32)
+    dots = np.full((m, c), np.nan, dtype=np.float32)
+    if dtype == torch.bfloat16:
+        C.norms_and_dots_bf16(G.view(torch.int16).numpy(), V.numpy(), s, dots)
+    else:
+        C.norms_and_dots(G.numpy(), V.numpy(), s, dots)
+    assert not np.isnan(s).any() and not np.isnan(dots).any(), "unwritten output"
+    s_ref, d_ref = _ref(G.float(), V)  # same (bf16-rounded) values, in float64
+    s_t, d_t = torch.from_numpy(s), torch.from_numpy(dots)
+    # elementwise on s (sums of squares do not cancel), normwise on dots
+    assert torch.allclose(s_t.double(), s_ref, rtol=1e-5, atol=0), (s_t, s_ref)
+    assert _rel(d_t, d_ref) < 1e-5
+    assert torch.allclose(d_t.double(), d_ref, rtol=1e-4, atol=1e-5 * d_ref.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_dispatch_on_buffer_format(dtype):
+    """norms_and_dots also accepts bf16 bits as uint16 or int16 buffers."""
+    G, V = _make(9, 5, 300, dtype)
+    s_ref, d_ref = _ref(G.float(), V)
+    if dtype == torch.bfloat16:
+        bufs = [G.view(torch.int16).numpy(), G.view(torch.int16).numpy().view(np.uint16)]
+    else:
+        bufs = [G.numpy()]
+    for buf in bufs:
+        s = np.full((9,), np.nan, np.float32)
+        d = np.full((5, 9), np.nan, np.float32)
+        C.norms_and_dots(buf, V.numpy(), s, d)
+        assert _rel(torch.from_numpy(s), s_ref) < 1e-5
+        assert _rel(torch.from_numpy(d), d_ref) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("c,D,m", [(41, 1271, 16), (7, 13, 3), (1, 1, 1), (130, 2049, 8)])
+def test_torch_wrapper(c, D, m, dtype):
+    G, V = _make(c, m, D, dtype, seed=1)
+    s, dots = _native.norms_and_dots(G, V)
+    assert s.dtype == torch.float32 and dots.dtype == torch.float32
+    assert s.shape == (c,) and dots.shape == (m, c)
+    s_ref, d_ref = _ref(G.float(), V)
+    assert _rel(s, s_ref) < 1e-5
+    assert _rel(dots, d_ref) < 1e-5
+    # preallocated outputs are filled in place
+    s2 = torch.full((c,), float("nan"))
+    d2 = torch.full((m, c), float("nan"))
+    r1, r2 = _native.norms_and_dots(G, V, s_out=s2, dots_out=d2)
+    assert r1 is s2 and r2 is d2
+    assert torch.equal(s2, s) and torch.equal(d2, dots)
+
+
+def test_empty_shapes():
+    for c, D, m in [(0, 5, 2), (3, 0, 2), (3, 5, 0)]:
+        G = torch.randn(c, D)
+        V = torch.randn(m, D)
+        s, d = _native.norms_and_dots(G, V)
+        assert s.shape == (c,) and d.shape == (m, c)
+        if D == 0:
+            assert torch.all(s == 0) and torch.all(d == 0)
+        s_ref, d_ref = _ref(G, V)
+        assert torch.allclose(s.double(), s_ref, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(d.double(), d_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_threads_api():
+    n0 = C.num_threads()
+    assert n0 >= 1
+    C.set_num_threads(1)
+    assert C.num_threads() == 1 == _native.num_threads()
+    _native.set_num_threads(2)
+    assert C.num_threads() == 2
+    C.set_num_threads(0)
+    assert C.num_threads() == n0
+    with pytest.raises(ValueError):
+        C.set_num_threads(-1)
+
+
+def _outs(c, m):
+    return np.zeros((c,), np.float32), np.zeros((m, c), np.float32)
+
+
+def test_bad_inputs_raise_value_error():
+    G = np.random.rand(6, 10).astype(np.float32)
+    V = np.random.rand(3, 10).astype(np.float32)
+    s, d = _outs(6, 3)
+    C.norms_and_dots(G, V, s, d)  # the good case
+
+    bad = {
+        "G 1-D": (G[0], V, s, d),
+        "G 3-D": (G.reshape(6, 10, 1), V, s, d),
+        "V 1-D": (G, V[0], s, d),
+        "mismatched D": (G, np.zeros((3, 11), np.float32), s, d),
+        "s wrong len": (G, V, np.zeros(5, np.float32), d),
+        "s 2-D": (G, V, np.zeros((6, 1), np.float32), d),
+        "dots transposed": (G, V, s, np.zeros((6, 3), np.float32)),
+        "G non-contiguous": (np.asfortranarray(G), V, s, d),
+        "G strided": (np.random.rand(6, 20).astype(np.float32)[:, ::2], V, s, d),
+        "V non-contiguous": (G, np.asfortranarray(V), s, d),
+        "dots non-contiguous": (G, V, s, np.zeros((6, 3), np.float32).T),
+        "G float64": (G.astype(np.float64), V, s, d),
+        "G int32": (G.astype(np.int32), V, s, d),
+        "G float16": (G.astype(np.float16), V, s, d),
+        "V float64": (G, V.astype(np.float64), s, d),
+        "V bf16 bits": (G, V.view(np.uint32).astype(np.uint16), s, d),
+        "s float64": (G, V, np.zeros(6, np.float64), d),
+        "dots float64": (G, V, s, np.zeros((3, 6), np.float64)),
+    }
+    ro = np.zeros((3, 6), np.float32)
+    ro.setflags(write=False)
+    bad["dots read-only"] = (G, V, s, ro)
+    for name, args in bad.items():
+        with pytest.raises(ValueError):
+            C.norms_and_dots(*args)
+            pytest.fail(f"no ValueError for {name}")
+    # the explicit bf16 entry point rejects float32 G
+    with pytest.raises(ValueError, match="bfloat16"):
+        C.norms_and_dots_bf16(G, V, s, d)
+    with pytest.raises(ValueError, match="D = 10"):
+        C.norms_and_dots(G, np.zeros((3, 11), np.float32), s, d)
+
+
+def test_wrapper_bad_inputs():
+    G = torch.randn(6, 10)
+    V = torch.randn(3, 10)
+    with pytest.raises(ValueError):
+        _native.norms_and_dots(G.double(), V)
+    with pytest.raises(ValueError):
+        _native.norms_and_dots(G.half(), V)
+    with pytest.raises(ValueError):
+        _native.norms_and_dots(G, V.bfloat16())
+    with pytest.raises(ValueError):
+        _native.norms_and_dots(G.t(), V[:, :6])  # non-contiguous
+    with pytest.raises(ValueError):
+        _native.norms_and_dots(G.bfloat16().t(), V[:, :6])
+    with pytest.raises(ValueError):
+        _native.norms_and_dots(G, torch.randn(3, 11))
+    with pytest.raises(ValueError):
+        _native.norms_and_dots(G[0], V)
+
+
+def test_native_is_available():
+    assert _native.is_available()
+    assert _native.import_error() is None
+    if os.environ.get("PYINF_REQUIRE_NATIVE") == "1":
+        assert _native.load() is not None
