@@ -18,7 +18,7 @@ STAMP   := $(VENV)/.pyinf-deps.stamp
 # torch is pinned to the exact release whose CPU wheel lies on local disk;
 # never ask for a looser range (it would pull a multi-GB CUDA build).
 TORCH_PIN := torch==2.13.0
-DEPS    := pybind11 numpy pandas pytest pytest-benchmark hypothesis setuptools wheel
+DEPS    := pybind11 numpy pandas pytest pytest-benchmark hypothesis setuptools wheel transformers peft tqdm
 
 export TRITON_INTERPRET ?= 1
 

@@ -1,0 +1,177 @@
+"""Per-sample losses of Hugging Face style models.
+
+`default_loss(model, batch) -> (B,)` is the loss a user expects from a model
+called with `labels`, but one value per sample (pyinf needs the gradient of
+each sample's own loss, and the samples must be independent):
+
+* causal LM (logits `(B, T, V)`, labels `(B, T)`): the mean over the sample's
+  target tokens of the next-token cross-entropy, shifted (logits[:, t]
+  predicts labels[:, t+1]). A target counts when its label is not -100 and,
+  with an `attention_mask`, when both the target token and the token that
+  predicts it are real: with left padding a pad never predicts the first
+  real token, and a pad is never a target. A sample without any target
+  has loss 0 (and zero gradient).
+* token classification (a `*ForTokenClassification` model, logits
+  `(B, T, C)`, labels `(B, T)`): the same mean, unshifted.
+* sequence classification (logits `(B, C)`, integer labels `(B,)`):
+  cross-entropy; regression (`C == 1`): squared error `(logit - label)²`;
+  multi-label (float labels `(B, C)`): binary cross-entropy with logits,
+  mean over the C classes.
+* anything else: ValueError asking for a `loss=` callable.
+
+The model is called with every entry of the batch except `labels` (so it
+does not compute its own batch-mean loss), with `use_cache=False` for causal
+LMs. Losses are computed in float32.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+
+__all__ = ["default_loss", "move_to_device", "model_device", "IGNORE_INDEX"]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where a model's inputs go: its input embeddings, else its first parameter."""
+    get = getattr(model, "get_input_embeddings", None)
+    if callable(get):
+        try:
+            emb = get()
+            w = getattr(emb, "weight", None)
+            if isinstance(w, torch.Tensor):
+                return w.device
+        except (NotImplementedError, AttributeError):
+            pass
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def move_to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """A dict copy of `batch` with every tensor moved to `device` (others as is)."""
+    if not isinstance(batch, Mapping):
+        raise TypeError(
+            f"a batch must be a mapping of tensors (as a tokenizer or a DataLoader yields), "
+            f"got {type(batch).__name__}"
+        )
+    return {
+        k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+        for k, v in batch.items()
+    }
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (PeftModel.get_base_model())."""
+    get = getattr(model, "get_base_model", None)
+    if callable(get):
+        try:
+            return get()
+        except Exception:  # noqa: BLE001 - any wrapper quirk: use the model itself
+            return model
+    return model
+
+
+def _class_name(model: nn.Module) -> str:
+    return type(_unwrap(model)).__name__
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    name = _class_name(model)
+    return "CausalLM" in name or "LMHead" in name
+
+
+def _logits(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(out, Mapping) and isinstance(out.get("logits"), torch.Tensor):
+        return out["logits"]
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise ValueError(
+        f"default_loss: cannot find logits in the model output ({type(out).__name__}); "
+        "pass loss=callable(model, batch) -> (B,) per-sample losses"
+    )
+
+
+def _token_mean(ce: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    ce = torch.where(valid, ce, torch.zeros((), dtype=ce.dtype, device=ce.device))
+    return ce.sum(dim=1) / valid.sum(dim=1).clamp(min=1).to(ce.dtype)
+
+
+def _token_ce(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    B, T, V = logits.shape
+    safe = torch.where(valid, targets, torch.zeros((), dtype=targets.dtype, device=targets.device))
+    ce = F.cross_entropy(logits.reshape(B * T, V).float(), safe.reshape(B * T), reduction="none")
+    return _token_mean(ce.view(B, T), valid)
+
+
+def causal_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-sample mean shifted next-token cross-entropy `(B,)` (rules in the module doc)."""
+    tgt = labels[:, 1:]
+    valid = tgt != IGNORE_INDEX
+    if attention_mask is not None:
+        real = attention_mask != 0
+        valid = valid & real[:, :-1] & real[:, 1:]
+    return _token_ce(logits[:, :-1, :], tgt, valid)
+
+
+def token_classification_loss(
+    logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-sample mean token cross-entropy `(B,)`, unshifted."""
+    valid = labels != IGNORE_INDEX
+    if attention_mask is not None:
+        valid = valid & (attention_mask != 0)
+    return _token_ce(logits, labels, valid)
+
+
+def default_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+    """Per-sample losses `(B,)` of a Hugging Face style model; see the module doc."""
+    batch = move_to_device(batch, model_device(model))
+    if "labels" not in batch or batch["labels"] is None:
+        raise ValueError(
+            "default_loss needs 'labels' in the batch; add them, or pass "
+            "loss=callable(model, batch) -> (B,) per-sample losses"
+        )
+    labels = batch["labels"]
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"batch['labels'] must be a tensor, got {type(labels).__name__}")
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    causal = _is_causal_lm(model)
+    if causal:
+        inputs.setdefault("use_cache", False)
+    logits = _logits(model(**inputs))
+    mask = batch.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.shape != labels.shape[:2]:
+        mask = None
+
+    if logits.dim() == 3 and labels.dim() == 2 and logits.shape[:2] == labels.shape:
+        if "TokenClassification" in _class_name(model):
+            return token_classification_loss(logits, labels, mask)
+        if labels.shape[1] < 2:
+            raise ValueError("default_loss: causal LM batches need at least 2 tokens per sequence")
+        return causal_lm_loss(logits, labels, mask)
+    if logits.dim() == 2 and labels.shape[0] == logits.shape[0]:
+        B, C = logits.shape
+        if C == 1 and labels.numel() == B:  # regression, as transformers does for num_labels == 1
+            return (logits[:, 0].float() - labels.reshape(B).float()).pow(2)
+        if labels.dim() == 1 and not labels.is_floating_point() and C > 1:
+            return F.cross_entropy(logits.float(), labels, reduction="none")
+        if labels.dim() == 2 and labels.shape == logits.shape and labels.is_floating_point():
+            bce = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
+            return bce.mean(dim=1)
+    raise ValueError(
+        f"default_loss does not know this task: logits {tuple(logits.shape)} with labels "
+        f"{tuple(labels.shape)} ({labels.dtype}); pass loss=callable(model, batch) -> (B,) "
+        "per-sample losses"
+    )
