@@ -1,0 +1,604 @@
+"""Gradient stores: per-sample training gradients captured once, read in chunks.
+
+Every store is a `GradientSource` (see `pyinf.blocks`): `n`, `blocks`,
+`device` (where chunks land: the model's device), `dtype` (the compute dtype,
+float32), `chunk_size`, `num_chunks` and `chunks()` yielding
+`(start, {name: (c, rows, cols)})`. `fill(capture, batches)` runs the capture
+over the training data once (`capture(batch) -> {name: (B, rows, cols)}`).
+Each `chunks()` call is one pass and shows a progress bar labelled by `begin()`.
+
+Kinds (`store=` of `pyinf.Attributor`):
+
+- "gpu": device memory. "cpu": host memory, pinned when CUDA is available, and
+  copied to the device chunk by chunk on a side stream, one chunk ahead of the
+  compute. Both are `MemoryStore`: a list of fixed-size slabs of `chunk_size`
+  samples, so filling never concatenates (no 2x peak) and a chunk is a view.
+- "disk:PATH": `DiskStore`, shards in the directory PATH (format below).
+- "none": `RecomputeStore`, no store: every pass re-runs the capture over the
+  training data, which must come back in the same order (checked by hashing
+  each batch's tensors; a shuffled loader is a ValueError). One chunk per
+  batch. Costly where a method nests passes (exact's Gram with n > D_b reads
+  chunk pairs; self-influence preconditions chunk by chunk).
+- "auto": "gpu" when the model is on CUDA, else "cpu".
+
+`grad_dtype` (storage) is torch.bfloat16 or torch.float32; default bfloat16
+when the model is on CUDA (half the memory and bandwidth; the passes are
+bandwidth-bound) and float32 on the CPU (no speed to gain there). Compute is
+float32 whatever the storage. Captured gradients with NaN/Inf are refused at
+capture time, naming the sample and block, for every method.
+
+On-disk format (version 1) of "disk:PATH"
+-----------------------------------------
+- `PATH/manifest.json`:
+  `{"format": "pyinf-gradient-store", "version": 1, "byteorder": "little",
+    "grad_dtype": "float32" | "bfloat16",
+    "blocks": [{"name", "rows", "cols"}, ...],        # in storage order
+    "fingerprint": hex sha256 of the blocks, grad_dtype and the model (parameter
+                   names/shapes/dtypes, every value of the captured blocks'
+                   weights, the first 4096 values of every other parameter),
+    "batches_per_shard": k, "samples_per_shard": k * (first batch size),
+    "shards": [{"index", "file", "start", "count", "batches", "bytes",
+                "sha256": hex of the file, "data_sha256": hex of the batches' inputs}],
+    "complete": bool, "n": total samples (when complete)}`
+- `PATH/shard-000000.bin`, ...: shard s holds the gradients of training batches
+  `s*k .. s*k + k - 1` (samples `start .. start + count - 1`). The file is the
+  blocks one after the other, in manifest order; block b is a C-order array
+  `(count, rows, cols)` of little-endian float32 or bfloat16 (raw 16-bit
+  words: the top half of a float32), `count * rows * cols * itemsize` bytes.
+  It is read with `numpy.memmap` and `torch.from_numpy`, without copies
+  (then one copy to a CUDA device, from pageable memory: no overlap yet).
+- Writes are atomic: a shard is written to `*.tmp`, fsynced and renamed; the
+  manifest is rewritten the same way after each finished shard.
+- An interrupted fit resumes: a new `fill` over the same data keeps every
+  shard whose checksum holds and whose batches hash the same, skips those
+  batches without capturing them, and recomputes the rest (a corrupted or
+  missing shard is recomputed, with a warning). A manifest from a different
+  model, block list or grad_dtype, or shards whose batches differ from the
+  data given now, are refused with a ValueError (nothing is deleted: remove
+  the directory or choose another path).
+- Checksums are verified the first time a process opens a shard (a corrupted
+  shard found while scoring is a ValueError that says to re-run `fit`).
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import sys
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from .blocks import CHUNK_BYTES, Block, check_finite, compute_dtype
+from .progress import bar
+
+Capture = Callable[[Any], dict]
+FORMAT = "pyinf-gradient-store"
+FORMAT_VERSION = 1
+GRAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+ORDER_ERROR = (
+    "the training data changed order between passes; use a non-shuffled loader or a store "
+    "(store='cpu', 'gpu' or 'disk:PATH')"
+)
+
+
+# -- helpers -------------------------------------------------------------
+def resolve_grad_dtype(grad_dtype, device: torch.device) -> torch.dtype:
+    """None -> bfloat16 on CUDA, float32 elsewhere; accepts the dtypes or their names."""
+    if grad_dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    aliases = {"fp32": "float32", "bf16": "bfloat16", **{k: k for k in GRAD_DTYPES}}
+    if isinstance(grad_dtype, str) and grad_dtype in aliases:
+        return GRAD_DTYPES[aliases[grad_dtype]]
+    if grad_dtype in GRAD_DTYPES.values():
+        return grad_dtype
+    raise ValueError(f"grad_dtype must be torch.float32 or torch.bfloat16, got {grad_dtype!r}")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def per_sample_bytes(blocks: list[Block], grad_dtype: torch.dtype) -> int:
+    return sum(b.size for b in blocks) * torch.finfo(grad_dtype).bits // 8
+
+
+def default_chunk_size(blocks: list[Block], grad_dtype: torch.dtype) -> int:
+    """Samples per chunk: about `CHUNK_BYTES` of stored gradients, as `GradientSource`."""
+    return max(1, CHUNK_BYTES // per_sample_bytes(blocks, grad_dtype))
+
+
+def batch_len(batch) -> int:
+    """Samples in a batch: the first dimension of its first tensor."""
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else [batch]
+    for v in values:
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            return int(v.shape[0])
+    raise TypeError(f"cannot tell the batch size of a {type(batch).__name__}: it holds no tensor")
+
+
+def _tensor_bytes(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def hash_batch(batch) -> str:
+    """sha256 of a batch's tensors (keys, dtypes, shapes, values); other values by repr."""
+    h = hashlib.sha256()
+    items = sorted(batch.items()) if isinstance(batch, Mapping) else enumerate(
+        batch if isinstance(batch, (list, tuple)) else [batch]
+    )
+    for key, v in items:
+        h.update(repr(key).encode())
+        if isinstance(v, torch.Tensor):
+            h.update(f"{v.dtype}{tuple(v.shape)}".encode())
+            h.update(_tensor_bytes(v))
+        else:
+            h.update(repr(v).encode())
+    return h.hexdigest()
+
+
+def fingerprint(model: torch.nn.Module, blocks: list[Block], grad_dtype: torch.dtype) -> str:
+    """What a disk store's gradients depend on, cheaply: blocks, grad_dtype, the model.
+
+    The captured blocks' weights (the adapters) are hashed in full; every other
+    parameter by name, shape, dtype and its first 4096 values (hashing a 13B
+    base model in full would cost more than the capture it guards).
+    """
+    h = hashlib.sha256(json.dumps([[b.name, b.rows, b.cols] for b in blocks] + [dtype_name(grad_dtype)]).encode())
+    captured = {f"{b.name}.weight" for b in blocks}
+    for name, p in model.named_parameters():
+        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+        h.update(_tensor_bytes(p if name in captured else p.detach().reshape(-1)[:4096]))
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not supported on this platform
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, chunks: Iterable) -> None:
+    """Write buffers to `path` via a fsynced temp file and a rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        for c in chunks:
+            f.write(c)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+# -- common part ---------------------------------------------------------
+class Store:
+    """The `GradientSource` members shared by every store, pass labels and bars."""
+
+    kind = "abstract"
+
+    def __init__(self, blocks: list[Block], device: torch.device, grad_dtype: torch.dtype, progress: bool = True):
+        self.blocks = list(blocks)
+        self.device = torch.device(device)
+        self.grad_dtype = grad_dtype
+        self.dtype = compute_dtype(grad_dtype)
+        self.progress = progress
+        self.n = 0
+        self.chunk_size = 1
+        self._label = "pass"
+        self._passes = 0
+
+    @property
+    def num_chunks(self) -> int:
+        return math.ceil(self.n / self.chunk_size)
+
+    def begin(self, label: str) -> None:
+        """Name the passes that follow (`label 1`, `label 2`, ... on the bars)."""
+        self._label, self._passes = label, 0
+
+    def chunks(self) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        self._passes += 1
+        with bar(f"{self._label} {self._passes}", self.n, self.progress) as b:
+            for start, chunk in self._chunks():
+                yield start, chunk
+                b.update(next(iter(chunk.values())).shape[0])
+
+    def _chunks(self) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        raise NotImplementedError
+
+    def fill(self, capture: Capture, batches: Iterable) -> "Store":
+        raise NotImplementedError
+
+    def _capture(self, capture: Capture, batch, offset: int) -> dict[str, torch.Tensor]:
+        """One batch's gradients in storage dtype, refusing NaN/Inf (for every method, tracin too)."""
+        grads = capture(batch)
+        out = {}
+        for b in self.blocks:
+            g = grads[b.name]
+            check_finite(b.name, g, "train gradient", offset)
+            out[b.name] = g.detach().reshape(g.shape[0], b.rows, b.cols).to(self.grad_dtype)
+        return out
+
+    def _batches_bar(self, batches: Iterable, desc: str = "capture"):
+        return bar(desc, len(batches) if hasattr(batches, "__len__") else None, self.progress, unit="batch")
+
+    def state(self) -> dict:
+        """What `Attributor.save` keeps to rebuild this store (see `restore`)."""
+        raise NotImplementedError
+
+
+# -- memory ("gpu" / "cpu") ----------------------------------------------
+class MemoryStore(Store):
+    """Gradients in slabs of `chunk_size` samples on `storage` (a device, or pinned host memory)."""
+
+    kind = "memory"
+
+    def __init__(self, blocks, device, grad_dtype, storage, chunk_size=None, progress=True):
+        super().__init__(blocks, device, grad_dtype, progress)
+        self.storage = torch.device(storage)
+        self.chunk_size = int(chunk_size or default_chunk_size(self.blocks, grad_dtype))
+        self._pin = self.storage.type == "cpu" and torch.cuda.is_available()
+        # A side stream copies chunk i+1 to the device while chunk i is used.
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" and self.storage.type == "cpu" else None
+        self._slabs: list[dict[str, torch.Tensor]] = []
+
+    def _new_slab(self) -> dict[str, torch.Tensor]:
+        return {
+            b.name: torch.empty(self.chunk_size, b.rows, b.cols, dtype=self.grad_dtype, device=self.storage, pin_memory=self._pin)
+            for b in self.blocks
+        }
+
+    def fill(self, capture, batches):
+        self._slabs, n = [], 0
+        with self._batches_bar(batches) as pb:
+            for batch in batches:
+                g = self._capture(capture, batch, n)
+                c, pos = next(iter(g.values())).shape[0], 0
+                while pos < c:  # a batch may straddle two slabs
+                    slab, off = divmod(n, self.chunk_size)
+                    if slab == len(self._slabs):
+                        self._slabs.append(self._new_slab())
+                    take = min(c - pos, self.chunk_size - off)
+                    for name, t in g.items():
+                        self._slabs[slab][name][off : off + take].copy_(t[pos : pos + take])
+                    pos, n = pos + take, n + take
+                pb.update()
+        if n == 0:
+            raise ValueError("the training data is empty")
+        self.n = n
+        return self
+
+    def _views(self):
+        for i, slab in enumerate(self._slabs):
+            start = i * self.chunk_size
+            c = min(self.chunk_size, self.n - start)
+            yield start, {name: t[:c] for name, t in slab.items()}
+
+    def _chunks(self):
+        if self._stream is None:  # views (same device), or plain copies
+            for start, views in self._views():
+                yield start, {name: t.to(self.device) for name, t in views.items()}
+            return
+        main = torch.cuda.current_stream(self.device)
+
+        def load(views):
+            with torch.cuda.stream(self._stream):
+                out = {name: t.to(self.device, non_blocking=True) for name, t in views.items()}
+            return out, self._stream.record_event()
+
+        views = list(self._views())
+        nxt = load(views[0][1])
+        for i, (start, _) in enumerate(views):
+            cur, ready = nxt
+            main.wait_event(ready)
+            for t in cur.values():  # allocated on the side stream, used on the main one
+                t.record_stream(main)
+            if i + 1 < len(views):
+                nxt = load(views[i + 1][1])
+            yield start, cur
+
+    def state(self):
+        return {
+            "kind": self.kind,
+            "storage": self.storage.type,
+            "n": self.n,
+            "chunk_size": self.chunk_size,
+            "slabs": [{name: t.cpu() for name, t in slab.items()} for slab in self._slabs],
+        }
+
+    @classmethod
+    def restore(cls, state, blocks, device, grad_dtype, progress=True, **_):
+        storage = device if state["storage"] == "cuda" else torch.device("cpu")
+        self = cls(blocks, device, grad_dtype, storage, state["chunk_size"], progress)
+        self.n = state["n"]
+        for saved in state["slabs"]:
+            slab = self._new_slab()
+            for name, t in slab.items():
+                t.copy_(saved[name])
+            self._slabs.append(slab)
+        return self
+
+
+# -- disk ------------------------------------------------------------------
+# Shards verified in this process: (path, sha256, size, mtime_ns). A rewritten file has a new key.
+_VERIFIED: set[tuple] = set()
+
+
+def _file_key(path: Path, sha: str) -> tuple:
+    st = path.stat()
+    return (str(path.resolve()), sha, st.st_size, st.st_mtime_ns)
+
+
+class DiskStore(Store):
+    """Shards in a directory, with a manifest; see the module docstring for the format."""
+
+    kind = "disk"
+
+    def __init__(self, path, blocks, device, grad_dtype, fingerprint, chunk_size=None, progress=True):
+        super().__init__(blocks, device, grad_dtype, progress)
+        if sys.byteorder != "little":
+            raise RuntimeError("the disk store format is little-endian; this host is big-endian")
+        self.path = Path(path)
+        self.fingerprint = fingerprint
+        self.target = int(chunk_size or default_chunk_size(self.blocks, grad_dtype))  # samples per shard
+        self.shards: list[dict] = []
+
+    @property
+    def _manifest_path(self) -> Path:
+        return self.path / "manifest.json"
+
+    def _new_manifest(self) -> dict:
+        return {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "byteorder": "little",
+            "grad_dtype": dtype_name(self.grad_dtype),
+            "blocks": [{"name": b.name, "rows": b.rows, "cols": b.cols} for b in self.blocks],
+            "fingerprint": self.fingerprint,
+            "batches_per_shard": None,
+            "samples_per_shard": None,
+            "shards": [],
+            "complete": False,
+            "n": None,
+        }
+
+    def _read_manifest(self) -> dict | None:
+        if not self._manifest_path.exists():
+            return None
+        man = json.loads(self._manifest_path.read_text())
+        if man.get("format") != FORMAT or man.get("version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{self._manifest_path}: not a pyinf gradient store of version {FORMAT_VERSION} "
+                f"(format {man.get('format')!r}, version {man.get('version')!r})"
+            )
+        expected = self._new_manifest()
+        for key in ("grad_dtype", "blocks", "fingerprint"):
+            if man[key] != expected[key]:
+                raise ValueError(
+                    f"the gradient store at {self.path} was built from a different model, block list or "
+                    f"grad_dtype ({key} differs); delete the directory or choose another path"
+                )
+        return man
+
+    def _write_manifest(self, man: dict) -> None:
+        man["shards"] = sorted(man["shards"], key=lambda e: e["index"])
+        _write_atomic(self._manifest_path, [json.dumps(man, indent=1).encode()])
+
+    def _open(self, e: dict) -> dict[str, torch.Tensor]:
+        """A shard as {name: (count, rows, cols)} CPU tensors over a memmap (no copy)."""
+        p = self.path / e["file"]
+        if not p.exists() or p.stat().st_size != e["bytes"]:
+            raise ValueError(f"gradient shard {p} is missing or truncated; run fit() again to recompute it")
+        arr = np.memmap(p, dtype=np.uint8, mode="c")  # copy-on-write: writable for torch, file untouched
+        key = _file_key(p, e["sha256"])
+        if key not in _VERIFIED:
+            if hashlib.sha256(arr).hexdigest() != e["sha256"]:
+                raise ValueError(f"gradient shard {p} is corrupt (checksum mismatch); run fit() again to recompute it")
+            _VERIFIED.add(key)
+        raw, off, out = torch.from_numpy(arr), 0, {}
+        itemsize = torch.finfo(self.grad_dtype).bits // 8
+        for b in self.blocks:
+            nbytes = e["count"] * b.size * itemsize
+            out[b.name] = raw[off : off + nbytes].view(self.grad_dtype).view(e["count"], b.rows, b.cols)
+            off += nbytes
+        return out
+
+    def _valid(self, e: dict) -> bool:
+        try:
+            self._open(e)
+            return True
+        except ValueError as err:
+            warnings.warn(f"{err}: recomputing it", RuntimeWarning, stacklevel=3)
+            return False
+
+    def _write_shard(self, index: int, start: int, grads: list[dict], data_sha: str) -> dict:
+        arrays = [torch.cat([g[b.name] for g in grads]).cpu().contiguous() for b in self.blocks]
+        buffers = [a.reshape(-1).view(torch.uint8).numpy() for a in arrays]
+        p = self.path / f"shard-{index:06d}.bin"
+        _write_atomic(p, buffers)
+        sha = hashlib.sha256()
+        for buf in buffers:
+            sha.update(buf)
+        e = {
+            "index": index,
+            "file": p.name,
+            "start": start,
+            "count": int(arrays[0].shape[0]),
+            "batches": len(grads),
+            "bytes": sum(buf.nbytes for buf in buffers),
+            "sha256": sha.hexdigest(),
+            "data_sha256": data_sha,
+        }
+        _VERIFIED.add(_file_key(p, e["sha256"]))
+        return e
+
+    def fill(self, capture, batches):
+        self.path.mkdir(parents=True, exist_ok=True)
+        man = self._read_manifest() or self._new_manifest()
+        good = {e["index"]: e for e in man["shards"] if self._valid(e)}
+        man["shards"], man["complete"], man["n"] = list(good.values()), False, None
+        it = iter(batches)
+        first = next(it, None)
+        if first is None:
+            raise ValueError("the training data is empty")
+        if man["batches_per_shard"] is None:
+            b0 = batch_len(first)
+            man["batches_per_shard"] = max(1, self.target // b0)
+            man["samples_per_shard"] = man["batches_per_shard"] * b0
+        k = man["batches_per_shard"]
+        it = itertools.chain([first], it)
+        start, index = 0, -1
+        with self._batches_bar(batches) as pb:
+            for index in itertools.count():
+                group = list(itertools.islice(it, k))  # the batches of shard `index`
+                if not group:
+                    break
+                data_sha = hashlib.sha256("".join(hash_batch(b) for b in group).encode()).hexdigest()
+                count = sum(batch_len(b) for b in group)
+                e = good.get(index)
+                if e is not None:  # finished before: skip its batches without capturing them
+                    if (e["data_sha256"], e["start"], e["count"]) != (data_sha, start, count):
+                        raise ValueError(
+                            f"the training data (or batch size) differs from the data the gradient store at "
+                            f"{self.path} was built from (shard {index}); delete the directory or choose another path"
+                        )
+                else:
+                    grads, offset = [], start
+                    for b in group:
+                        grads.append(self._capture(capture, b, offset))
+                        offset += batch_len(b)
+                    good[index] = self._write_shard(index, start, grads, data_sha)
+                    man["shards"].append(good[index])
+                    self._write_manifest(man)  # after each finished shard: a kill loses one shard at most
+                start += count
+                pb.update(len(group))
+        n_shards = index
+        if any(i >= n_shards for i in good):
+            raise ValueError(
+                f"the training data has fewer batches than the data the gradient store at {self.path} was "
+                f"built from; delete the directory or choose another path"
+            )
+        man["complete"], man["n"] = True, start
+        self._write_manifest(man)
+        self._load(man)
+        return self
+
+    def _load(self, man: dict) -> None:
+        self.shards = sorted(man["shards"], key=lambda e: e["index"])
+        self.n = man["n"]
+        self.chunk_size = max(e["count"] for e in self.shards)
+
+    def _chunks(self):
+        for e in self.shards:
+            yield e["start"], {name: t.to(self.device) for name, t in self._open(e).items()}
+
+    def state(self):
+        return {"kind": self.kind, "path": str(self.path.resolve())}
+
+    @classmethod
+    def restore(cls, state, blocks, device, grad_dtype, progress=True, fingerprint=None, **_):
+        self = cls(state["path"], blocks, device, grad_dtype, fingerprint, progress=progress)
+        man = self._read_manifest()
+        if man is None or not man["complete"]:
+            raise ValueError(f"the gradient store at {self.path} is missing or incomplete; fit again")
+        self._load(man)
+        return self
+
+
+# -- none ------------------------------------------------------------------
+class RecomputeStore(Store):
+    """No store: each pass re-runs the capture over the (re-iterable, unshuffled) training data."""
+
+    kind = "none"
+
+    def __init__(self, blocks, device, grad_dtype, progress=True):
+        super().__init__(blocks, device, grad_dtype, progress)
+        self.capture: Capture | None = None
+        self.batches: Iterable | None = None
+        self.hashes: list[str] = []
+        self.sizes: list[int] = []
+
+    def attach(self, capture: Capture, batches: Iterable) -> None:
+        if iter(batches) is batches:
+            raise ValueError(
+                "store='none' reads the training data once per pass: pass a re-iterable "
+                "(a DataLoader, a list of batches), not a one-shot iterator or generator"
+            )
+        self.capture, self.batches = capture, batches
+
+    def fill(self, capture, batches):
+        """One cheap pass without capture: batch sizes (n, chunk_size) and hashes (order check)."""
+        self.attach(capture, batches)
+        with self._batches_bar(batches, "hash batches") as pb:
+            for batch in batches:
+                self.hashes.append(hash_batch(batch))
+                self.sizes.append(batch_len(batch))
+                pb.update()
+        if not self.sizes:
+            raise ValueError("the training data is empty")
+        self.n, self.chunk_size = sum(self.sizes), max(self.sizes)
+        return self
+
+    def _chunks(self):
+        start, count = 0, 0
+        for i, batch in enumerate(self.batches):
+            if i >= len(self.hashes) or hash_batch(batch) != self.hashes[i]:
+                raise ValueError(ORDER_ERROR)
+            g = self._capture(self.capture, batch, start)
+            yield start, g
+            start, count = start + self.sizes[i], i + 1
+        if count != len(self.hashes):
+            raise ValueError(ORDER_ERROR)
+
+    def state(self):
+        return {"kind": self.kind, "hashes": self.hashes, "sizes": self.sizes}
+
+    @classmethod
+    def restore(cls, state, blocks, device, grad_dtype, progress=True, capture=None, batches=None, **_):
+        if batches is None:
+            raise ValueError("this Attributor was fitted with store='none': pass train_data to Attributor.load")
+        self = cls(blocks, device, grad_dtype, progress)
+        self.attach(capture, batches)
+        self.hashes, self.sizes = list(state["hashes"]), list(state["sizes"])
+        self.n, self.chunk_size = sum(self.sizes), max(self.sizes)
+        return self
+
+
+STORES = {cls.kind: cls for cls in (MemoryStore, DiskStore, RecomputeStore)}
+
+
+def parse_store(spec: str, model_device: torch.device) -> tuple[str, str | None]:
+    """`store=` -> ("gpu" | "cpu" | "disk" | "none", path or None), resolving "auto"."""
+    if not isinstance(spec, str):
+        raise TypeError(f"store must be a string, got {type(spec).__name__}")
+    if spec == "auto":
+        spec = "gpu" if model_device.type == "cuda" else "cpu"
+    if spec == "gpu" and model_device.type != "cuda":
+        raise ValueError(f"store='gpu' needs the model on a CUDA device; it is on {model_device}")
+    if spec in ("gpu", "cpu", "none"):
+        return spec, None
+    if spec.startswith("disk:") and len(spec) > len("disk:"):
+        return "disk", spec[len("disk:") :]
+    raise ValueError(f"unknown store {spec!r}; choose 'auto', 'gpu', 'cpu', 'none' or 'disk:PATH'")
+
+
+def make_store(spec: str, *, blocks, device, grad_dtype, chunk_size=None, fingerprint=None, progress=True) -> Store:
+    """An empty store for `spec` (see `parse_store`); `fill` it next."""
+    kind, path = parse_store(spec, device)
+    if kind == "gpu":
+        return MemoryStore(blocks, device, grad_dtype, device, chunk_size, progress)
+    if kind == "cpu":
+        return MemoryStore(blocks, device, grad_dtype, "cpu", chunk_size, progress)
+    if kind == "disk":
+        return DiskStore(path, blocks, device, grad_dtype, fingerprint, chunk_size, progress)
+    return RecomputeStore(blocks, device, grad_dtype, progress)

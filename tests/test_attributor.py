@@ -1,0 +1,212 @@
+"""pyinf.Attributor: scores equal pyinf.influence on the captured gradients, for every method and store."""
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import pytest
+import torch
+
+import pyinf
+from pyinf import attributor as attributor_mod
+from pyinf.attributor import Attributor, TopK
+from pyinf.capture import GradientCapture
+from pyinf.methods import METHODS
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # tiny_models, under --import-mode=importlib
+from tiny_models import make_batch, tiny_llama_lora  # noqa: E402
+
+
+class Setup:
+    """A tiny Llama with LoRA (r=4 on q_proj, v_proj), token batches, and the reference capture of them."""
+
+    def __init__(self):
+        self.model = tiny_llama_lora(seed=0)
+        self.blocks = "lora"
+        self._cache = {}  # the same batches and reference gradients across tests (the captures dominate)
+
+    def train(self, n, batch_size, seed=0):
+        key = (n, batch_size, seed)
+        if key not in self._cache:
+            self._cache[key] = [
+                make_batch("llama", B=min(batch_size, n - i), T=8, seed=1000 * seed + i)
+                for i in range(0, n, batch_size)
+            ]
+        return list(self._cache[key])
+
+    def grads(self, batches):
+        key = tuple(id(b) for b in batches)
+        if key not in self._cache:
+            with GradientCapture(self.model, blocks=self.blocks) as cap:
+                parts = [cap(b) for b in batches]
+            self._cache[key] = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        return self._cache[key]
+
+
+BATCH = 4  # 10 samples -> batches 4, 4, 2 = the chunks of every store with chunk_size=4
+STORES = ["cpu", "none", "disk", pytest.param("gpu", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA"))]
+OPTIONS = {"lissa": {"iterations": 4, "scale": 1e3}}  # few passes: the same 4 steps on both sides
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return Setup()
+
+
+def _store(kind, tmp_path):
+    return f"disk:{tmp_path / 'grads'}" if kind == "disk" else kind
+
+
+def _reference(setup, method, train, queries, **kw):
+    tg, qg = setup.grads(train), setup.grads(queries)
+    return pyinf.influence(tg, qg, method=method, chunk_size=BATCH, **OPTIONS.get(method, {}), **kw)
+
+
+@pytest.mark.filterwarnings("ignore:lissa.*did not reach")
+@pytest.mark.parametrize("store", STORES)
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_scores_equal_influence(setup, method, store, tmp_path):
+    train, queries = setup.train(10, BATCH), setup.train(3, 2, seed=1)
+    att = Attributor(setup.model, method=method, blocks=setup.blocks, store=_store(store, tmp_path),
+                     chunk_size=BATCH, progress=False, **OPTIONS.get(method, {}))
+    att.fit(train)
+    assert att.n == 10 and att._store.num_chunks == 3
+    got = att.score(queries)
+    ref = _reference(setup, method, train, queries)
+    assert got.dtype == torch.float32 and got.shape == (3, 10)
+    assert torch.equal(got, ref), (got - ref).abs().max()
+    if store != "none":  # self-influence preconditions chunk by chunk: one capture pass per chunk
+        ref_self = pyinf.self_influence(setup.grads(train), method=method, chunk_size=BATCH, **OPTIONS.get(method, {}))
+        assert torch.equal(att.self_influence(), ref_self)
+
+
+def test_dataset_and_collate(setup):
+    train = setup.train(10, BATCH)
+    samples = [{k: v[i] for k, v in b.items()} for b in train for i in range(next(iter(b.values())).shape[0])]
+    collate = torch.utils.data.default_collate
+    a = Attributor(setup.model, blocks=setup.blocks, batch_size=BATCH, chunk_size=BATCH, progress=False)
+    b = Attributor(setup.model, blocks=setup.blocks, batch_size=BATCH, chunk_size=BATCH, progress=False)
+    q = setup.train(3, 3, seed=1)
+    assert torch.equal(a.fit((samples, collate)).score(q), b.fit(train).score(q))
+
+
+def test_top_k_streamed_equals_full(setup):
+    train, queries = setup.train(10, BATCH), setup.train(3, 3, seed=1)
+    att = Attributor(setup.model, blocks=setup.blocks, store="cpu", chunk_size=BATCH, progress=False).fit(train)
+    full = att.score(queries)
+    top = att.score(queries, top_k=3)
+    assert isinstance(top, TopK) and top.helpful_scores.shape == (3, 3)
+    hv, hi = Attributor.top_k(full, 3, helpful=True)
+    av, ai = Attributor.top_k(full, 3, helpful=False)
+    assert torch.equal(top.helpful_scores, hv) and torch.equal(top.helpful_indices, hi)
+    assert torch.equal(top.harmful_scores, av) and torch.equal(top.harmful_indices, ai)
+    assert (top.helpful_scores[:, :1] <= top.harmful_scores[:, :1]).all()
+    big = att.score(queries, top_k=50)  # k > n: every sample, sorted
+    assert big.helpful_scores.shape == (3, 10)
+
+
+@pytest.mark.parametrize("store", ["cpu", "disk", "none"])
+def test_save_load_round_trip(setup, store, tmp_path):
+    train, queries = setup.train(10, BATCH), setup.train(3, 3, seed=1)
+    for method in ("datainf", "exact", "hyperinf") if store == "cpu" else ("datainf",):
+        att = Attributor(setup.model, method=method, blocks=setup.blocks, store=_store(store, tmp_path),
+                         chunk_size=BATCH, progress=False).fit(train)
+        att.save(tmp_path / "state.pt")
+        new_queries = setup.train(2, 2, seed=7)
+        kw = {"train_data": train} if store == "none" else {}
+        loaded = Attributor.load(tmp_path / "state.pt", setup.model, progress=False, **kw)
+        assert torch.equal(loaded.score(new_queries), att.score(new_queries))
+        assert torch.equal(loaded.self_influence(), att.self_influence())
+    if store == "none":
+        with pytest.raises(ValueError, match="train_data"):
+            Attributor.load(tmp_path / "state.pt", setup.model)
+
+
+def test_none_store_refuses_reordered_data(setup):
+    train = setup.train(10, BATCH)
+
+    class Shuffling:  # a loader whose order changes on every iteration
+        def __init__(self):
+            self.epoch = 0
+
+        def __iter__(self):
+            order = list(range(len(train)))
+            if self.epoch % 2:
+                order.reverse()
+            self.epoch += 1
+            return iter([train[i] for i in order])
+
+    att = Attributor(setup.model, blocks=setup.blocks, store="none", progress=False)
+    with pytest.raises(ValueError, match="changed order between passes"):
+        att.fit(Shuffling())
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        Attributor(setup.model, blocks=setup.blocks, store="none", progress=False).fit(iter(train))
+
+
+def test_nan_gradient_is_refused_for_tracin(setup, monkeypatch):
+    train = setup.train(10, BATCH)
+
+    def poisoned(model, blocks, loss):  # the real capture, with a NaN in sample 6 of one block
+        cap = GradientCapture(model, blocks=blocks, loss=loss)
+        call = cap.__call__
+
+        class Poisoned:
+            blocks = cap.blocks
+            close = cap.close
+
+            def __call__(self, batch):
+                g = call(batch)
+                if torch.equal(batch["input_ids"].cpu(), train[1]["input_ids"]):
+                    g[cap.blocks[3].name][2, 0, 0] = float("nan")
+                return g
+
+        return Poisoned()
+
+    monkeypatch.setattr(attributor_mod, "_make_capture", poisoned)
+    name = GradientCapture(setup.model).blocks[3].name
+    for store in ("cpu", "none"):
+        att = Attributor(setup.model, method="tracin", blocks=setup.blocks, store=store, progress=False)
+        with pytest.raises(ValueError, match=f"block '{name}': train gradient of sample 6 contains NaN"):
+            att.fit(train)
+            att.score(setup.train(2, 2, seed=1))
+
+
+def test_progress_bars(setup, capfd):
+    train, queries = setup.train(10, BATCH), setup.train(2, 2, seed=1)
+    Attributor(setup.model, blocks=setup.blocks, chunk_size=BATCH, progress=False).fit(train).score(queries)
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+    pytest.importorskip("tqdm")
+    Attributor(setup.model, blocks=setup.blocks, chunk_size=BATCH, progress=True).fit(train).score(queries)
+    err = capfd.readouterr().err
+    for label in ("capture", "datainf: fit pass 1", "datainf: score pass 1", "datainf: score pass 2"):
+        assert label in err
+
+
+def test_constructor_validates(setup):
+    with pytest.raises(ValueError, match="unknown method"):
+        Attributor(setup.model, method="nope")
+    with pytest.raises(ValueError, match="unknown option"):
+        Attributor(setup.model, method="datainf", iterations=3)
+    with pytest.raises(ValueError, match="damping"):
+        Attributor(setup.model, damping=-1.0)
+    with pytest.raises(ValueError, match="unknown store"):
+        Attributor(setup.model, store="tape")
+    with pytest.raises(ValueError, match="store='gpu'"):
+        if not torch.cuda.is_available():
+            Attributor(setup.model, store="gpu")
+        else:
+            raise ValueError("store='gpu'")
+    with pytest.raises(ValueError, match="grad_dtype"):
+        Attributor(setup.model, grad_dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="fit"):
+        Attributor(setup.model, blocks=setup.blocks).score(setup.train(2, 2))
+
+
+def test_bf16_storage(setup):
+    train, queries = setup.train(10, BATCH), setup.train(3, 3, seed=1)
+    att = Attributor(setup.model, blocks=setup.blocks, grad_dtype=torch.bfloat16, chunk_size=BATCH, progress=False)
+    got = att.fit(train).score(queries)
+    tg = {k: v.to(torch.bfloat16) for k, v in setup.grads(train).items()}
+    ref = pyinf.influence(tg, setup.grads(queries), method="datainf", chunk_size=BATCH)
+    assert torch.equal(got, ref)
