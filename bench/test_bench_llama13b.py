@@ -23,13 +23,12 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 
 import pytest
+import machine
 import torch
 
 TINY = os.environ.get("PYINF_BENCH_TINY") == "1"
@@ -234,21 +233,13 @@ def _versions():
     return out
 
 
-def _commit():
-    try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=RESULTS.parent, capture_output=True, text=True, timeout=10)
-        return r.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def test_llama13b_end_to_end():
     device = _device()
     result = {
         "benchmark": "llama13b" + ("-tiny" if TINY else ""),
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "device": machine.device_name(),
         "versions": _versions(),
-        "commit": _commit(),
+        "commit": machine.git_commit(),
         "config": {**MODEL, "lora": "r=8 alpha=32 q_proj,v_proj", "dtype": "bfloat16", "batch": BATCH},
     }
     t = time.perf_counter()

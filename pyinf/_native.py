@@ -19,7 +19,14 @@ The raw module functions (``pyinf._C``) work on buffers (numpy arrays)::
 
     _C.norms_and_dots(G, V, s_out, dots_out)       # G float32 or uint16/int16 bf16 bits
     _C.norms_and_dots_bf16(G_u16, V, s_out, dots_out)
+    _C.dots(G, V, out, alpha=1.0)                  # out (m, c) = alpha V G^T
+    _C.rank_one_accumulate(acc, G, V, w)           # acc (m, D) += ((V G^T) * w) G
+    _C.weighted_sum(C, G, out)                     # out (m, D) = C G
     _C.num_threads(); _C.set_num_threads(n)
+
+G (c, D) is any C-contiguous buffer (numpy arrays, memmaps, tensor.numpy()
+views): float32, or bfloat16 bits as uint16/int16; everything else float32.
+``pyinf.backends.cpu_backend.CPUBackend`` is the torch-facing user of them.
 """
 
 from __future__ import annotations

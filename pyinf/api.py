@@ -41,7 +41,7 @@ def influence(
         backend: "auto", "torch" (reference); more come with their issues.
         chunk_size: training samples per chunk in each pass (default: ~256 MB).
         **options: method options (lissa: iterations, scale, tol;
-            hyperinf: iterations, tol). Unknown options are an error.
+            hyperinf: iterations, tol, solver). Unknown options are an error.
 
     Returns:
         `(m, n)` float32 scores on the inputs' device (`(n,)` with

@@ -198,3 +198,74 @@ def test_native_is_available():
     assert _native.import_error() is None
     if os.environ.get("PYINF_REQUIRE_NATIVE") == "1":
         assert _native.load() is not None
+
+
+# ------------------------------------------------- dots, rank_one, weighted_sum
+
+
+def _gbuf(G):
+    return G.view(torch.int16).numpy() if G.dtype == torch.bfloat16 else G.numpy()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("c,D,m", [(1, 1, 1), (7, 13, 3), (41, 401, 5), (5, 1271, 16), (130, 2049, 8), (9, 520, 2)])
+def test_passes_raw(c, D, m, dtype, threads):
+    G, V = _make(c, m, D, dtype, seed=2)
+    g = torch.Generator().manual_seed(c + D + m)
+    w = torch.rand(c, generator=g)
+    Cm = torch.randn(m, c, generator=g)
+    G64, V64 = G.double(), V.double()
+    out = np.full((m, c), np.nan, np.float32)
+    C.dots(_gbuf(G), V.numpy(), out, -2.0)
+    assert not np.isnan(out).any()
+    assert _rel(torch.from_numpy(out), -2.0 * V64 @ G64.T) < 2e-6
+    acc0 = torch.randn(m, D, generator=g)
+    acc = acc0.clone()
+    C.rank_one_accumulate(acc.numpy(), _gbuf(G), V.numpy(), w.numpy())
+    assert _rel(acc, acc0.double() + ((V64 @ G64.T) * w.double()) @ G64) < 2e-6
+    ws = np.full((m, D), np.nan, np.float32)
+    C.weighted_sum(Cm.numpy(), _gbuf(G), ws)
+    assert _rel(torch.from_numpy(ws), Cm.double() @ G64) < 2e-6
+
+
+def test_passes_threads_agree():
+    """The per-thread accumulators reduce to the single-thread answer."""
+    G, V = _make(203, 4, 777, torch.bfloat16, seed=3)
+    w = torch.rand(203)
+    res = []
+    for n in (1, 2, 3):
+        C.set_num_threads(n)
+        acc = torch.zeros(4, 777)
+        C.rank_one_accumulate(acc.numpy(), _gbuf(G), V.numpy(), w.numpy())
+        res.append(acc)
+    C.set_num_threads(0)
+    assert _rel(res[1], res[0]) < 1e-6 and _rel(res[2], res[0]) < 1e-6
+
+
+def test_passes_empty_and_bad_inputs():
+    G = np.random.rand(6, 10).astype(np.float32)
+    V = np.random.rand(3, 10).astype(np.float32)
+    w = np.random.rand(6).astype(np.float32)
+    acc = np.zeros((3, 10), np.float32)
+    C.rank_one_accumulate(acc, G, V, w)  # the good case
+    for bad in [
+        (acc, G, V, w[:5]),
+        (acc[:, :9].copy(), G, V, w),
+        (acc, G.astype(np.float64), V, w),
+        (acc, G, V.astype(np.float64), w),
+        (acc, np.asfortranarray(G), V, w),
+        (np.zeros((3, 10), np.float64), G, V, w),
+    ]:
+        with pytest.raises(ValueError):
+            C.rank_one_accumulate(*bad)
+    with pytest.raises(ValueError, match="out"):
+        C.dots(G, V, np.zeros((6, 3), np.float32))
+    with pytest.raises(ValueError):
+        C.weighted_sum(np.zeros((3, 5), np.float32), G, np.zeros((3, 10), np.float32))
+    # empty shapes: nothing to do, outputs well defined
+    out = np.full((3, 10), np.nan, np.float32)
+    C.weighted_sum(np.zeros((3, 0), np.float32), np.zeros((0, 10), np.float32), out)
+    assert (out == 0).all()
+    d = np.full((2, 4), np.nan, np.float32)
+    C.dots(np.zeros((4, 0), np.float32), np.zeros((2, 0), np.float32), d)
+    assert (d == 0).all()

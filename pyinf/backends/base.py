@@ -57,3 +57,18 @@ class Backend(ABC):
     @abstractmethod
     def score(self, H: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
         """`H` (m, D), `G` (c, D) -> `(m, c)`: −H Gᵀ."""
+
+    def spd_inverse(
+        self, A: torch.Tensor, *, iterations: int, tol: float, solver: str = "auto"
+    ) -> tuple[torch.Tensor, float, int]:
+        """`A` (b, k, k) SPD (float64) -> (X ≈ A⁻¹ float64, max ‖I − AX‖_F/√k, steps).
+
+        `solver`: "schulz" (X ← X(2I − AX) from X_0 = I/‖A‖_F, at most
+        `iterations` steps, stop at residual < `tol`), "cholesky", or "auto"
+        (whichever meets the accuracy faster on this backend). The default is
+        the float64 PyTorch reference (`torch_backend.spd_inverse`), so a backend
+        need not override it.
+        """
+        from .torch_backend import spd_inverse
+
+        return spd_inverse(A, iterations=iterations, tol=tol, solver=solver)

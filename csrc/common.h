@@ -1,0 +1,233 @@
+// Shared helpers of the pyinf._C kernels: thread count, bf16 conversion,
+// 8-lane float vectors, buffer validation.  Header-only (inline), included by
+// every csrc/*.cpp; the module itself is defined in csrc/bindings.cpp.
+//
+// Conventions of every kernel:
+//  * training gradients G (c, D) are float32, or bfloat16 passed as a 16-bit
+//    integer buffer (uint16/int16) holding the raw bits, converted on the fly
+//    (`bits << 16`); everything else (queries, weights, outputs) is float32;
+//    accumulation is float32;
+//  * every buffer is C-contiguous (any object exporting the buffer protocol:
+//    numpy arrays and memmaps, tensor.numpy() views); nothing is copied;
+//  * bad inputs raise ValueError; the GIL is released around the kernels.
+//
+// Portability: the module is compiled for a baseline x86-64 target; with GCC on
+// x86-64 the hot routines are additionally cloned for x86-64-v3 (AVX2 + FMA)
+// and x86-64-v4 (AVX-512) and picked at load time (target_clones / ifunc).
+// Define PYINF_NO_TARGET_CLONES to disable.  The 8-lane vectors are GCC/Clang
+// vector extensions (256-bit: native on AVX2, and the width Zen 4 executes
+// AVX-512 at anyway).
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <string>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && \
+    defined(__linux__) && !defined(PYINF_NO_TARGET_CLONES)
+#define PYINF_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define PYINF_HAS_CLONES 1
+#else
+#define PYINF_CLONES
+#define PYINF_HAS_CLONES 0
+#endif
+
+#define PYINF_INLINE inline __attribute__((always_inline))
+
+#if defined(__GNUC__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+namespace pyinf {
+
+namespace py = pybind11;
+
+// ------------------------------------------------------------------ threads
+
+inline std::atomic<int>& thread_setting() {
+  static std::atomic<int> n{0};  // 0 = OpenMP default
+  return n;
+}
+
+inline int default_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+inline int effective_threads() {
+  int n = thread_setting().load();
+  return n > 0 ? n : default_threads();
+}
+
+inline int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+inline int team_size() {
+#ifdef _OPENMP
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
+// ------------------------------------------------------------- conversions
+
+PYINF_INLINE float bf16_to_float(uint16_t b) {
+  uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+PYINF_INLINE float to_float(float x) { return x; }
+PYINF_INLINE float to_float(uint16_t x) { return bf16_to_float(x); }
+
+typedef float vf8 __attribute__((vector_size(32)));
+typedef uint32_t vu8 __attribute__((vector_size(32)));
+typedef uint16_t vh8 __attribute__((vector_size(16)));
+
+PYINF_INLINE vf8 load8(const float* p) {
+  vf8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+PYINF_INLINE vf8 load8(const uint16_t* p) {  // 8 bf16 -> 8 fp32
+  vh8 h;
+  std::memcpy(&h, p, sizeof(h));
+  const vu8 u = __builtin_convertvector(h, vu8) << 16;
+  return (vf8)u;  // same-size vector cast: reinterprets the bits
+}
+
+PYINF_INLINE void store8(float* p, const vf8& v) { std::memcpy(p, &v, sizeof(v)); }
+
+PYINF_INLINE vf8 splat8(float s) { return vf8{} + s; }
+
+PYINF_INLINE float hsum8(const vf8& v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+// -------------------------------------------------------------- validation
+
+enum class Kind { F32, BF16 };
+
+inline std::string shape_str(const py::buffer_info& b) {
+  std::string out = "(";
+  for (size_t i = 0; i < b.shape.size(); ++i) {
+    if (i) out += ", ";
+    out += std::to_string(b.shape[i]);
+  }
+  if (b.shape.size() == 1) out += ",";
+  return out + ")";
+}
+
+inline bool is_c_contiguous(const py::buffer_info& b) {
+  py::ssize_t expected = b.itemsize;
+  for (py::ssize_t d = b.ndim - 1; d >= 0; --d) {
+    if (b.shape[d] > 1 && b.strides[d] != expected) return false;
+    expected *= b.shape[d];
+  }
+  return true;
+}
+
+inline bool is_f32(const py::buffer_info& b) {
+  return b.itemsize == 4 &&
+         (b.format == "f" || b.format == "<f" || b.format == "=f");
+}
+
+inline bool is_u16(const py::buffer_info& b) {
+  if (b.itemsize != 2) return false;
+  const std::string& f = b.format;
+  const char ch = f.empty() ? '\0' : f.back();
+  return (f.size() == 1 || (f.size() == 2 && (f[0] == '<' || f[0] == '='))) &&
+         (ch == 'H' || ch == 'h');
+}
+
+inline py::buffer_info request(const py::buffer& obj, const char* name,
+                               bool writable) {
+  try {
+    return obj.request(writable);
+  } catch (py::error_already_set& e) {
+    throw py::value_error(std::string(name) + ": cannot get a " +
+                          (writable ? "writable " : "") + "buffer (" +
+                          e.what() + ")");
+  } catch (std::exception& e) {
+    throw py::value_error(std::string(name) + ": cannot get a " +
+                          (writable ? "writable " : "") + "buffer (" +
+                          e.what() + ")");
+  }
+}
+
+inline void check(const py::buffer_info& b, const char* name,
+                  py::ssize_t ndim) {
+  if (b.ndim != ndim)
+    throw py::value_error(std::string(name) + " must be " +
+                          std::to_string(ndim) + "-D, got shape " +
+                          shape_str(b));
+  if (!is_c_contiguous(b))
+    throw py::value_error(std::string(name) + " must be C-contiguous (shape " +
+                          shape_str(b) + ")");
+}
+
+// A float32 buffer (V, weights, outputs).
+inline void check_f32(const py::buffer_info& b, const char* name,
+                      py::ssize_t ndim) {
+  if (!is_f32(b))
+    throw py::value_error(std::string(name) + " must be float32, got format '" +
+                          b.format + "'");
+  check(b, name, ndim);
+}
+
+// The storage kind of a gradient buffer: force -1 auto, 0 f32, 1 bf16 bits.
+inline Kind grad_kind(const py::buffer_info& G, const char* name, int force) {
+  if (is_f32(G) && force != 1) return Kind::F32;
+  if (is_u16(G) && force != 0) return Kind::BF16;
+  if (force == 1)
+    throw py::value_error(
+        std::string(name) +
+        " must hold bfloat16 bits as a 16-bit integer buffer (uint16/int16), "
+        "got format '" + G.format + "' itemsize " + std::to_string(G.itemsize));
+  throw py::value_error(
+      std::string(name) +
+      " must be float32, or a 16-bit integer buffer holding bfloat16 bits; "
+      "got format '" + G.format + "' itemsize " + std::to_string(G.itemsize));
+}
+
+inline void expect_shape(const py::buffer_info& b, const char* name,
+                         int64_t d0, int64_t d1, const char* what) {
+  if (b.shape[0] != d0 || (b.ndim > 1 && b.shape[1] != d1))
+    throw py::value_error(std::string(name) + " must have shape (" +
+                          std::to_string(d0) +
+                          (b.ndim > 1 ? ", " + std::to_string(d1) : std::string(",")) +
+                          ")" + (what[0] ? std::string(" = ") + what : std::string()) +
+                          ", got " + shape_str(b));
+}
+
+}  // namespace pyinf
+
+// Each kernel file registers its functions on the module.
+void pyinf_register_norms_dots(pybind11::module_& mod);
+void pyinf_register_passes(pybind11::module_& mod);
+
+// Pass 1 of csrc/passes.cpp with the squared norms: norms[i] = ||g_i||^2,
+// dots[j, i] = <v_j, g_i>; called without the GIL, all pointers valid.
+void pyinf_norms_dots_pass(bool bf16, const void* G, int64_t c, int64_t D,
+                           const float* V, int64_t m, float* norms,
+                           float* dots);

@@ -1,0 +1,446 @@
+// The streaming passes over a chunk of training gradients G (c, D):
+//
+//   dots(G, V, out, alpha)           out[j, i] = alpha <v_j, g_i>        (m, c)
+//   rank_one_accumulate(acc, G, V, w) acc += ((V Gᵀ) * w) G              (m, D)
+//   weighted_sum(C, G, out)          out = C G                          (m, D)
+//
+// rank_one_accumulate is DataInf's preconditioning pass (w_i = 1/(n(λ+‖g_i‖²)))
+// and LiSSA's Fisher-vector product (w_i = 1/n).  It reads each row of G from
+// memory ONCE: G is walked in blocks of kR = 4 rows; for a block, pass 1 sweeps
+// its rows tile by tile (kT = 512 floats) and forms the 4·m dots with all the
+// queries; pass 2 sweeps the same rows again, while they are still hot in L2
+// (4 rows of a LoRA block of 8×1024 are 64 KiB in bf16), and adds
+// Σ_r coef[r, j] g_r to each acc row j.  A bf16 tile is converted to fp32 once
+// per sweep into an L1 buffer.  Register blocking: 4 G rows × 2 query rows
+// (8 vector accumulators, each loaded query element feeds 4 FMAs, each G
+// element 2) in both sweeps.
+//
+// Threading (OpenMP): the rows are split into one contiguous range per thread
+// and each thread accumulates into its own (m, D) buffer (thread 0 straight
+// into acc), then all threads reduce the buffers into acc, each a slice of the
+// m·D entries (a static split: bitwise reproducible for a given thread
+// count; dots, with disjoint outputs, uses a dynamic schedule).  The alternative, splitting D into per-thread tiles, would need
+// every thread to read every row (the dots need the whole row before the
+// axpy) plus a barrier per row block.  The private buffers cost
+// (threads − 1)·m·D·4 bytes and one extra read of them: small next to the
+// c·D·2 bytes of G for m ≪ c (m = 8 queries vs chunks of thousands of rows);
+// above 1 GiB of buffers the pass runs on one thread.  dots splits rows too,
+// with disjoint outputs.  weighted_sum is pass 2 alone with coef = C.
+//
+// When D is so large that 4 rows do not fit in L2 (D > ~64 K bf16), pass 2
+// re-reads the rows from L3/DRAM.
+//
+// norms_and_dots (csrc/norms_dots.cpp) is pass 1 with the squared norms of the
+// rows accumulated from the same L1 tiles (pyinf_norms_dots_pass).
+
+#include "common.h"
+
+#include <memory>
+#include <vector>
+
+// -std=c++17 turns GCC's default FP contraction off: allow a*b+c -> FMA here.
+#pragma GCC optimize("fp-contract=fast")
+
+namespace py = pybind11;
+using namespace pyinf;
+
+namespace {
+
+constexpr int64_t kR = 4;    // G rows per block
+constexpr int64_t kT = 512;  // D elements per tile
+
+// Pointers to kR fp32 rows [k0, k0 + L) of rows i0.. of G: fp32 rows are read
+// in place, bf16 rows converted into buf; rows past Rn point at zeros.
+template <typename TG>
+PYINF_INLINE void tile_rows(const TG* G, int64_t D, int64_t i0, int64_t Rn,
+                            int64_t k0, int64_t L, float* buf,
+                            const float* zeros, const float** g) {
+  for (int64_t r = 0; r < kR; ++r) {
+    if (r >= Rn) {
+      g[r] = zeros;
+      continue;
+    }
+    const TG* src = G + (i0 + r) * D + k0;
+    if constexpr (std::is_same<TG, float>::value) {
+      g[r] = src;
+    } else {
+      float* dst = buf + r * kT;
+      int64_t k = 0;
+      for (; k + 8 <= L; k += 8) store8(dst + k, load8(src + k));
+      for (; k < L; ++k) dst[k] = bf16_to_float(src[k]);
+      g[r] = dst;
+    }
+  }
+}
+
+// Pass 1 for one tile: dacc[8 (r*m + j) ..] (8-lane partial sums; plain
+// floats: std::vector drops the alignment attribute of vf8) and dtail[r*m + j]
+// (scalar tail) += <g_r, v_j> over the tile.
+PYINF_INLINE void dots_tile(const float* const* g, const float* V, int64_t D,
+                            int64_t m, int64_t k0, int64_t L, float* dacc,
+                            float* dtail) {
+#define LD(r, jj) load8(dacc + 8 * ((r) * m + (jj)))
+#define ST(r, jj, v) store8(dacc + 8 * ((r) * m + (jj)), v)
+  const int64_t L8 = L & ~int64_t(7);
+  const float* __restrict g0 = g[0];
+  const float* __restrict g1 = g[1];
+  const float* __restrict g2 = g[2];
+  const float* __restrict g3 = g[3];
+  int64_t j = 0;
+  for (; j + 2 <= m; j += 2) {
+    const float* __restrict v0 = V + j * D + k0;
+    const float* __restrict v1 = v0 + D;
+    vf8 a00 = LD(0, j), a01 = LD(0, j + 1), a10 = LD(1, j), a11 = LD(1, j + 1);
+    vf8 a20 = LD(2, j), a21 = LD(2, j + 1), a30 = LD(3, j), a31 = LD(3, j + 1);
+    for (int64_t k = 0; k < L8; k += 8) {
+      const vf8 x0 = load8(v0 + k), x1 = load8(v1 + k);
+      const vf8 y0 = load8(g0 + k), y1 = load8(g1 + k);
+      const vf8 y2 = load8(g2 + k), y3 = load8(g3 + k);
+      a00 += y0 * x0; a01 += y0 * x1;
+      a10 += y1 * x0; a11 += y1 * x1;
+      a20 += y2 * x0; a21 += y2 * x1;
+      a30 += y3 * x0; a31 += y3 * x1;
+    }
+    ST(0, j, a00); ST(0, j + 1, a01); ST(1, j, a10); ST(1, j + 1, a11);
+    ST(2, j, a20); ST(2, j + 1, a21); ST(3, j, a30); ST(3, j + 1, a31);
+    for (int64_t k = L8; k < L; ++k) {
+      for (int64_t r = 0; r < kR; ++r) {
+        dtail[r * m + j] += g[r][k] * v0[k];
+        dtail[r * m + j + 1] += g[r][k] * v1[k];
+      }
+    }
+  }
+  for (; j < m; ++j) {
+    const float* __restrict v0 = V + j * D + k0;
+    vf8 a0 = LD(0, j), a1 = LD(1, j), a2 = LD(2, j), a3 = LD(3, j);
+    for (int64_t k = 0; k < L8; k += 8) {
+      const vf8 x0 = load8(v0 + k);
+      a0 += load8(g0 + k) * x0;
+      a1 += load8(g1 + k) * x0;
+      a2 += load8(g2 + k) * x0;
+      a3 += load8(g3 + k) * x0;
+    }
+    ST(0, j, a0); ST(1, j, a1); ST(2, j, a2); ST(3, j, a3);
+    for (int64_t k = L8; k < L; ++k)
+      for (int64_t r = 0; r < kR; ++r) dtail[r * m + j] += g[r][k] * v0[k];
+  }
+#undef LD
+#undef ST
+}
+
+// ||g_r||^2 over one tile: nacc[8 r ..] (lanes), nacc[8 kR + r] (tail).
+PYINF_INLINE void norms_tile(const float* const* g, int64_t L, float* nacc) {
+  const int64_t L8 = L & ~int64_t(7);
+  for (int64_t r = 0; r < kR; ++r) {
+    const float* __restrict gr = g[r];
+    vf8 a0 = load8(nacc + 8 * r), a1 = vf8{};
+    int64_t k = 0;
+    for (; k + 16 <= L8; k += 16) {
+      const vf8 y0 = load8(gr + k), y1 = load8(gr + k + 8);
+      a0 += y0 * y0;
+      a1 += y1 * y1;
+    }
+    for (; k < L8; k += 8) {
+      const vf8 y0 = load8(gr + k);
+      a0 += y0 * y0;
+    }
+    store8(nacc + 8 * r, a0 + a1);
+    for (k = L8; k < L; ++k) nacc[8 * kR + r] += gr[k] * gr[k];
+  }
+}
+
+// Pass 2 for one tile: out[j, k0 + k] += Σ_r coef[r*m + j] g_r[k].
+PYINF_INLINE void axpy_tile(const float* const* g, const float* coef,
+                            float* out, int64_t D, int64_t m, int64_t k0,
+                            int64_t L) {
+  const int64_t L8 = L & ~int64_t(7);
+  const float* __restrict g0 = g[0];
+  const float* __restrict g1 = g[1];
+  const float* __restrict g2 = g[2];
+  const float* __restrict g3 = g[3];
+  int64_t j = 0;
+  for (; j + 2 <= m; j += 2) {
+    float* __restrict o0 = out + j * D + k0;
+    float* __restrict o1 = o0 + D;
+    const float s00 = coef[0 * m + j], s01 = coef[0 * m + j + 1];
+    const float s10 = coef[1 * m + j], s11 = coef[1 * m + j + 1];
+    const float s20 = coef[2 * m + j], s21 = coef[2 * m + j + 1];
+    const float s30 = coef[3 * m + j], s31 = coef[3 * m + j + 1];
+    const vf8 c00 = splat8(s00), c01 = splat8(s01), c10 = splat8(s10),
+              c11 = splat8(s11), c20 = splat8(s20), c21 = splat8(s21),
+              c30 = splat8(s30), c31 = splat8(s31);
+    for (int64_t k = 0; k < L8; k += 8) {
+      const vf8 y0 = load8(g0 + k), y1 = load8(g1 + k);
+      const vf8 y2 = load8(g2 + k), y3 = load8(g3 + k);
+      vf8 z0 = load8(o0 + k), z1 = load8(o1 + k);
+      z0 += c00 * y0; z1 += c01 * y0;
+      z0 += c10 * y1; z1 += c11 * y1;
+      z0 += c20 * y2; z1 += c21 * y2;
+      z0 += c30 * y3; z1 += c31 * y3;
+      store8(o0 + k, z0);
+      store8(o1 + k, z1);
+    }
+    for (int64_t k = L8; k < L; ++k) {
+      o0[k] += s00 * g0[k] + s10 * g1[k] + s20 * g2[k] + s30 * g3[k];
+      o1[k] += s01 * g0[k] + s11 * g1[k] + s21 * g2[k] + s31 * g3[k];
+    }
+  }
+  for (; j < m; ++j) {
+    float* __restrict o0 = out + j * D + k0;
+    const float s0 = coef[0 * m + j], s1 = coef[1 * m + j];
+    const float s2 = coef[2 * m + j], s3 = coef[3 * m + j];
+    const vf8 c0 = splat8(s0), c1 = splat8(s1), c2 = splat8(s2),
+              c3 = splat8(s3);
+    for (int64_t k = 0; k < L8; k += 8) {
+      vf8 z0 = load8(o0 + k);
+      z0 += c0 * load8(g0 + k);
+      z0 += c1 * load8(g1 + k);
+      z0 += c2 * load8(g2 + k);
+      z0 += c3 * load8(g3 + k);
+      store8(o0 + k, z0);
+    }
+    for (int64_t k = L8; k < L; ++k)
+      o0[k] += s0 * g0[k] + s1 * g1[k] + s2 * g2[k] + s3 * g3[k];
+  }
+}
+
+enum class Op { Dots, RankOne, WeightedSum };
+
+struct Args {
+  const void* G;
+  int64_t c, D, m;
+  const float* V;      // (m, D): Dots, RankOne
+  const float* w;      // (c,): RankOne
+  const float* C;      // (m, c): WeightedSum
+  float* dots_out;     // (m, c): Dots
+  float alpha;         // Dots
+  float* norms_out;    // (c,) or nullptr: Dots also writes ||g_i||^2
+};
+
+// Rows [r0, r1) of G; `out` (m, D) is the accumulator (RankOne, WeightedSum).
+template <typename TG>
+PYINF_INLINE void rows_impl(Op op, const Args& a, int64_t r0, int64_t r1,
+                            float* out) {
+  const TG* G = static_cast<const TG*>(a.G);
+  const int64_t D = a.D, m = a.m, c = a.c;
+  alignas(64) float buf[kR * kT];
+  alignas(64) float zeros[kT] = {};
+  float nacc[8 * kR + kR];  // norms: 8-lane partial sums per row, then scalar tails
+  const float* g[kR];
+  std::vector<float> dacc(static_cast<size_t>(8 * kR * m));
+  std::vector<float> dtail(static_cast<size_t>(kR * m));
+  std::vector<float> coef(static_cast<size_t>(kR * m));
+  for (int64_t i0 = r0; i0 < r1; i0 += kR) {
+    const int64_t Rn = std::min<int64_t>(kR, r1 - i0);
+    if (op != Op::WeightedSum) {
+      std::fill(dacc.begin(), dacc.end(), 0.0f);
+      std::fill(dtail.begin(), dtail.end(), 0.0f);
+      std::fill(nacc, nacc + 8 * kR + kR, 0.0f);
+      for (int64_t k0 = 0; k0 < D; k0 += kT) {
+        const int64_t L = std::min<int64_t>(kT, D - k0);
+        tile_rows<TG>(G, D, i0, Rn, k0, L, buf, zeros, g);
+        if (a.norms_out) norms_tile(g, L, nacc);
+        dots_tile(g, a.V, D, m, k0, L, dacc.data(), dtail.data());
+      }
+      if (a.norms_out)
+        for (int64_t r = 0; r < Rn; ++r)
+          a.norms_out[i0 + r] = hsum8(load8(nacc + 8 * r)) + nacc[8 * kR + r];
+      for (int64_t r = 0; r < Rn; ++r) {
+        for (int64_t j = 0; j < m; ++j) {
+          const float d = hsum8(load8(dacc.data() + 8 * (r * m + j))) + dtail[r * m + j];
+          if (op == Op::Dots)
+            a.dots_out[j * c + i0 + r] = a.alpha * d;
+          else
+            coef[r * m + j] = d * a.w[i0 + r];
+        }
+      }
+      if (op == Op::Dots) continue;
+    } else {
+      for (int64_t r = 0; r < Rn; ++r)
+        for (int64_t j = 0; j < m; ++j) coef[r * m + j] = a.C[j * c + i0 + r];
+    }
+    for (int64_t r = Rn; r < kR; ++r)
+      for (int64_t j = 0; j < m; ++j) coef[r * m + j] = 0.0f;
+    for (int64_t k0 = 0; k0 < D; k0 += kT) {
+      const int64_t L = std::min<int64_t>(kT, D - k0);
+      tile_rows<TG>(G, D, i0, Rn, k0, L, buf, zeros, g);
+      axpy_tile(g, coef.data(), out, D, m, k0, L);
+    }
+  }
+}
+
+PYINF_CLONES
+void rows_f32(Op op, const Args& a, int64_t r0, int64_t r1, float* out) {
+  rows_impl<float>(op, a, r0, r1, out);
+}
+
+PYINF_CLONES
+void rows_bf16(Op op, const Args& a, int64_t r0, int64_t r1, float* out) {
+  rows_impl<uint16_t>(op, a, r0, r1, out);
+}
+
+PYINF_CLONES
+void add_into(float* __restrict dst, const float* __restrict src, int64_t n) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) dst[k] += src[k];
+}
+
+constexpr int64_t kMaxPrivateBytes = int64_t(1) << 30;
+
+void run(Op op, Kind kind, const Args& a, float* out) {
+  auto rows = kind == Kind::F32 ? rows_f32 : rows_bf16;
+  const int64_t nblocks = (a.c + kR - 1) / kR;
+  int nt = effective_threads();
+  if (nt > nblocks) nt = static_cast<int>(std::max<int64_t>(1, nblocks));
+  const bool private_acc = op != Op::Dots;
+  const int64_t acc_n = a.m * a.D;
+  if (private_acc && nt > 1 && (nt - 1) * acc_n * 4 > kMaxPrivateBytes) nt = 1;
+  if (nt <= 1) {
+    rows(op, a, 0, a.c, out);
+    return;
+  }
+  // Work items of `step` rows: ~8 per thread, at least 16 rows.
+  const int64_t step = kR * std::max<int64_t>(4, nblocks / (8 * nt));
+  const int64_t nsteps = (a.c + step - 1) / step;
+  std::unique_ptr<float[]> priv(
+      private_acc ? new float[static_cast<size_t>((nt - 1) * acc_n)] : nullptr);
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt)
+#endif
+  {
+    const int t = thread_id(), P = team_size();
+    float* dst = out;
+    if (private_acc && t > 0) {
+      dst = priv.get() + (t - 1) * acc_n;
+      std::fill(dst, dst + acc_n, 0.0f);  // first touch by its thread
+    }
+    if (!private_acc) {
+      // Disjoint outputs: a dynamic schedule, so that on a shared machine a
+      // descheduled thread does not hold the others up.
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1) nowait
+#endif
+      for (int64_t s = 0; s < nsteps; ++s) {
+        const int64_t r0 = s * step, r1 = std::min(a.c, r0 + step);
+        rows(op, a, r0, r1, dst);
+      }
+    } else {
+      // Accumulating: one fixed contiguous range per thread, so that the
+      // result is bitwise reproducible for a given thread count.
+      const int64_t b0 = nblocks * t / P, b1 = nblocks * (t + 1) / P;
+      const int64_t r0 = b0 * kR, r1 = std::min(a.c, b1 * kR);
+      if (r0 < r1) rows(op, a, r0, r1, dst);
+    }
+    if (private_acc && P > 1) {
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+      const int64_t lo = acc_n * t / P, hi = acc_n * (t + 1) / P;
+      for (int u = 1; u < P; ++u)
+        add_into(out + lo, priv.get() + (u - 1) * acc_n + lo, hi - lo);
+    }
+  }
+}
+
+struct Checked {
+  py::buffer_info G;
+  Kind kind;
+  int64_t c, D;
+};
+
+Checked check_G(const py::buffer& obj) {
+  Checked out{request(obj, "G", false), Kind::F32, 0, 0};
+  out.kind = grad_kind(out.G, "G", -1);
+  check(out.G, "G", 2);
+  out.c = out.G.shape[0];
+  out.D = out.G.shape[1];
+  return out;
+}
+
+void dots_py(const py::buffer& G_obj, const py::buffer& V_obj,
+             const py::buffer& out_obj, float alpha) {
+  Checked g = check_G(G_obj);
+  py::buffer_info V = request(V_obj, "V", false);
+  py::buffer_info O = request(out_obj, "out", true);
+  check_f32(V, "V", 2);
+  check_f32(O, "out", 2);
+  const int64_t m = V.shape[0];
+  expect_shape(V, "V", m, g.D, "(m, D of G)");
+  expect_shape(O, "out", m, g.c, "(V rows, G rows)");
+  Args a{g.G.ptr, g.c, g.D, m, static_cast<const float*>(V.ptr), nullptr,
+         nullptr, static_cast<float*>(O.ptr), alpha, nullptr};
+  if (g.c == 0 || m == 0) return;
+  py::gil_scoped_release nogil;
+  if (g.D == 0) {
+    std::fill(a.dots_out, a.dots_out + m * g.c, 0.0f);
+    return;
+  }
+  run(Op::Dots, g.kind, a, nullptr);
+}
+
+void rank_one_py(const py::buffer& acc_obj, const py::buffer& G_obj,
+                 const py::buffer& V_obj, const py::buffer& w_obj) {
+  Checked g = check_G(G_obj);
+  py::buffer_info A = request(acc_obj, "acc", true);
+  py::buffer_info V = request(V_obj, "V", false);
+  py::buffer_info W = request(w_obj, "w", false);
+  check_f32(A, "acc", 2);
+  check_f32(V, "V", 2);
+  check_f32(W, "w", 1);
+  const int64_t m = V.shape[0];
+  expect_shape(V, "V", m, g.D, "(m, D of G)");
+  expect_shape(A, "acc", m, g.D, "(V rows, D of G)");
+  expect_shape(W, "w", g.c, 0, "(G rows,)");
+  if (g.c == 0 || m == 0 || g.D == 0) return;
+  Args a{g.G.ptr, g.c, g.D, m, static_cast<const float*>(V.ptr),
+         static_cast<const float*>(W.ptr), nullptr, nullptr, 1.0f, nullptr};
+  py::gil_scoped_release nogil;
+  run(Op::RankOne, g.kind, a, static_cast<float*>(A.ptr));
+}
+
+void weighted_sum_py(const py::buffer& C_obj, const py::buffer& G_obj,
+                     const py::buffer& out_obj) {
+  Checked g = check_G(G_obj);
+  py::buffer_info Cb = request(C_obj, "C", false);
+  py::buffer_info O = request(out_obj, "out", true);
+  check_f32(Cb, "C", 2);
+  check_f32(O, "out", 2);
+  const int64_t m = Cb.shape[0];
+  expect_shape(Cb, "C", m, g.c, "(m, G rows)");
+  expect_shape(O, "out", m, g.D, "(C rows, D of G)");
+  float* op = static_cast<float*>(O.ptr);
+  Args a{g.G.ptr, g.c, g.D, m, nullptr, nullptr,
+         static_cast<const float*>(Cb.ptr), nullptr, 1.0f, nullptr};
+  py::gil_scoped_release nogil;
+  std::fill(op, op + m * g.D, 0.0f);
+  if (g.c == 0 || m == 0 || g.D == 0) return;
+  run(Op::WeightedSum, g.kind, a, op);
+}
+
+}  // namespace
+
+void pyinf_norms_dots_pass(bool bf16, const void* G, int64_t c, int64_t D,
+                           const float* V, int64_t m, float* norms,
+                           float* dots) {
+  Args a{G, c, D, m, V, nullptr, nullptr, dots, 1.0f, norms};
+  run(Op::Dots, bf16 ? Kind::BF16 : Kind::F32, a, nullptr);
+}
+
+void pyinf_register_passes(py::module_& mod) {
+  mod.def("dots", &dots_py, py::arg("G"), py::arg("V"), py::arg("out"),
+          py::arg("alpha") = 1.0f,
+          "dots(G, V, out, alpha=1.0) -> None\n\n"
+          "out[j, i] = alpha * <V[j], G[i]>, one read of G (c, D).  G: float32 or\n"
+          "uint16/int16 bf16 bits; V float32 (m, D); out float32 (m, c).");
+  mod.def("rank_one_accumulate", &rank_one_py, py::arg("acc"), py::arg("G"),
+          py::arg("V"), py::arg("w"),
+          "rank_one_accumulate(acc, G, V, w) -> None\n\n"
+          "In place acc (m, D) += ((V G^T) * w) G, reading each row of G (c, D)\n"
+          "from memory once.  G: float32 or uint16/int16 bf16 bits; V float32\n"
+          "(m, D); w float32 (c,); acc float32 (m, D).");
+  mod.def("weighted_sum", &weighted_sum_py, py::arg("C"), py::arg("G"),
+          py::arg("out"),
+          "weighted_sum(C, G, out) -> None\n\n"
+          "out (m, D) = C (m, c) @ G (c, D), one read of G.  G: float32 or\n"
+          "uint16/int16 bf16 bits; C and out float32 (out is overwritten).");
+}

@@ -1,0 +1,136 @@
+"""DataInf / LiSSA rank-one accumulation: acc (m, D) += ((V Gᵀ) · w) G, and `weighted_sum` C G.
+
+Shapes: `G` (c, D) float32 / bfloat16 / float16, `V` (m, D), `w` (c,),
+`acc` (m, D), `C` (m, c), all float32.
+
+Why two launches (and two reads of G) rather than one. Every output element
+acc[j, d] needs the coefficients p_ji = ⟨v_j, g_i⟩ w_i, and each p_ji is a
+reduction over ALL of D. A single kernel would have a program own a tile of
+samples, first reduce its (m, tile) dot block over the whole of D, then walk D
+again to add p·g into acc: G is read twice anyway (the tile's rows cannot stay
+on chip: 16 samples × 40960 × 2 B = 1.3 MB at the 13B LoRA shape, and the
+~132 concurrent tiles, 170 MB, do not fit the 50 MB L2 either), and the
+reduction over samples across programs then needs either
+  * atomics into acc: m × D × (c / BLOCK_C) fp32 atomic adds per chunk, e.g.
+    m = 100, c = 900: 250 MB of atomic traffic for 74 MB of bf16 G, and a
+    non-deterministic summation order; or
+  * a two-stage reduction through a (c / BLOCK_C, m, D) workspace: the same
+    250 MB written and read again.
+Both cost more than they save once m ≳ 8. So:
+  1. P = V Gᵀ with the `norms_dots` kernel (D split over programs, tiny
+     two-stage reduction of the (m, c) partials);
+  2. this file's kernel: a program owns an (m-tile, D-tile) of acc and loops
+     over all c samples, acc_tile += (P_tile · w) G_tile on the tensor cores,
+     then adds the old acc tile and stores: no atomics, deterministic, acc read
+     and written once, G read once (per m-tile; one m-tile for m ≤ 128).
+Total: exactly two reads of G, like the torch reference's two GEMMs, but
+without its fp32 upcast copy of bf16 G (which costs 5× the bf16 bytes) and
+with the scale by w and the add into acc fused. The D axis gives plenty of
+programs (40960 / 64 = 640 per block).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+try:  # installed as pyinf.kernels
+    from . import _util
+    from . import norms_dots as _nd
+    from ._dot import mma
+except ImportError:  # pragma: no cover - imported by path while developing
+    import _util  # type: ignore
+    import norms_dots as _nd  # type: ignore
+    from _dot import mma  # type: ignore
+
+
+@triton.jit
+def _weighted_sum_kernel(
+    P, W, G, ACC,
+    c, D, m,
+    HAS_W: tl.constexpr, ACCUMULATE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, MODE: tl.constexpr, NATIVE_BF16: tl.constexpr,
+):
+    pid_d = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    mask_d = offs_d < D
+    mask_m = offs_m < m
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for c0 in range(0, c, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+        mask_c = offs_c < c
+        p = tl.load(P + offs_m[:, None] * c + offs_c[None, :], mask=mask_m[:, None] & mask_c[None, :], other=0.0)
+        if HAS_W:
+            w = tl.load(W + offs_c, mask=mask_c, other=0.0)
+            p = p * w[None, :]
+        g = tl.load(G + offs_c[:, None] * D + offs_d[None, :], mask=mask_c[:, None] & mask_d[None, :], other=0.0)
+        acc = mma(p, g.to(tl.float32), acc, PRECISION, MODE, NATIVE_BF16)
+    ptrs = ACC + offs_m[:, None] * D + offs_d[None, :]
+    mask = mask_m[:, None] & mask_d[None, :]
+    if ACCUMULATE:
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+    tl.store(ptrs, acc, mask=mask)
+
+
+def _config(c: int, D: int, m: int) -> dict:
+    if _util.interpreting():
+        return dict(BLOCK_M=_util.clamp_pow2(m, 16, 128), BLOCK_C=_util.clamp_pow2(c, 16, 128),
+                    BLOCK_D=_util.clamp_pow2(D, 16, 1024), num_warps=4)
+    BLOCK_M = _util.clamp_pow2(m, 16, 128)
+    return dict(BLOCK_M=BLOCK_M, BLOCK_C=32, BLOCK_D=64 if BLOCK_M >= 64 else 128,
+                num_warps=8 if BLOCK_M >= 64 else 4)
+
+
+def _launch(P: torch.Tensor, w: torch.Tensor | None, G: torch.Tensor, out: torch.Tensor, accumulate: bool,
+            precision: str | None) -> None:
+    _util.check_storage("G", G, 2)
+    c, D = G.shape
+    _util.check_f32("C", P, 2)
+    m = P.shape[0]
+    assert P.shape == (m, c), f"coefficients have shape {tuple(P.shape)}, expected {(m, c)}"
+    _util.check_f32("acc", out, 2)
+    assert out.shape == (m, D), f"acc has shape {tuple(out.shape)}, expected {(m, D)}"
+    if w is not None:
+        _util.check_f32("w", w, 1)
+        assert w.shape == (c,), f"w has shape {tuple(w.shape)}, expected {(c,)}"
+    cfg = _config(c, D, m)
+    p = _util.dot_precision(G.dtype, G.device, precision)
+    ip, split = _util.tl_precision(p)
+    grid = (_util.cdiv(D, cfg["BLOCK_D"]), _util.cdiv(m, cfg["BLOCK_M"]))
+    _weighted_sum_kernel[grid](
+        P, w if w is not None else P, G, out, c, D, m,
+        HAS_W=w is not None, ACCUMULATE=accumulate,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], BLOCK_D=cfg["BLOCK_D"],
+        PRECISION=ip, MODE=1 if split else 0, NATIVE_BF16=not _util.interpreting(),
+        num_warps=cfg["num_warps"],
+    )
+
+
+def rank_one_accumulate(acc: torch.Tensor, G: torch.Tensor, V: torch.Tensor, w: torch.Tensor, *,
+                        precision: str | None = None) -> None:
+    """In place `acc (m, D) += ((V Gᵀ) * w) G` (two reads of G, see the module docstring)."""
+    P = _nd.dots(G, V, precision=precision)
+    _launch(P, w, G, acc, True, precision)
+
+
+def weighted_sum(C: torch.Tensor, G: torch.Tensor, *, precision: str | None = None) -> torch.Tensor:
+    """`C` (m, c) fp32, `G` (c, D) -> `(m, D)` = C G (the second stage above, one read of G)."""
+    out = torch.empty(C.shape[0], G.shape[1], dtype=torch.float32, device=G.device)
+    _launch(C, None, G, out, False, precision)
+    return out
+
+
+def rank_one_accumulate_reference(acc: torch.Tensor, G: torch.Tensor, V: torch.Tensor, w: torch.Tensor,
+                                  upcast: bool = False) -> torch.Tensor:
+    """Returns acc + ((V Gᵀ) w) G (out of place) in fp32 or float64."""
+    dt = torch.float64 if upcast else torch.float32
+    G = G.to(dt)
+    return acc.to(dt) + ((V.to(dt) @ G.T) * w.to(dt)) @ G
+
+
+def weighted_sum_reference(C: torch.Tensor, G: torch.Tensor, upcast: bool = False) -> torch.Tensor:
+    dt = torch.float64 if upcast else torch.float32
+    return C.to(dt) @ G.to(dt)

@@ -1,0 +1,150 @@
+"""`backend="cpu"`: the C++ kernels of `pyinf._C` on CPU tensors.
+
+`CPUBackend` subclasses the torch reference and overrides what C++ does
+better: the streaming passes that read each training gradient once and are
+bound by memory (or by FMAs at m ≈ 8 queries), with bf16 storage converted on
+the fly instead of materialising an fp32 copy of every chunk, which is what
+the reference does before calling BLAS. Where a dense GEMM is the whole job,
+PyTorch's own BLAS is the faster tool and is kept.
+
+Path of each primitive (fp32 or bf16 G, fp32 query-side operands):
+
+=====================  ==========================================================
+primitive              path
+=====================  ==========================================================
+sq_norms               C++ `norms_and_dots` with m = 0 (one read of G)
+norms_and_dots         C++ `norms_and_dots` (one read of G, norms + all dots)
+dots                   C++ `dots` (4 rows × 2 queries register blocking); torch
+                       BLAS when m > ``MAX_STREAM_M`` (compute-bound GEMM)
+score                  C++ `dots` with alpha = −1; same switch as dots
+rank_one_accumulate    C++ fused pass: per block of 4 rows, dots then axpy while
+                       the rows are hot in L2 (G read from memory once);
+                       torch when m > ``MAX_STREAM_M``
+weighted_sum           C++ (the axpy half of rank_one); torch when m > ``MAX_STREAM_M``
+gram                   C++ `dots` when one side has ≤ ``MAX_STREAM_M`` rows
+                       (a streaming pass); otherwise torch BLAS (a GEMM)
+gfim                   torch BLAS: Σ g_iᵀ g_i is a syrk with K = c·rows, a
+                       compute-bound GEMM (cols² flops per element read)
+spd_inverse            torch (float64 Cholesky / Schulz: dense LAPACK/BLAS)
+=====================  ==========================================================
+
+Fallbacks to the torch reference, per call: float64 anywhere (the float64
+path exists for accuracy, and the C++ kernels accumulate in float32), float16
+storage (no fp16 kernels), query-side operands that are not float32 (exact's
+and hyperinf's float64 H), tensors not on the CPU. Inputs are handed to C++
+as zero-copy numpy views (`tensor.numpy()`, bf16 as `view(torch.int16)`), so a
+tensor made by `torch.from_numpy(np.memmap(...))` is read straight from the
+page cache; a non-contiguous input is made contiguous once. Outputs are
+allocated with torch and filled in place through their numpy views.
+
+The extension is required: `CPUBackend()` raises RuntimeError when
+`pyinf._C` is not importable (``backend="auto"`` then picks "torch" with the
+one warning of `pyinf._native.load`).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _native
+from .torch_backend import TorchBackend
+
+#: above this many query rows the dots / axpy are compute-bound GEMMs: use BLAS.
+MAX_STREAM_M = 64
+
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _grad_buffer(G: torch.Tensor):
+    """`G` (c, D) float32 / bfloat16 CPU tensor -> a zero-copy numpy view (bf16 as int16 bits)."""
+    G = G.detach()
+    if not G.is_contiguous():
+        G = G.contiguous()
+    if G.dtype == torch.bfloat16:
+        return G.view(torch.int16).numpy()
+    return G.numpy()
+
+
+def _f32(t: torch.Tensor):
+    t = t.detach()
+    return (t if t.is_contiguous() else t.contiguous()).numpy()
+
+
+class CPUBackend(TorchBackend):
+    name = "cpu"
+
+    def __init__(self):
+        if not _native.is_available():
+            raise RuntimeError(
+                "backend='cpu' needs the C++ extension pyinf._C, which could not be imported "
+                f"({_native.import_error()}); reinstall pyinf with a C++ compiler and pybind11, "
+                "or use backend='torch' (or 'auto', which falls back to it)"
+            )
+        self._C = _native.load()
+
+    # -- dispatch helpers ------------------------------------------------
+    @staticmethod
+    def _native_ok(G: torch.Tensor, *others: torch.Tensor) -> bool:
+        if G.device.type != "cpu" or G.dtype not in _NATIVE_DTYPES or G.dim() != 2:
+            return False
+        return all(o.device.type == "cpu" and o.dtype == torch.float32 for o in others)
+
+    # -- primitives ------------------------------------------------------
+    def sq_norms(self, G):
+        if not self._native_ok(G):
+            return super().sq_norms(G)
+        s = torch.empty(G.shape[0], dtype=torch.float32)
+        self._C.norms_and_dots(
+            _grad_buffer(G), torch.empty(0, G.shape[1]).numpy(), s.numpy(), torch.empty(0, G.shape[0]).numpy()
+        )
+        return s
+
+    def norms_and_dots(self, G, V):
+        if not self._native_ok(G, V):
+            return super().norms_and_dots(G, V)
+        s = torch.empty(G.shape[0], dtype=torch.float32)
+        P = torch.empty(V.shape[0], G.shape[0], dtype=torch.float32)
+        self._C.norms_and_dots(_grad_buffer(G), _f32(V), s.numpy(), P.numpy())
+        return s, P
+
+    def _dots(self, G, V, alpha):
+        P = torch.empty(V.shape[0], G.shape[0], dtype=torch.float32)
+        self._C.dots(_grad_buffer(G), _f32(V), P.numpy(), alpha)
+        return P
+
+    def dots(self, G, V):
+        if not self._native_ok(G, V) or V.shape[0] > MAX_STREAM_M:
+            return super().dots(G, V)
+        return self._dots(G, V, 1.0)
+
+    def score(self, H, G):
+        if not self._native_ok(G, H) or H.shape[0] > MAX_STREAM_M:
+            return super().score(H, G)
+        return self._dots(G, H, -1.0)
+
+    def weighted_sum(self, C, G):
+        if not self._native_ok(G, C) or C.shape[0] > MAX_STREAM_M:
+            return super().weighted_sum(C, G)
+        out = torch.empty(C.shape[0], G.shape[1], dtype=torch.float32)
+        self._C.weighted_sum(_f32(C), _grad_buffer(G), out.numpy())
+        return out
+
+    def rank_one_accumulate(self, acc, G, V, w):
+        if not self._native_ok(G, acc, V, w) or V.shape[0] > MAX_STREAM_M:
+            return super().rank_one_accumulate(acc, G, V, w)
+        if acc.is_contiguous():
+            self._C.rank_one_accumulate(acc.detach().numpy(), _grad_buffer(G), _f32(V), _f32(w))
+        else:
+            tmp = acc.contiguous()
+            self._C.rank_one_accumulate(tmp.numpy(), _grad_buffer(G), _f32(V), _f32(w))
+            acc.copy_(tmp)
+
+    def gram(self, G1, G2):
+        if G1.dtype not in _NATIVE_DTYPES or G2.dtype not in _NATIVE_DTYPES or G1.device.type != "cpu":
+            return super().gram(G1, G2)
+        if G2.shape[0] <= MAX_STREAM_M and G2.shape[0] <= G1.shape[0]:
+            return self._dots(G1, G2.float(), 1.0).T.contiguous()
+        if G1.shape[0] <= MAX_STREAM_M:
+            return self._dots(G2, G1.float(), 1.0)
+        return super().gram(G1, G2)
+
+    # gfim, spd_inverse: inherited (torch BLAS / LAPACK), see the module docstring.

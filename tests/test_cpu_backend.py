@@ -1,0 +1,191 @@
+"""backend="cpu" (the C++ kernels) end to end: every method against float64 and
+against the torch reference backend; memmap input; the missing-extension paths."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import pyinf
+from pyinf import _native
+from pyinf.backends import BACKENDS, CPUBackend, TorchBackend, get_backend
+
+C = _native.load()  # with PYINF_REQUIRE_NATIVE=1 this raises if the build is missing
+if C is None:  # only reachable outside `make test`
+    pytest.fail("pyinf._C is not available: " + str(_native.import_error()), pytrace=False)
+
+N, M = 37, 5
+# odd shapes; "flat" (D = 41 > n) is a Woodbury block for exact, "small" (D = 14 ≤ n) a primal one
+SHAPES = {"lora_A": (3, 17), "flat": (41,), "small": (2, 7)}
+METHODS = {
+    "tracin": {},
+    "datainf": {},
+    "exact": {},
+    "lissa": {"iterations": 400, "tol": 1e-6},
+    "hyperinf": {},
+}
+DAMPING = {"lissa": 2.0}  # LiSSA needs (s/λ)·ln(1/tol) iterations: keep λ large
+TOL = 1e-4  # normwise relative error vs float64, fp32 accumulation
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def _grads(n, seed, dtype):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in SHAPES.items():
+        t = torch.randn(n, *shape, generator=g) * (1 + torch.rand(n, *([1] * len(shape)), generator=g))
+        out[name] = (t + 0.1).to(dtype)
+    return out
+
+
+@pytest.fixture(params=[1, 2], ids=lambda n: f"threads{n}")
+def threads(request):
+    _native.set_num_threads(request.param)
+    yield request.param
+    _native.set_num_threads(0)
+
+
+def test_registered_and_auto_picks_cpu():
+    assert BACKENDS["cpu"] is CPUBackend
+    assert isinstance(get_backend("auto", torch.device("cpu")), CPUBackend)
+    assert isinstance(get_backend("cpu", torch.device("cpu")), CPUBackend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_influence_parity(method, dtype, threads):
+    train, query = _grads(N, 1, dtype), _grads(M, 2, dtype)
+    kw = dict(method=method, damping=DAMPING.get(method, 0.1), chunk_size=8, **METHODS[method])
+    with warnings.catch_warnings():
+        if method == "lissa":
+            warnings.simplefilter("error")  # a LiSSA that did not converge
+        S_cpu = pyinf.influence(train, query, backend="cpu", **kw)
+        S_torch = pyinf.influence(train, query, backend="torch", **kw)
+    train64 = {k: v.double() for k, v in train.items()}
+    query64 = {k: v.double() for k, v in query.items()}
+    S64 = pyinf.influence(train64, query64, backend="torch", **kw).double()
+    assert S_cpu.shape == (M, N) and S_cpu.dtype == torch.float32
+    assert torch.isfinite(S_cpu).all()
+    assert _rel(S_cpu, S64) < TOL, (method, _rel(S_cpu, S64), _rel(S_torch, S64))
+    assert _rel(S_cpu, S_torch) < TOL
+    # aggregated mode goes through the same primitives with m = 1
+    agg = pyinf.influence(train, query, backend="cpu", aggregate=True, **kw)
+    agg64 = pyinf.influence(train64, query64, backend="torch", aggregate=True, **kw)
+    assert _rel(agg, agg64) < TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_self_influence_parity(method, dtype):
+    train = _grads(N, 3, dtype)
+    kw = dict(method=method, damping=DAMPING.get(method, 0.1), chunk_size=16, **METHODS[method])
+    s_cpu = pyinf.self_influence(train, backend="cpu", **kw)
+    s64 = pyinf.self_influence({k: v.double() for k, v in train.items()}, backend="torch", **kw)
+    assert s_cpu.shape == (N,)
+    assert _rel(s_cpu, s64) < TOL
+    assert (s_cpu <= 0).all()
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 70])  # 70 > MAX_STREAM_M: BLAS path
+def test_query_counts(m):
+    """Odd and large query counts (the dispatch switches to BLAS above MAX_STREAM_M)."""
+    train, query = _grads(41, 4, torch.bfloat16), _grads(m, 5, torch.bfloat16)
+    for method in ("datainf", "tracin", "exact"):
+        S = pyinf.influence(train, query, method=method, backend="cpu")
+        S64 = pyinf.influence(
+            {k: v.double() for k, v in train.items()}, {k: v.double() for k, v in query.items()},
+            method=method, backend="torch",
+        )
+        assert _rel(S, S64) < TOL, (method, m)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_memmap_input(tmp_path, dtype):
+    """Gradients in an np.memmap file -> torch.from_numpy -> influence: same scores,
+    and the C++ kernels read the mapped pages (no copy into a tensor)."""
+    train, query = _grads(N, 6, dtype), _grads(M, 7, dtype)
+    G = train["lora_A"]
+    np_dtype = np.float32 if dtype == torch.float32 else np.int16
+    path = tmp_path / "grads.bin"
+    mm = np.memmap(path, dtype=np_dtype, mode="w+", shape=tuple(G.shape))
+    mm[:] = (G if dtype == torch.float32 else G.view(torch.int16)).numpy()
+    mm.flush()
+    del mm
+    ro = np.memmap(path, dtype=np_dtype, mode="r", shape=tuple(G.shape))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch: "non-writable NumPy array"
+        t = torch.from_numpy(ro)
+    if dtype == torch.bfloat16:
+        t = t.view(torch.bfloat16)
+    assert t.data_ptr() == ro.ctypes.data
+    from pyinf.backends.cpu_backend import _grad_buffer
+
+    flat = t.reshape(N, -1)
+    assert _grad_buffer(flat).ctypes.data == ro.ctypes.data  # zero-copy into C++
+    for method in ("datainf", "tracin", "lissa"):
+        kw = dict(method=method, damping=DAMPING.get(method, 0.1), **METHODS[method])
+        S_mm = pyinf.influence({"lora_A": t}, {"lora_A": query["lora_A"]}, backend="cpu", **kw)
+        S_mem = pyinf.influence({"lora_A": G.clone()}, {"lora_A": query["lora_A"]}, backend="cpu", **kw)
+        assert torch.equal(S_mm, S_mem), method
+        S64 = pyinf.influence({"lora_A": G.double()}, {"lora_A": query["lora_A"].double()},
+                              backend="torch", **kw)
+        assert _rel(S_mm, S64) < TOL
+
+
+def test_primitives_match_torch_backend_non_contiguous():
+    """Non-contiguous G, V and acc are accepted (made contiguous once)."""
+    cpu, ref = CPUBackend(), TorchBackend()
+    G = torch.randn(301, 53).bfloat16()[:, 1:50]  # non-contiguous
+    V = torch.randn(50, 7)[1:, :].T  # (7, 49), non-contiguous
+    w = torch.rand(301)
+    assert not G.is_contiguous() and not V.is_contiguous()
+    assert _rel(cpu.dots(G, V), ref.dots(G, V)) < 1e-6
+    assert _rel(cpu.score(V, G), ref.score(V, G)) < 1e-6
+    acc = torch.randn(49, 7).T  # non-contiguous accumulator, updated in place
+    acc_ref = acc.clone()
+    cpu.rank_one_accumulate(acc, G, V, w)
+    ref.rank_one_accumulate(acc_ref, G, V, w)
+    assert _rel(acc, acc_ref) < 1e-6
+    Cm = torch.randn(301, 7).T
+    assert _rel(cpu.weighted_sum(Cm, G), ref.weighted_sum(Cm, G)) < 1e-6
+    assert _rel(cpu.gram(G[:5], G), ref.gram(G[:5], G)) < 1e-6
+    assert _rel(cpu.gram(G, G[:5]), ref.gram(G, G[:5])) < 1e-6
+
+
+def test_float64_and_float16_fall_back_to_reference():
+    cpu, ref = CPUBackend(), TorchBackend()
+    for dtype in (torch.float64, torch.float16):
+        G = torch.randn(9, 13).to(dtype)
+        V = torch.randn(3, 13).to(torch.float64 if dtype == torch.float64 else torch.float32)
+        assert torch.equal(cpu.dots(G, V), ref.dots(G, V))
+        assert torch.equal(cpu.sq_norms(G), ref.sq_norms(G))
+
+
+def test_missing_extension(monkeypatch):
+    """Without pyinf._C: "auto" -> torch with one RuntimeWarning; "cpu" -> a clear error."""
+    monkeypatch.delenv("PYINF_REQUIRE_NATIVE", raising=False)
+    monkeypatch.setattr(_native, "_loaded", True)
+    monkeypatch.setattr(_native, "_module", None)
+    monkeypatch.setattr(_native, "_error", ImportError("simulated: no compiler"))
+    monkeypatch.setattr(_native, "_warned", False)
+    with pytest.warns(RuntimeWarning, match="falls back to PyTorch"):
+        b = get_backend("auto", torch.device("cpu"))
+    assert isinstance(b, TorchBackend) and not isinstance(b, CPUBackend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # only one warning
+        get_backend("auto", torch.device("cpu"))
+        train, query = _grads(7, 8, torch.float32), _grads(2, 9, torch.float32)
+        S = pyinf.influence(train, query, method="datainf")  # auto, works
+    assert S.shape == (2, 7)
+    with pytest.raises(RuntimeError, match="pyinf._C"):
+        pyinf.influence(train, query, method="datainf", backend="cpu")
+    # under PYINF_REQUIRE_NATIVE=1 "auto" refuses to hide the missing build
+    monkeypatch.setenv("PYINF_REQUIRE_NATIVE", "1")
+    with pytest.raises(ImportError):
+        get_backend("auto", torch.device("cpu"))

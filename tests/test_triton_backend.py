@@ -1,0 +1,251 @@
+"""The Triton kernels and `backend="triton"`, on the CPU under TRITON_INTERPRET=1.
+
+* every kernel against its plain-PyTorch reference (float64 upcast) on odd
+  shapes, fp32 and bf16 gradients, with every `torch.empty` pre-filled with NaN
+  so that an unwritten tile (or workspace entry) fails;
+* every method through `pyinf.influence(..., backend="triton")` against the
+  same call on the torch backend and against float64 inputs, to 1e-4.
+The interpreter costs ~1 ms per program, so shapes are small and the
+launchers pick big blocks when interpreting; the file runs in well under a minute.
+"""
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover - conftest sets it
+    pytest.skip("the Triton tests run under TRITON_INTERPRET=1", allow_module_level=True)
+
+import pyinf  # noqa: E402
+from pyinf.backends import BACKENDS, get_backend  # noqa: E402
+from pyinf.kernels import gfim as k_gfim  # noqa: E402
+from pyinf.kernels import gram as k_gram  # noqa: E402
+from pyinf.kernels import norms_dots as k_nd  # noqa: E402
+from pyinf.kernels import rank_one_accumulate as k_r1  # noqa: E402
+from pyinf.kernels import schulz as k_schulz  # noqa: E402
+from pyinf.kernels import score as k_score  # noqa: E402
+
+DTYPES = [torch.float32, torch.bfloat16]
+TOL = {torch.float32: 2e-6, torch.bfloat16: 2e-6}  # vs float64 on the STORED values: both accumulate in fp32
+CS, DS, MS = (1, 7, 41), (13, 401, 1271), (1, 3, 16)
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+@pytest.fixture(autouse=True)
+def nan_empty(monkeypatch):
+    """Every torch.empty / empty_like in this test returns NaN-filled memory."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan(empty_like(*a, **k)))
+
+
+def data(c, D, m, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed + 1000 * c + D + m)
+    return torch.randn(c, D, generator=gen).to(dtype), torch.randn(m, D, generator=gen)
+
+
+# ----------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------
+def test_registered():
+    assert "triton" in BACKENDS
+    assert get_backend("triton", torch.device("cpu")).name == "triton"
+    assert get_backend("auto", torch.device("cpu")).name != "triton"  # auto: triton for CUDA tensors only
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("c", CS)
+@pytest.mark.parametrize("D", DS)
+def test_norms_dots_score(c, D, dtype):
+    for m in MS:
+        G, V = data(c, D, m, dtype)
+        s0, P0 = k_nd.norms_dots_reference(G, V, upcast=True)
+        s, P = k_nd.norms_dots(G, V)
+        assert s.shape == (c,) and P.shape == (m, c)
+        assert rel(s, s0) < TOL[dtype] and rel(P, P0) < TOL[dtype], (c, D, m)
+        assert rel(k_nd.sq_norms(G), s0) < TOL[dtype]
+        assert rel(k_nd.dots(G, V), P0) < TOL[dtype]
+        assert rel(k_score.score(V, G), k_score.score_reference(V, G, upcast=True)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_norms_dots_split_d_and_many_query_tiles(dtype):
+    """The two-stage reduction over D slices (GPU default) and m > one query tile."""
+    G, V = data(41, 1271, 130, dtype)
+    s0, P0 = k_nd.norms_dots_reference(G, V, upcast=True)
+    s, P = k_nd.launch(G, V, norms=True, dots=True, splits=3)
+    assert rel(s, s0) < TOL[dtype] and rel(P, P0) < TOL[dtype]
+    P = k_nd.launch(G, V, norms=False, dots=True, sign=-1.0, splits=2)[1]
+    assert rel(P, -P0) < TOL[dtype]
+
+
+def test_bf16x2_split_precision():
+    """bf16 gradient × fp32 query as two bf16 products (the GPU default for bf16 G); ~1e-5."""
+    G, V = data(41, 1271, 16, torch.bfloat16)
+    P0 = k_nd.norms_dots_reference(G, V, upcast=True)[1]
+    P = k_nd.dots(G, V, precision="bf16x2")
+    assert rel(P, P0) < 5e-5
+    acc0 = torch.randn(16, 1271)
+    w = torch.rand(41)
+    acc = acc0.clone()
+    k_r1.rank_one_accumulate(acc, G, V, w, precision="bf16x2")
+    assert rel(acc, k_r1.rank_one_accumulate_reference(acc0, G, V, w, upcast=True)) < 5e-5
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("c", CS)
+@pytest.mark.parametrize("D", DS)
+def test_rank_one_accumulate_and_weighted_sum(c, D, dtype):
+    for m in MS:
+        G, V = data(c, D, m, dtype, seed=1)
+        gen = torch.Generator().manual_seed(c + D + m)
+        w = torch.rand(c, generator=gen)
+        C = torch.randn(m, c, generator=gen)
+        acc0 = torch.randn(m, D, generator=gen)
+        acc = acc0.clone()
+        k_r1.rank_one_accumulate(acc, G, V, w)
+        assert rel(acc, k_r1.rank_one_accumulate_reference(acc0, G, V, w, upcast=True)) < TOL[dtype], (c, D, m)
+        assert rel(k_r1.weighted_sum(C, G), k_r1.weighted_sum_reference(C, G, upcast=True)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("b,c1,c2,D", [(1, 1, 1, 13), (1, 7, 41, 401), (3, 41, 70, 129)])
+def test_gram(b, c1, c2, D, dtype):
+    gen = torch.Generator().manual_seed(c1 * c2 + D)
+    G1 = torch.randn(b, c1, D, generator=gen).to(dtype)
+    G2 = torch.randn(b, c2, D, generator=gen).to(dtype)
+    assert rel(k_gram.gram(G1, G2), k_gram.gram_reference(G1, G2, upcast=True)) < TOL[dtype]
+    assert rel(k_gram.gram(G1[0], G2[0]), k_gram.gram_reference(G1[0], G2[0], upcast=True)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("b,c,rows,cols", [(1, 1, 1, 13), (1, 7, 3, 33), (3, 41, 8, 70)])
+def test_gfim(b, c, rows, cols, dtype):
+    """70 columns = 2 × 2 tiles: the mirrored (transposed) stores of the off-diagonal tile."""
+    gen = torch.Generator().manual_seed(c * rows + cols)
+    G = torch.randn(b, c, rows, cols, generator=gen).to(dtype)
+    out = k_gfim.gfim(G)
+    assert out.shape == (b, cols, cols)
+    assert rel(out, k_gfim.gfim_reference(G, upcast=True)) < TOL[dtype]
+    assert torch.equal(out, out.transpose(1, 2))
+    assert rel(k_gfim.gfim(G[0]), k_gfim.gfim_reference(G[0], upcast=True)) < TOL[dtype]
+
+
+def spd(b, k, cond=1e3, seed=0):
+    gen = torch.Generator().manual_seed(seed + k)
+    Q, _ = torch.linalg.qr(torch.randn(b, k, k, generator=gen, dtype=torch.float64))
+    ev = torch.logspace(0, -torch.log10(torch.tensor(cond)).item(), k, dtype=torch.float64)
+    return (Q * ev) @ Q.transpose(1, 2) * 37.0
+
+
+@pytest.mark.parametrize("k", [1, 7, 33, 70])
+def test_schulz_step_and_residual(k):
+    A = spd(2, k).float()
+    X = torch.eye(k).repeat(2, 1, 1) / torch.linalg.matrix_norm(A).reshape(-1, 1, 1)
+    X = X + 1e-3 * torch.randn(2, k, k, generator=torch.Generator().manual_seed(k))
+    Xn_ref, r_ref = k_schulz.schulz_step_reference(A, X, upcast=True)
+    R = torch.empty_like(X)
+    r = k_schulz.residual(A, X, R)
+    assert rel(r, r_ref) < 1e-5
+    Xn = k_schulz.update(X, R, torch.empty_like(X))
+    assert rel(Xn, Xn_ref) < 1e-5
+
+
+@pytest.mark.parametrize("k,cond", [(7, 10.0), (33, 1e3), (70, 1e4)])
+def test_schulz_inverse_meets_float64(k, cond):
+    """fp32 kernels, then the float64 refinement: to the float64 inverse whatever κ fp32 handles."""
+    A = spd(3, k, cond)
+    X, res, steps = k_schulz.schulz_inverse(A, iterations=100, tol=1e-10, group=2)  # 2 groups
+    assert X.dtype == torch.float64 and res < 1e-10 and steps <= 100
+    assert rel(X, torch.linalg.inv(A)) < 1e-8
+    X_ref, _, _ = k_schulz.schulz_inverse_reference(A, 100, 1e-10)
+    assert rel(X, X_ref) < 1e-8
+
+
+@pytest.mark.parametrize("solver", ["auto", "cholesky", "schulz"])
+@pytest.mark.parametrize("name", ["torch", "triton"])
+def test_spd_inverse(name, solver):
+    A = spd(3, 33, 1e4)
+    X, res, steps = get_backend(name, torch.device("cpu")).spd_inverse(A, iterations=100, tol=1e-9, solver=solver)
+    assert X.shape == A.shape and X.dtype == torch.float64
+    assert res < 1e-9 and rel(X, torch.linalg.inv(A)) < 1e-7
+    assert (steps > 0) == (solver == "schulz")
+
+
+def test_spd_inverse_bad_solver():
+    with pytest.raises(ValueError, match="solver"):
+        get_backend("triton", torch.device("cpu")).spd_inverse(spd(1, 3), iterations=5, tol=1e-8, solver="lu")
+
+
+# ----------------------------------------------------------------------------
+# methods end to end
+# ----------------------------------------------------------------------------
+SHAPES = {"q.lora_A": (4, 24), "v.lora_B": (2, 40), "bias": (50,)}
+CASES = [
+    ("tracin", {}, {}),
+    ("datainf", {}, {}),
+    ("exact", {}, {}),
+    ("lissa", dict(damping=1.0), dict(iterations=400)),
+    ("hyperinf", {}, {}),
+    ("hyperinf", {}, dict(solver="schulz")),
+    ("hyperinf", {}, dict(solver="cholesky")),
+]
+
+
+def grads(n, m, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    train = {k: torch.randn(n, *s, generator=gen).to(dtype) for k, s in SHAPES.items()}
+    query = {k: torch.randn(m, *s, generator=gen).to(dtype) for k, s in SHAPES.items()}
+    return train, query
+
+
+@pytest.mark.parametrize("method,kw,opts", CASES, ids=lambda x: x if isinstance(x, str) else "-".join(map(str, x.values())) or "default")
+def test_methods_match_torch_and_float64(method, kw, opts):
+    train, query = grads(37, 3)
+    # 3 chunks, the last one short (lissa: one chunk, its many passes cost ~1 ms per program here)
+    args = dict(method=method, chunk_size=None if method == "lissa" else 16, **kw, **opts)
+    S = pyinf.influence(train, query, backend="triton", **args)
+    S_t = pyinf.influence(train, query, backend="torch", **args)
+    train64 = {k: v.double() for k, v in train.items()}
+    query64 = {k: v.double() for k, v in query.items()}
+    S_64 = pyinf.influence(train64, query64, backend="torch", **args)
+    assert S.shape == (3, 37) and S.dtype == torch.float32 and bool(torch.isfinite(S).all())
+    assert rel(S, S_t) < 1e-4, method
+    assert rel(S, S_64) < 1e-4, method
+
+
+@pytest.mark.parametrize("method", ["tracin", "datainf", "exact", "hyperinf"])
+def test_methods_bf16_match_torch(method):
+    train, query = grads(37, 3, dtype=torch.bfloat16, seed=1)
+    S = pyinf.influence(train, query, method=method, backend="triton", chunk_size=16)
+    S_t = pyinf.influence(train, query, method=method, backend="torch", chunk_size=16)
+    assert rel(S, S_t) < 1e-4, method
+
+
+@pytest.mark.parametrize("method", ["datainf", "hyperinf"])
+def test_self_influence_and_aggregate(method):
+    train, query = grads(21, 4, seed=2)
+    si = pyinf.self_influence(train, method=method, backend="triton", chunk_size=8)
+    si_t = pyinf.self_influence(train, method=method, backend="torch", chunk_size=8)
+    assert rel(si, si_t) < 1e-4 and bool((si <= 0).all())
+    a = pyinf.influence(train, query, method=method, aggregate=True, backend="triton")
+    a_t = pyinf.influence(train, query, method=method, aggregate=True, backend="torch")
+    assert a.shape == (21,) and rel(a, a_t) < 1e-4
+
+
+def test_float64_falls_back_to_reference():
+    train, query = grads(9, 2)
+    train = {k: v.double() for k, v in train.items()}
+    query = {k: v.double() for k, v in query.items()}
+    S = pyinf.influence(train, query, method="datainf", backend="triton")
+    S_t = pyinf.influence(train, query, method="datainf", backend="torch")
+    assert rel(S, S_t) < 1e-12
