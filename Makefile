@@ -18,9 +18,7 @@ STAMP   := $(VENV)/.pyinf-deps.stamp
 # torch is pinned to the exact release whose CPU wheel lies on local disk;
 # never ask for a looser range (it would pull a multi-GB CUDA build).
 TORCH_PIN := torch==2.13.0
-DEPS    := pybind11 numpy pandas pytest pytest-benchmark hypothesis setuptools wheel transformers peft tqdm
-
-export TRITON_INTERPRET ?= 1
+DEPS    := pybind11 numpy pandas pytest pytest-benchmark hypothesis setuptools wheel transformers peft tqdm scikit-learn matplotlib
 
 .PHONY: venv install deps test demo bench clean
 
@@ -58,9 +56,10 @@ test: install
 demo: install
 	$(PY) -m pyinf demo
 
+# Benchmarks run the kernels natively (GPU ones skip themselves without CUDA).
 bench: install
 	mkdir -p bench/results
-	cd bench && TRITON_INTERPRET=1 ../$(PY) -m pytest -q --import-mode=importlib \
+	cd bench && ../$(PY) -m pytest -q -s --import-mode=importlib \
 	    -p no:cacheprovider \
 	    --benchmark-json=results/bench-$$(date +%Y%m%d-%H%M%S).json
 

@@ -8,8 +8,9 @@ training point i is harmful to query j, negative means helpful.
 from .api import influence, self_influence
 from .attributor import Attributor
 from .capture import per_sample_grads
+from .forward import forward_influence
 from .methods import METHODS
 
 __version__ = "0.1.0"
 
-__all__ = ["influence", "self_influence", "Attributor", "per_sample_grads", "METHODS", "__version__"]
+__all__ = ["influence", "self_influence", "Attributor", "per_sample_grads", "forward_influence", "METHODS", "__version__"]

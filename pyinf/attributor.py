@@ -80,7 +80,11 @@ class Attributor:
 
     Args:
         model: a torch module (e.g. a PEFT-wrapped Hugging Face model).
-        method: "datainf", "hyperinf", "tracin", "lissa" or "exact".
+        method: "datainf", "hyperinf", "tracin", "lissa", "exact" or "forward"
+            (Forward-INF, `pyinf.forward`: options lr (required), steps,
+            optimizer, queries_per_pass; fit keeps the training batches and
+            computes the base losses, score runs the forward passes; no store,
+            no save/self_influence; damping is unused).
         blocks: "lora" (every PEFT LoRA matrix) or a list of module names.
         loss: None (the Hugging Face per-sample loss) or `loss(model, batch) -> (B,)`.
         store: "auto", "gpu", "cpu", "disk:PATH" or "none" (see `pyinf.store`).
@@ -132,7 +136,12 @@ class Attributor:
         }
         self.loss = loss
         self.progress = progress
-        self._new_method()  # validates the method name, damping and options now
+        if method == "forward":
+            from .forward import attributor_options
+
+            attributor_options(options, batch_size)  # validates lr, steps, optimizer now
+        else:
+            self._new_method()  # validates the method name, damping and options now
         self.blocks: list[Block] | None = None
         self._store = None
         self._method = None
@@ -181,6 +190,8 @@ class Attributor:
         """Capture the training gradients into the store and fit the method."""
         data = self._batches(train_data)
         c = self.config
+        if c["method"] == "forward":
+            return self._fit_forward(data)
         self.blocks = None  # a new fit takes the blocks the capture finds now
         with self._capturing():
             store = make_store(
@@ -220,6 +231,9 @@ class Attributor:
         self._check_fitted()
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+        if self.config["method"] == "forward":
+            S = self._method.score(self._batches(query_data))
+            return S if top_k is None else TopK(*self.top_k(S, top_k, True), *self.top_k(S, top_k, False))
         V = self.query_grads(query_data)
         name = self.config["method"]
         with self._capturing():  # store="none" captures the training data again in these passes
@@ -243,6 +257,7 @@ class Attributor:
     def self_influence(self) -> torch.Tensor:
         """`(n,)` float32: −g_iᵀ H⁻¹ g_i (≤ 0; rank by magnitude)."""
         self._check_fitted()
+        self._refuse_forward("self_influence")
         with self._capturing():
             self._store.begin(f"{self.config['method']}: self-influence pass")
             return self._method.self_influence(self._store).float()
@@ -255,7 +270,23 @@ class Attributor:
     @property
     def n(self) -> int:
         self._check_fitted()
-        return self._store.n
+        return self._method.n if self.config["method"] == "forward" else self._store.n
+
+    # -- Forward-INF (pyinf.forward) ----------------------------------------
+    def _fit_forward(self, data) -> "Attributor":
+        from .forward import ForwardInfluence, attributor_options
+
+        c = self.config
+        self.blocks = None
+        engine = ForwardInfluence(self.model, blocks=c["blocks"], loss=self.loss, batch_size=c["batch_size"],
+                                  progress=self.progress, **attributor_options(c["options"], c["batch_size"]))
+        engine.fit(data)
+        self.blocks, self._store, self._method = list(engine.blocks), None, engine
+        return self
+
+    def _refuse_forward(self, what: str) -> None:
+        if self.config["method"] == "forward":
+            raise ValueError(f"{what} is not available for method 'forward' (it keeps no gradients)")
 
     # -- persistence -------------------------------------------------------
     def save(self, path) -> None:
@@ -266,6 +297,7 @@ class Attributor:
         "none" saves the batch hashes (pass `train_data` to `load`).
         """
         self._check_fitted()
+        self._refuse_forward("save")
         state = {
             "format": SAVE_FORMAT,
             "version": SAVE_VERSION,

@@ -1,0 +1,679 @@
+"""Forward-INF (mirrored influence, Ko et al., CVPR 2024): influence from forward passes only.
+
+    scores = pyinf.forward_influence(model, train_data, query_data, lr=1e-3)   # (m, n)
+    att = pyinf.Attributor(model, method="forward", lr=1e-3).fit(train_data)
+    scores = att.score(query_data)
+
+For each query q_j, take `steps` optimizer steps of size `lr` on the query's own
+loss, moving exactly the attributed blocks (the blocks of
+`pyinf.capture.GradientCapture`: LoRA A/B weights, or named `nn.Linear`
+weights; a bias never moves), from θ to θ'_j. Then every training loss is
+evaluated with forward passes only (no_grad):
+
+    score[j, i] = (ℓ(z_i; θ'_j) − ℓ(z_i; θ)) / (steps · lr)
+
+The base losses ℓ(z_i; θ) are computed once (at `fit`).
+
+Sign and scale (DESIGN.md §1): with plain SGD and one step,
+ℓ(z_i; θ − lr v_j) − ℓ(z_i; θ) ≈ −lr ⟨v_j, g_i⟩, so the score approximates
+tracin's −⟨v_j, g_i⟩ (positive = harmful, negative = helpful), up to O(lr)
+curvature terms (and, with steps > 1, the curvature along the query's own
+trajectory). **With optimizer="adam" the score is a different metric**: Adam's
+first step moves each coordinate by lr · v/(|v| + eps) ≈ lr · sign(v), so the
+score approximates −⟨sign(v_j), g_i⟩ (a sign-like, per-coordinate normalised
+dot product), not an influence estimate; compare rankings, not magnitudes.
+Adam here is the standard one (β = (0.9, 0.999), eps = 1e-8, bias-corrected,
+fresh state per query).
+
+Numerics: the score is a difference of two losses divided by lr, so the
+rounding of the forward pass is amplified by 1/lr. In float32 an lr of about
+1e-3 to 1e-2 (relative to the weights' scale) balances rounding against the
+O(lr) curvature term. The moved weights are stepped in a float32 master copy
+(float64 for float64 weights) and cast to the weights' dtype for the evaluation
+(θ'_j is then the model you would have), so with bf16 adapters a step below bf16's resolution is rounded
+away: a warning says so; use a larger lr or float32 adapters.
+
+Model state: the model is in eval mode during the passes (dropout off; the
+query steps are also taken in eval mode), and its training flags,
+`requires_grad` flags and `.grad` fields are restored afterwards. The model's
+weights are restored bit for bit (the one-query-at-a-time path writes θ'_j
+into them and copies the saved θ back; the grouped path never writes them).
+
+Many queries per pass (`queries_per_pass=k > 1`, the default): k perturbed
+adapters are evaluated in one forward over the training batch replicated k
+times (group-major: rows g·B … g·B + B − 1 belong to query g). The forward of
+each adapted layer is temporarily replaced: a PEFT LoRA layer runs its frozen
+base layer once on all k·B rows (one read of the base weight) and adds the k
+different deltas with a grouped low-rank op, `scale · (x_g A_gᵀ) B_gᵀ` per
+group (the Triton kernel `pyinf.kernels.grouped_lora` on CUDA without grad,
+`torch.bmm` elsewhere); a plain `nn.Linear` block computes `x_g (W + ΔW_g)ᵀ`
+per group with `bmm`. The query steps use the same machinery with grad: one
+batched forward/backward per query batch gives every query's gradient with
+respect to its own copy of the blocks. Hidden states differ per query after
+the first adapted layer, so nothing else is shared; the gain is fewer weight
+reads and fuller batches. k is chosen from free GPU memory on CUDA
+(`torch.cuda.mem_get_info` and the measured activation memory of one
+training batch), 8 on the CPU. `queries_per_pass=1` is the plain path: the
+model's own weights are set to θ'_j, its own forward runs unchanged, and the
+weights are restored (works for any layer type).
+
+Requirements of the grouped path: every tensor input of the model has the
+batch in dimension 0 (as for capture), a LoRA layer is a PEFT `lora.Linear`
+(`base_layer`, `lora_A`/`lora_B` ModuleDicts, `scaling`), not merged, adapters
+enabled, no `adapter_names` mixed batches, and the attributed adapters have
+no variant (DoRA, ...).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from .losses import default_loss, model_device, move_to_device
+from .progress import bar
+
+__all__ = ["forward_influence", "ForwardInfluence", "check_forward_options", "OPTIMIZERS"]
+
+OPTIMIZERS = ("sgd", "adam")
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+CPU_QUERIES_PER_PASS = 8
+MAX_QUERIES_PER_PASS = 256
+GPU_MEMORY_FRACTION = 0.8  # of the free memory, for the k replicated activations and the k weight copies
+
+
+# --------------------------------------------------------------------------- #
+# options
+# --------------------------------------------------------------------------- #
+def check_forward_options(lr, steps=1, optimizer="sgd", queries_per_pass=None, batch_size=8) -> None:
+    """ValueError on a bad option (called at construction by `Attributor` and `forward_influence`)."""
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (0 < lr < math.inf):
+        raise ValueError(f"forward: lr must be a finite number > 0, got {lr!r}")
+    for name, value in (("steps", steps), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"forward: {name} must be an int >= 1, got {value!r}")
+    if queries_per_pass is not None and (
+        isinstance(queries_per_pass, bool) or not isinstance(queries_per_pass, int) or queries_per_pass < 1
+    ):
+        raise ValueError(f"forward: queries_per_pass must be None (automatic) or an int >= 1, got {queries_per_pass!r}")
+    if not isinstance(optimizer, str) or optimizer.lower() not in OPTIMIZERS:
+        raise ValueError(f"forward: unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}")
+
+
+# --------------------------------------------------------------------------- #
+# the moved weights, grouped by the layer whose forward is replaced
+# --------------------------------------------------------------------------- #
+@dataclass
+class _LoraUnit:
+    """One adapter of one PEFT LoRA layer; `moved` holds 'A' and/or 'B'."""
+
+    name: str  # layer name
+    layer: nn.Module
+    adapter: str
+    a_block: str | None = None  # block names of the moved matrices
+    b_block: str | None = None
+
+    @property
+    def A(self) -> nn.Parameter:
+        return self.layer.lora_A[self.adapter].weight
+
+    @property
+    def B(self) -> nn.Parameter:
+        return self.layer.lora_B[self.adapter].weight
+
+
+@dataclass
+class _LinearUnit:
+    name: str
+    module: nn.Linear
+
+
+@dataclass
+class _Plan:
+    params: dict[str, nn.Parameter]  # block name -> moved weight (block order)
+    lora: dict[int, tuple[str, nn.Module, dict[str, _LoraUnit]]] = field(default_factory=dict)  # id(layer) ->
+    linear: list[_LinearUnit] = field(default_factory=list)
+
+
+def _plan(model: nn.Module, blocks) -> tuple[list, _Plan]:
+    from .capture import _active_adapters, _is_lora_layer, _resolve_blocks
+
+    targets = _resolve_blocks(model, blocks)
+    role: dict[int, tuple[str, nn.Module, str, str]] = {}
+    for ln, lm in model.named_modules():
+        if _is_lora_layer(lm):
+            for ad in lm.lora_A:
+                role[id(lm.lora_A[ad])] = (ln, lm, ad, "A")
+            for ad in lm.lora_B:
+                role[id(lm.lora_B[ad])] = (ln, lm, ad, "B")
+    plan = _Plan(params={t.name: t.module.weight for t in targets})
+    for t in targets:
+        if id(t.module) in role:
+            ln, lm, ad, which = role[id(t.module)]
+            if ad not in _active_adapters(lm):
+                raise ValueError(f"block '{t.name}': adapter '{ad}' is not active, so its weights do not affect the loss")
+            entry = plan.lora.setdefault(id(lm), (ln, lm, {}))
+            unit = entry[2].setdefault(ad, _LoraUnit(ln, lm, ad))
+            if which == "A":
+                unit.a_block = t.name
+            else:
+                unit.b_block = t.name
+        else:
+            plan.linear.append(_LinearUnit(t.name, t.module))
+    return [t.block for t in targets], plan
+
+
+def _check_grouped(plan: _Plan) -> None:
+    """Refuse layers the grouped forward cannot replace, before any pass."""
+    for ln, lm, units in plan.lora.values():
+        for attr in ("base_layer", "scaling", "lora_dropout"):
+            if not hasattr(lm, attr):
+                raise ValueError(
+                    f"LoRA layer '{ln}' ({type(lm).__name__}) is not a PEFT lora.Linear (no {attr}); "
+                    "use queries_per_pass=1"
+                )
+        if getattr(lm, "disable_adapters", False):
+            raise ValueError(f"LoRA layer '{ln}': adapters are disabled, so the blocks do not affect the loss")
+        for ad in units:
+            if ad in (getattr(lm, "lora_variant", None) or {}):
+                raise ValueError(f"LoRA layer '{ln}', adapter '{ad}': LoRA variants are not supported")
+
+
+# --------------------------------------------------------------------------- #
+# the grouped forward
+# --------------------------------------------------------------------------- #
+_KERNEL: Any = None  # None: not tried; False: unavailable; else the function
+_KERNEL_ERROR: BaseException | None = None
+
+
+def _load_kernel():
+    global _KERNEL, _KERNEL_ERROR
+    if _KERNEL is None:
+        try:
+            from .kernels.grouped_lora import grouped_lora, is_available
+
+            if not is_available():
+                raise ImportError("no CUDA device")
+            _KERNEL = grouped_lora
+        except Exception as exc:  # noqa: BLE001 - keep the reason, fall back to bmm
+            _KERNEL, _KERNEL_ERROR = False, exc
+    return _KERNEL or None
+
+
+def _groups(x: torch.Tensor, k: int, what: str) -> torch.Tensor:
+    if x.shape[0] % k:
+        raise RuntimeError(
+            f"{what}: its input has {x.shape[0]} rows in dimension 0, not a multiple of the {k} queries of "
+            "this pass; the grouped forward needs the batch in dimension 0 (use queries_per_pass=1)"
+        )
+    return x.reshape(k, -1, x.shape[-1])
+
+
+def grouped_lora_torch(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """`(k, M, N)` = scale · (x Aᵀ) Bᵀ per group with `torch.bmm` (differentiable)."""
+    return torch.bmm(torch.bmm(x, A.transpose(1, 2)), B.transpose(1, 2)) * scale
+
+
+class _Grouped:
+    """Replaces the forward of the adapted layers while active; `weights` {block: (k, *shape)}."""
+
+    def __init__(self, plan: _Plan, use_triton: bool | None):
+        self.plan = plan
+        self.use_triton = use_triton
+        self.k = 1
+        self.weights: dict[str, torch.Tensor] = {}
+        self._saved: list[tuple[nn.Module, Any]] = []
+
+    def __enter__(self):
+        for ln, lm, units in self.plan.lora.values():
+            self._patch(lm, functools.partial(self._lora_forward, ln, lm, units))
+        for u in self.plan.linear:
+            self._patch(u.module, functools.partial(self._linear_forward, u))
+        return self
+
+    def __exit__(self, *exc):
+        for mod, old in reversed(self._saved):
+            if old is None:
+                del mod.forward
+            else:
+                mod.forward = old
+        self._saved = []
+
+    def _patch(self, mod: nn.Module, fn) -> None:
+        self._saved.append((mod, mod.__dict__.get("forward")))
+        mod.forward = fn
+
+    def _stack(self, block: str | None, param: torch.Tensor) -> torch.Tensor:
+        if block is not None:
+            return self.weights[block]
+        return param.detach().unsqueeze(0).expand(self.k, *param.shape)
+
+    def _kernel(self, x: torch.Tensor):
+        if torch.is_grad_enabled() or self.use_triton is False or (self.use_triton is None and not x.is_cuda):
+            return None  # True: the kernel wherever it runs (on the CPU under TRITON_INTERPRET=1)
+        k = _load_kernel()
+        if k is None and self.use_triton:
+            raise RuntimeError(f"use_triton=True but the grouped_lora kernel is unavailable: {_KERNEL_ERROR}")
+        return k
+
+    def _lora_forward(self, ln: str, lm: nn.Module, units: dict[str, _LoraUnit], x, *args, **kwargs):
+        from .capture import _active_adapters
+
+        if kwargs.pop("adapter_names", None) is not None:
+            raise ValueError(f"LoRA layer '{ln}': mixed-adapter batches (adapter_names) are not supported")
+        result = lm.base_layer(x, *args, **kwargs)
+        result_dtype = result.dtype
+        for ad in _active_adapters(lm):
+            A_mod, B_mod = lm.lora_A[ad], lm.lora_B[ad]
+            cast = getattr(lm, "_cast_input_dtype", None)
+            xa = cast(x, A_mod.weight.dtype) if cast is not None else x.to(A_mod.weight.dtype)
+            scaling = lm.scaling[ad]
+            if ad not in units:  # an adapter that is not attributed: as PEFT does
+                variant = (getattr(lm, "lora_variant", None) or {}).get(ad)
+                if variant is not None:
+                    result = variant.forward(lm, active_adapter=ad, x=xa, result=result)
+                else:
+                    result = result + B_mod(A_mod(lm.lora_dropout[ad](xa))) * scaling
+                continue
+            u = units[ad]
+            A = self._stack(u.a_block, A_mod.weight)
+            B = self._stack(u.b_block, B_mod.weight)
+            xs = _groups(xa, self.k, f"LoRA layer '{ln}'")
+            kernel = self._kernel(xs)
+            if kernel is not None and xs.dtype in (torch.float32, torch.bfloat16, torch.float16) \
+                    and A.dtype == xs.dtype and B.dtype == xs.dtype:
+                base = result.reshape(self.k, -1, result.shape[-1]).contiguous()
+                out = kernel(xs.contiguous(), A.contiguous(), B.contiguous(), float(scaling), base=base, out=base)
+                result = out.reshape(result.shape)
+            else:
+                d = grouped_lora_torch(xs, A, B, scaling)
+                result = result + d.reshape(*result.shape[:-1], d.shape[-1])
+        return result.to(result_dtype)
+
+    def _linear_forward(self, u: _LinearUnit, x, *args, **kwargs):
+        W = self.weights[u.name]  # (k, out, in): W + ΔW_g per group
+        xs = _groups(x, self.k, f"block '{u.name}'")
+        y = torch.bmm(xs.to(W.dtype), W.transpose(1, 2))
+        if u.module.bias is not None:
+            y = y + u.module.bias
+        return y.reshape(*x.shape[:-1], W.shape[1])
+
+
+# --------------------------------------------------------------------------- #
+# helpers
+# --------------------------------------------------------------------------- #
+def as_batches(data, batch_size: int) -> list:
+    """Data as a list of batches: a DataLoader, a list of dicts, a Dataset, or (dataset, collate_fn)."""
+    if isinstance(data, tuple) and len(data) == 2 and callable(data[1]):
+        data = DataLoader(data[0], batch_size=batch_size, shuffle=False, collate_fn=data[1])
+    elif isinstance(data, Dataset) and not isinstance(data, IterableDataset):
+        data = DataLoader(data, batch_size=batch_size, shuffle=False)
+    elif isinstance(data, Mapping):
+        data = [data]  # one batch
+    return list(data)
+
+
+def _rows(batch: Mapping[str, Any]) -> int:
+    for v in batch.values():
+        if isinstance(v, torch.Tensor) and v.dim() >= 1:
+            return v.shape[0]
+    raise ValueError("a batch must hold at least one tensor with the samples in dimension 0")
+
+
+def _replicate(batch: Mapping[str, Any], k: int) -> dict[str, Any]:
+    """Every tensor with the samples in dim 0, repeated k times group-major."""
+    if k == 1:
+        return dict(batch)
+    B = _rows(batch)
+    return {
+        key: v.repeat(k, *([1] * (v.dim() - 1))) if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == B else v
+        for key, v in batch.items()
+    }
+
+
+def _slice(batch: Mapping[str, Any], start: int, stop: int) -> dict[str, Any]:
+    B = _rows(batch)
+    return {key: v[start:stop] if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == B else v
+            for key, v in batch.items()}
+
+
+def _check_losses(losses, rows: int) -> torch.Tensor:
+    if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or losses.shape[0] != rows:
+        shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+        raise ValueError(f"loss(model, batch) must return per-sample losses of shape ({rows},), got {shape}")
+    return losses
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """float64 stays float64, anything else becomes float32 (losses, master weights, gradients)."""
+    return t.double() if t.dtype == torch.float64 else t.float()
+
+
+class _ModelState:
+    """Eval mode and requires_grad flags for a pass; restored (with .grad) on exit."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.training = [(m, m.training) for m in self.model.modules()]
+        self.flags = [(p, p.requires_grad, p.grad) for p in self.model.parameters()]
+        self.model.eval()
+        return self
+
+    def __exit__(self, *exc):
+        for m, t in self.training:
+            m.training = t
+        for p, f, g in self.flags:
+            p.requires_grad_(f)
+            p.grad = g
+
+
+class _Optimizer:
+    """SGD or Adam on a dict of float32 tensors (elementwise: a (k, ...) stack steps k queries independently)."""
+
+    def __init__(self, kind: str, lr: float, params: dict[str, torch.Tensor]):
+        self.kind, self.lr, self.t = kind, lr, 0
+        if kind == "adam":
+            self.m = {n: torch.zeros_like(p) for n, p in params.items()}
+            self.v = {n: torch.zeros_like(p) for n, p in params.items()}
+
+    @torch.no_grad()
+    def step(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> None:
+        self.t += 1
+        for n, p in params.items():
+            g = grads[n]
+            if self.kind == "sgd":
+                p.sub_(self.lr * g)
+            else:
+                b1, b2 = ADAM_BETAS
+                self.m[n].mul_(b1).add_(g, alpha=1 - b1)
+                self.v[n].mul_(b2).addcmul_(g, g, value=1 - b2)
+                mhat = self.m[n] / (1 - b1 ** self.t)
+                vhat = self.v[n] / (1 - b2 ** self.t)
+                p.sub_(self.lr * mhat / (vhat.sqrt() + ADAM_EPS))
+
+
+# --------------------------------------------------------------------------- #
+# the engine
+# --------------------------------------------------------------------------- #
+class ForwardInfluence:
+    """The Forward-INF engine (module doc): `fit(train)` once, then `score(queries)` any number of times.
+
+    Args:
+        model: a torch module (e.g. a PEFT-wrapped Hugging Face model).
+        lr: step size > 0. steps: optimizer steps per query (>= 1).
+        optimizer: "sgd" (scores comparable with tracin) or "adam" (a sign-like metric; module doc).
+        blocks: "lora" or a list of module names (as `GradientCapture`).
+        loss: None (`pyinf.losses.default_loss`) or `loss(model, batch) -> (B,)`.
+        batch_size: when the data is a Dataset or (dataset, collate_fn).
+        queries_per_pass: k perturbed models per forward; None: automatic (CUDA: from free memory;
+            CPU: 8); 1: the plain path (the model's own weights set to θ'_j and restored).
+        use_triton: None: the grouped_lora kernel on CUDA for the no-grad passes, bmm elsewhere;
+            False: always bmm; True: always the kernel (on the CPU only under TRITON_INTERPRET=1).
+        progress: progress bars on stderr.
+    """
+
+    def __init__(self, model: nn.Module, *, lr: float, steps: int = 1, optimizer: str = "sgd", blocks="lora",
+                 loss: Callable | None = None, batch_size: int = 8, queries_per_pass: int | None = None,
+                 use_triton: bool | None = None, progress: bool = True):
+        check_forward_options(lr, steps, optimizer, queries_per_pass, batch_size)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if loss is not None and not callable(loss):
+            raise TypeError("loss must be a callable loss(model, batch) -> (B,) per-sample losses")
+        self.model = model
+        self.lr, self.steps, self.optimizer = float(lr), steps, optimizer.lower()
+        self.blocks_spec = blocks
+        self.loss = loss if loss is not None else default_loss
+        self.batch_size = batch_size
+        self.queries_per_pass = queries_per_pass
+        self.use_triton = use_triton
+        self.progress = progress
+        self.blocks, self.plan = _plan(model, blocks)
+        if queries_per_pass != 1:
+            _check_grouped(self.plan)
+        self.batches: list | None = None
+        self.base_losses: torch.Tensor | None = None
+        self._act_bytes = 0  # measured activation memory of one training batch (CUDA)
+
+    @property
+    def n(self) -> int:
+        if self.base_losses is None:
+            raise RuntimeError("call fit(train_data) first")
+        return self.base_losses.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return model_device(self.model)
+
+    def _loss(self, batch) -> torch.Tensor:
+        batch = move_to_device(batch, self.device)
+        return _check_losses(self.loss(self.model, batch), _rows(batch))
+
+    # -- fit ------------------------------------------------------------------
+    @torch.no_grad()
+    def fit(self, train_data) -> "ForwardInfluence":
+        """Keep the training batches (a list) and compute the base losses ℓ(z_i; θ) once."""
+        self.batches = as_batches(train_data, self.batch_size)
+        if not self.batches:
+            raise ValueError("the training data is empty")
+        out = []
+        dev = self.device
+        with _ModelState(self.model), bar("forward: base losses", len(self.batches), self.progress, unit="batch") as pb:
+            for i, b in enumerate(self.batches):
+                if i == 0 and dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                    before = torch.cuda.memory_allocated(dev)
+                    torch.cuda.reset_peak_memory_stats(dev)
+                out.append(_wide(self._loss(b).detach()))
+                if i == 0 and dev.type == "cuda":
+                    self._act_bytes = max(1, torch.cuda.max_memory_allocated(dev) - before)
+                pb.update()
+        L = torch.cat(out)
+        if not bool(torch.isfinite(L).all()):
+            raise ValueError(f"the training loss of samples {(~torch.isfinite(L)).nonzero().flatten().tolist()} is NaN or Inf")
+        self.base_losses = L
+        return self
+
+    # -- k --------------------------------------------------------------------
+    def pick_queries_per_pass(self, m: int) -> int:
+        """k: the option if set, else from free GPU memory (CUDA) or 8 (CPU); at most m."""
+        if self.queries_per_pass is not None:
+            return max(1, min(self.queries_per_pass, m))
+        dev = self.device
+        if dev.type != "cuda":
+            return max(1, min(CPU_QUERIES_PER_PASS, m))
+        free, _ = torch.cuda.mem_get_info(dev)
+        free += torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)  # the allocator's cache
+        stack = sum(p.numel() * p.element_size() for p in self.plan.params.values())
+        per_query = self._act_bytes + 3 * stack  # activations of a replicated batch; weights, contiguous copies
+        k = int(GPU_MEMORY_FRACTION * free // max(per_query, 1))
+        return max(1, min(k, m, MAX_QUERIES_PER_PASS))
+
+    # -- score ----------------------------------------------------------------
+    def perturbed_losses(self, query_data) -> torch.Tensor:
+        """`(m, n)`: ℓ(z_i; θ'_j) for every query j and training sample i (float32; float64 for a float64 loss)."""
+        if self.batches is None:
+            raise RuntimeError("call fit(train_data) first")
+        qbatches = as_batches(query_data, self.batch_size)
+        m = sum(_rows(b) for b in qbatches)
+        if m == 0:
+            raise ValueError("the query data is empty")
+        k = self.pick_queries_per_pass(m)
+        self.last_queries_per_pass = k
+        out = torch.empty(m, self.n, dtype=self.base_losses.dtype, device=self.base_losses.device)
+        desc = f"forward: {self.optimizer} steps + train losses ({k} queries per pass)"
+        with _ModelState(self.model), bar(desc, m, self.progress, unit="query") as pb:
+            if k == 1:
+                self._one_at_a_time(qbatches, out, pb)
+            else:
+                self._grouped(qbatches, k, out, pb)
+        return out
+
+    def score(self, query_data) -> torch.Tensor:
+        """`(m, n)` float32 scores (ℓ(z_i; θ'_j) − ℓ(z_i; θ)) / (steps · lr); positive = harmful."""
+        L = self.perturbed_losses(query_data)
+        return ((L.double() - self.base_losses.double()[None, :]) / (self.steps * self.lr)).float()
+
+    # -- the plain path ---------------------------------------------------------
+    def _one_at_a_time(self, qbatches, out, pb) -> None:
+        params = self.plan.params
+        orig = {n: p.detach().clone() for n, p in params.items()}
+        unchanged = 0
+        try:
+            j = 0
+            for qb in qbatches:
+                for r in range(_rows(qb)):
+                    q = _slice(qb, r, r + 1)
+                    master = {n: _wide(o).clone() for n, o in orig.items()}
+                    opt = _Optimizer(self.optimizer, self.lr, master)
+                    for _ in range(self.steps):
+                        with torch.no_grad():
+                            for n, p in params.items():
+                                p.copy_(master[n])
+                        for p in params.values():
+                            p.requires_grad_(True)
+                        with torch.enable_grad():
+                            loss = self._loss(q)
+                            grads = self._grad(loss, list(params.values()))
+                        for p in params.values():
+                            p.requires_grad_(False)
+                        opt.step(master, {n: _wide(g) for n, g in zip(params, grads)})
+                    with torch.no_grad():
+                        for n, p in params.items():
+                            p.copy_(master[n])
+                        unchanged += all(torch.equal(p, orig[n]) for n, p in params.items())
+                        out[j] = self._train_losses(1)[0]
+                    j += 1
+                    pb.update()
+        finally:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(orig[n])
+        self._warn_unchanged(unchanged)
+
+    @staticmethod
+    def _grad(loss: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        if not bool(torch.isfinite(loss.detach()).all()):
+            raise ValueError("a query loss is NaN or Inf")
+        if not loss.requires_grad:
+            raise ValueError("the query loss does not depend on any attributed block")
+        grads = torch.autograd.grad(_wide(loss).sum(), inputs, allow_unused=True)
+        return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
+
+    # -- the grouped path -------------------------------------------------------
+    def _grouped(self, qbatches, k: int, out, pb) -> None:
+        params = self.plan.params
+        grouped = _Grouped(self.plan, self.use_triton)
+        pending: dict[str, list[torch.Tensor]] = {n: [] for n in params}
+        state = {"count": 0, "j": 0, "unchanged": 0}
+
+        def flush(take: int) -> None:
+            W = {n: torch.cat(pending[n]) for n in params}
+            grouped.k, grouped.weights = take, {n: w[:take] for n, w in W.items()}
+            with torch.no_grad():
+                same = torch.stack([(grouped.weights[n] == params[n]).flatten(1).all(dim=1) for n in params])
+                state["unchanged"] += int(same.all(dim=0).sum())
+                out[state["j"] : state["j"] + take] = self._train_losses(take)
+            grouped.weights = {}
+            for n, w in W.items():
+                pending[n] = [w[take:]]
+            state["count"] -= take
+            state["j"] += take
+            pb.update(take)
+
+        with grouped:
+            for qb in qbatches:
+                for s in range(0, _rows(qb), k):  # step up to k queries of this batch together
+                    new = self._step_group(grouped, _slice(qb, s, min(s + k, _rows(qb))))
+                    for n in params:
+                        pending[n].append(new[n])
+                    state["count"] += next(iter(new.values())).shape[0]
+                    while state["count"] >= k:
+                        flush(k)
+            if state["count"]:
+                flush(state["count"])
+        self._warn_unchanged(state["unchanged"])
+
+    def _step_group(self, grouped: _Grouped, q: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """θ'_g for the c queries of `q` (one per group): {block: (c, *shape)} in the weights' dtype."""
+        params = self.plan.params
+        c = _rows(q)
+        master = {n: _wide(p.detach()).unsqueeze(0).repeat(c, *([1] * p.dim())) for n, p in params.items()}
+        opt = _Optimizer(self.optimizer, self.lr, master)
+        grouped.k = c
+        for _ in range(self.steps):
+            with torch.enable_grad():
+                leaves = {n: w.detach().requires_grad_(True) for n, w in master.items()}
+                grouped.weights = {n: leaves[n].to(params[n].dtype) for n in params}
+                loss = self._loss(q)
+                grads = self._grad(loss, list(leaves.values()))
+            opt.step(master, dict(zip(leaves, grads)))
+        grouped.weights = {}
+        return {n: master[n].to(params[n].dtype) for n in params}
+
+    @torch.no_grad()
+    def _train_losses(self, k: int) -> torch.Tensor:
+        """`(k, n)`: the training losses under the k current models (one forward per replicated batch)."""
+        out = torch.empty(k, self.n, dtype=self.base_losses.dtype, device=self.base_losses.device)
+        start = 0
+        for b in self.batches:
+            B = _rows(b)
+            L = _wide(self._loss(_replicate(move_to_device(b, self.device), k))).reshape(k, B)  # replicate on the device
+            if start + B > self.n:
+                raise RuntimeError("the training batches changed since fit")
+            out[:, start : start + B] = L
+            start += B
+        if start != self.n:
+            raise RuntimeError("the training batches changed since fit")
+        return out
+
+    def _warn_unchanged(self, count: int) -> None:
+        if count:
+            dtypes = sorted({str(p.dtype) for p in self.plan.params.values()})
+            warnings.warn(
+                f"forward: for {count} quer{'y' if count == 1 else 'ies'} the step left every attributed weight "
+                f"unchanged after rounding to {dtypes} (or the query gradient is zero): those scores are 0; "
+                "raise lr or use float32 adapters",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+
+def forward_influence(model: nn.Module, train_data, query_data, *, lr: float, steps: int = 1,
+                      optimizer: str = "sgd", blocks="lora", loss: Callable | None = None, batch_size: int = 8,
+                      progress: bool = True, queries_per_pass: int | None = None,
+                      use_triton: bool | None = None) -> torch.Tensor:
+    """Forward-INF scores `(m, n)` float32 (queries × train), positive = harmful; see the module doc.
+
+    score[j, i] = (ℓ(z_i; θ'_j) − ℓ(z_i; θ)) / (steps · lr), θ'_j = `steps` steps of `optimizer`
+    ("sgd": ≈ tracin's −⟨v_j, g_i⟩; "adam": a sign-like metric) on query j's loss. Data: a
+    DataLoader, a list of batch dicts, a Dataset or (dataset, collate_fn). The model's weights
+    and state are restored exactly.
+    """
+    eng = ForwardInfluence(model, lr=lr, steps=steps, optimizer=optimizer, blocks=blocks, loss=loss,
+                           batch_size=batch_size, queries_per_pass=queries_per_pass, use_triton=use_triton,
+                           progress=progress)
+    return eng.fit(train_data).score(query_data)
+
+
+FORWARD_OPTIONS = ("lr", "steps", "optimizer", "queries_per_pass", "use_triton")
+
+
+def attributor_options(options: Mapping[str, Any], batch_size: int = 8) -> dict[str, Any]:
+    """Validate `Attributor(method="forward", **options)`: `lr` is required; ValueError otherwise."""
+    unknown = sorted(set(options) - set(FORWARD_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for method 'forward'; valid options: {list(FORWARD_OPTIONS)}")
+    if "lr" not in options:
+        raise ValueError("method 'forward' needs the option lr (the step size), e.g. lr=1e-3")
+    opts = {"steps": 1, "optimizer": "sgd", "queries_per_pass": None, "use_triton": None, **options}
+    check_forward_options(opts["lr"], opts["steps"], opts["optimizer"], opts["queries_per_pass"], batch_size)
+    return opts

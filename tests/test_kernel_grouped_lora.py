@@ -1,0 +1,95 @@
+"""`pyinf.kernels.grouped_lora` against its float64 reference, on the CPU under TRITON_INTERPRET=1.
+
+Odd shapes (M, K, N not multiples of any block; ranks 1, 3, 8 and 17, which
+is padded to 32), fp32 and bf16 operands, with and without a base, in place,
+and every torch.empty pre-filled with NaN so that an unwritten tile fails.
+"""
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover - conftest sets it
+    pytest.skip("the Triton tests run under TRITON_INTERPRET=1", allow_module_level=True)
+
+from pyinf.kernels import grouped_lora as kg  # noqa: E402
+
+TOL = {torch.float32: 2e-6, torch.bfloat16: 2e-6, torch.float16: 2e-6}  # vs float64 on the stored values
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+@pytest.fixture(autouse=True)
+def nan_empty(monkeypatch):
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan(empty_like(*a, **k)))
+
+
+def data(k, M, K, N, R, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed + 7 * k + M + 3 * K + N + R)
+    x = torch.randn(k, M, K, generator=g).to(dtype)
+    A = (torch.randn(k, R, K, generator=g) / K**0.5).to(dtype)
+    B = torch.randn(k, N, R, generator=g).to(dtype)
+    base = torch.randn(k, M, N, generator=g).to(dtype)
+    return x, A, B, base
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,M,K,N,R", [(1, 1, 13, 7, 1), (3, 41, 13, 401, 3), (2, 137, 401, 41, 8), (5, 7, 33, 19, 17)])
+def test_matches_reference(k, M, K, N, R, dtype):
+    x, A, B, base = data(k, M, K, N, R, dtype)
+    got = kg.grouped_lora(x, A, B, 0.37, base=base)
+    assert got.dtype == dtype and got.shape == (k, M, N)
+    assert torch.isfinite(got).all()
+    ref = kg.grouped_lora_reference(x, A, B, 0.37, base=base, upcast=True)
+    assert rel(got, ref) < (4e-3 if dtype == torch.bfloat16 else TOL[dtype])  # bf16: the output is rounded
+    # without a base: the output is the delta alone, into NaN-filled memory
+    d = kg.grouped_lora(x, A, B, 2.0)
+    ref_d = kg.grouped_lora_reference(x, A, B, 2.0, upcast=True)
+    assert torch.isfinite(d).all() and rel(d, ref_d) < (4e-3 if dtype == torch.bfloat16 else TOL[dtype])
+
+
+def test_fp32_accumulation_of_bf16():
+    """bf16 inputs, fp32 output: the products are exact and accumulate in fp32."""
+    x, A, B, _ = data(3, 41, 77, 29, 4, torch.bfloat16)
+    base = torch.zeros(3, 41, 29)
+    got = kg.grouped_lora(x, A, B, 1.0, base=base)
+    assert got.dtype == torch.float32
+    assert rel(got, kg.grouped_lora_reference(x, A, B, 1.0, upcast=True)) < TOL[torch.bfloat16]
+
+
+def test_in_place():
+    x, A, B, base = data(4, 19, 23, 31, 2, torch.float32)
+    ref = kg.grouped_lora_reference(x, A, B, 0.5, base=base.clone(), upcast=True)
+    out = kg.grouped_lora(x, A, B, 0.5, base=base, out=base)
+    assert out.data_ptr() == base.data_ptr()
+    assert rel(base, ref) < TOL[torch.float32]
+
+
+def test_groups_are_independent():
+    """Each group reads only its own adapter: changing group 1's A leaves groups 0 and 2 bit-identical."""
+    x, A, B, base = data(3, 9, 11, 13, 2, torch.float32)
+    a = kg.grouped_lora(x, A, B, 1.0, base=base)
+    A2 = A.clone()
+    A2[1] += 1.0
+    b = kg.grouped_lora(x, A2, B, 1.0, base=base)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2]) and not torch.equal(a[1], b[1])
+
+
+def test_bad_shapes():
+    x, A, B, base = data(2, 5, 6, 7, 3, torch.float32)
+    with pytest.raises(AssertionError):
+        kg.grouped_lora(x, A[:1], B)
+    with pytest.raises(AssertionError):
+        kg.grouped_lora(x, A, B.to(torch.bfloat16))
+    with pytest.raises(AssertionError):
+        kg.grouped_lora(x, A, B, base=base[:, :4])
