@@ -53,10 +53,10 @@ import datetime
 import json
 import pathlib
 import platform
-import subprocess
 import sys
 import time
 
+import machine  # bench/machine.py: this script's folder is on sys.path
 import torch
 from torch import nn
 
@@ -196,14 +196,6 @@ def spearman(a, b):
     return pearson(rankdata(a), rankdata(b))
 
 
-def _git_commit():
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=RESULTS.parent.parent, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except Exception:  # noqa: BLE001
-        return "unknown"
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n-train", type=int, default=1200)
@@ -330,7 +322,7 @@ def main(argv=None):
         "benchmark": "forward_validation",
         "args": vars(args),
         "device": platform.processor() or platform.machine(),
-        "python": platform.python_version(), "torch": torch.__version__, "git_commit": _git_commit(),
+        "python": platform.python_version(), "torch": torch.__version__, "git_commit": machine.git_commit(),
         "n_train": n, "n_queries": len(q_idx), "query_indices": q_idx.tolist(), "validation_accuracy": acc,
         "theta_grad_norm": gn, "true_loo_seconds": times["true_loo"], "rows": rows,
         "sign_convention": "estimates on the LOO scale: Δ_i ≈ −score/n (pyinf methods), −δ_i (dual)",

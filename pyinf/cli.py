@@ -1,82 +1,196 @@
 """The `pyinf` command (`python -m pyinf ...`).
 
-    pyinf demo    run every method on a seeded synthetic attribution task
+    pyinf demo              every method on the embedded tasks (a tiny LoRA-tuned model, cached)
+    pyinf eval mislabeled   flipped-label detection on scikit-learn's digits, per method
+    pyinf eval lds          linear datamodeling score on digits, per method
+
+User errors (bad options, missing files, bad sizes) end with exit code 2 and
+one line on stderr.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
-import time
-import warnings
-from pathlib import Path
 
-import torch
-
-from . import influence
-from .methods import METHODS
-from .metrics import roc_auc
-from .synthetic import planted_classes
+ALL_METHODS = ("tracin", "datainf", "exact", "lissa", "hyperinf", "forward")
 
 
-def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().flatten(), b.double().flatten()
-    a, b = a - a.mean(), b - b.mean()
-    return float((a @ b) / (a.norm() * b.norm()))
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2 (argparse prints the usage too by default)
+        raise SystemExit(_fail(f"{self.prog}: {message}"))
 
 
-def demo(args: argparse.Namespace) -> int:
-    train, query, train_labels, query_labels = planted_classes(n=args.n, m=args.m, seed=args.seed)
-    same_class = query_labels[:, None] == train_labels[None, :]
-    D = sum(t[0].numel() for t in train.values())
-    print(
-        f"pyinf demo: {args.n} train x {args.m} queries, {len(train)} blocks, {D} parameters, "
-        f"{int(train_labels.max()) + 1} planted classes (seed {args.seed})"
-    )
-    print("ground truth: a query's helpful training points are those of its own class\n")
-    results, scores = {}, {}
-    for i, method in enumerate(METHODS, 1):
-        print(f"[{i}/{len(METHODS)}] {method} ...", end=" ", flush=True)
-        t0 = time.perf_counter()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            scores[method] = influence(train, query, method=method, damping=args.damping)
-        seconds = time.perf_counter() - t0
-        # helpful = negative score: rank by −score
-        auc = roc_auc(-scores[method], same_class).mean().item()
-        notes = [str(w.message) for w in caught]
-        results[method] = {"auc": auc, "seconds": seconds, "warnings": notes}
-        print(f"{seconds:.3f} s" + "".join(f"\n      warning: {note}" for note in notes))
-    for method in METHODS:
-        results[method]["pearson_vs_exact"] = _pearson(scores[method], scores["exact"])
-    print(f"\n{'method':10s} {'ROC-AUC':>8s} {'r vs exact':>11s} {'time (s)':>9s}")
-    for method, r in results.items():
-        print(f"{method:10s} {r['auc']:8.3f} {r['pearson_vs_exact']:11.4f} {r['seconds']:9.3f}")
-    config = {k: v for k, v in vars(args).items() if k != "func"}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save({"scores": scores, "train_labels": train_labels, "query_labels": query_labels}, out / "demo_scores.pt")
-    (out / "demo_report.json").write_text(json.dumps({"config": config, "results": results}, indent=2))
-    print(f"\nscores and report saved under {out}/")
+def _fail(msg: str) -> int:
+    print(f"pyinf: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    names = tuple(m.strip() for m in text.split(",") if m.strip())
+    bad = [m for m in names if m not in ALL_METHODS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {bad or text!r}; choose from {','.join(ALL_METHODS)}")
+    return names
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {v}")
+    return v
+
+
+def _out_dir(path: str) -> str:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--out {path!r} exists and is not a folder")
+    return path
+
+
+def _threads(args) -> None:
+    import torch
+
+    # The models here are tiny: one thread per process is as fast as two and never
+    # oversubscribes a shared machine.
+    torch.set_num_threads(args.threads)
+
+
+def _common(p: argparse.ArgumentParser, out: str) -> None:
+    p.add_argument("--methods", type=_methods, default=ALL_METHODS,
+                   help=f"comma-separated subset of {','.join(ALL_METHODS)} (forward runs once Attributor accepts it)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--damping", type=_positive_float, default=0.1, help="relative damping c (every method but forward)")
+    p.add_argument("--lissa-iterations", type=_positive_int, default=None, help="LiSSA's iteration budget")
+    p.add_argument("--forward-lr", type=_positive_float, default=None, help="Forward-INF step size")
+    p.add_argument("--out", default=out, help="output folder (default: %(default)s)")
+    p.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def demo(args) -> int:
+    from .tasks.demo import DemoConfig, format_table, run_demo
+    from .tasks.model import ModelConfig
+
+    _threads(args)
+    _out_dir(args.out)
+    if args.cache is not None and os.path.exists(args.cache) and not os.path.isdir(args.cache):
+        raise ValueError(f"--cache {args.cache!r} exists and is not a folder")
+    model = ModelConfig()
+    if args.tiny:  # the test suite's size: runs in seconds, numbers mean little
+        model = ModelConfig(hidden=32, layers=1, heads=2, intermediate=64, pretrain_texts=200, pretrain_epochs=1,
+                            finetune_epochs=1)
+    cfg = DemoConfig(seed=args.seed, n_train=args.n_train, n_test=args.n_test, methods=args.methods,
+                     damping=args.damping, model=model, out=args.out, cache=args.cache,
+                     use_cache=not args.no_cache, progress=not args.quiet)
+    if args.lissa_iterations:
+        cfg.lissa_iterations = args.lissa_iterations
+    if args.forward_lr:
+        cfg.forward_lr = args.forward_lr
+    if args.forward_queries < 0:
+        raise ValueError(f"--forward-queries must be >= 0, got {args.forward_queries}")
+    cfg.forward_queries = args.forward_queries
+    report = run_demo(cfg)
+    print(format_table(report))
+    print(f"\nscores, report and figure saved under {args.out}/ (demo_scores.pt, demo_report.json, demo.png)")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pyinf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="every method on a seeded synthetic attribution task")
-    p.add_argument("--n", type=int, default=400, help="training points")
-    p.add_argument("--m", type=int, default=20, help="queries")
-    p.add_argument("--damping", type=float, default=0.1, help="relative damping c")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="pyinf-out", help="output folder")
+def eval_mislabeled(args) -> int:
+    from .evals.mislabeled import MislabeledConfig, format_table, run_mislabeled
+
+    _threads(args)
+    _out_dir(args.out)
+    cfg = MislabeledConfig(n_train=args.n_train, n_val=args.n_val, flip=args.flip, steps=args.steps,
+                           hidden=args.hidden, damping=args.damping, seed=args.seed, methods=args.methods,
+                           out=args.out, progress=not args.quiet)
+    if args.lissa_iterations:
+        cfg.lissa_iterations = args.lissa_iterations
+    if args.forward_lr:
+        cfg.forward_lr = args.forward_lr
+    report = run_mislabeled(cfg)
+    print(format_table(report))
+    print(f"report and figure saved under {args.out}/ (mislabeled_report.json, mislabeled.png)")
+    return 0
+
+
+def eval_lds(args) -> int:
+    from .evals.lds import LDSConfig, format_table, run_lds
+
+    _threads(args)
+    _out_dir(args.out)
+    cfg = LDSConfig(n_train=args.n_train, n_query=args.n_query, subsets=args.subsets, fraction=args.fraction,
+                    steps=args.steps, hidden=args.hidden, damping=args.damping, seed=args.seed,
+                    methods=args.methods, out=args.out, progress=not args.quiet)
+    if args.lissa_iterations:
+        cfg.lissa_iterations = args.lissa_iterations
+    if args.forward_lr:
+        cfg.forward_lr = args.forward_lr
+    report = run_lds(cfg)
+    print(format_table(report))
+    print(f"report and figure saved under {args.out}/ (lds_report.json, lds.png)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pyinf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("demo", help="every method on the embedded sentence and math tasks")
+    _common(p, "pyinf-out")
+    p.add_argument("--n-train", type=_positive_int, default=90, help="training examples per class")
+    p.add_argument("--n-test", type=_positive_int, default=10, help="test examples (queries) per class")
+    p.add_argument("--cache", default=None, help="model cache folder (default: $PYINF_CACHE or ~/.cache/pyinf)")
+    p.add_argument("--no-cache", action="store_true", help="train the model again, do not read or write the cache")
+    p.add_argument("--forward-queries", type=int, default=3,
+                   help="queries per class for forward (m x n forward passes; 0 = all; default: %(default)s)")
+    p.add_argument("--tiny", action="store_true", help="a tiny model trained in seconds (smoke tests)")
     p.set_defaults(func=demo)
-    args = parser.parse_args(argv)
+
+    ev = sub.add_parser("eval", help="benchmarks: mislabeled, lds")
+    esub = ev.add_subparsers(dest="eval", required=True, parser_class=_Parser)
+    p = esub.add_parser("mislabeled", help="flipped-label detection on digits")
+    _common(p, "pyinf-out")
+    p.add_argument("--n-train", type=_positive_int, default=1000)
+    p.add_argument("--n-val", type=_positive_int, default=300)
+    p.add_argument("--flip", type=float, default=0.2, help="fraction of training labels flipped")
+    p.add_argument("--steps", type=_positive_int, default=300, help="full-batch Adam steps")
+    p.add_argument("--hidden", type=_positive_int, default=32)
+    p.set_defaults(func=eval_mislabeled)
+    p = esub.add_parser("lds", help="linear datamodeling score on digits")
+    _common(p, "pyinf-out")
+    p.add_argument("--n-train", type=_positive_int, default=500)
+    p.add_argument("--n-query", type=_positive_int, default=100)
+    p.add_argument("--subsets", type=_positive_int, default=100, help="retrained models")
+    p.add_argument("--fraction", type=float, default=0.5, help="subset size as a fraction of the training set")
+    p.add_argument("--steps", type=_positive_int, default=300, help="full-batch Adam steps")
+    p.add_argument("--hidden", type=_positive_int, default=32)
+    p.set_defaults(func=eval_lds)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help exits 0; errors already printed their line
+        return e.code if isinstance(e.code, int) else 2
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # user errors: one line, exit code 2
-        print(f"pyinf: error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        return _fail("interrupted")
 
 
 if __name__ == "__main__":

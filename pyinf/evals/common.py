@@ -1,0 +1,96 @@
+"""Shared by the evals: scikit-learn's bundled digits, a small MLP, its training, and
+attribution through `pyinf.Attributor` with the MLP's `nn.Linear` weights as plain blocks
+(the one per-sample gradient path: `pyinf.capture`, as `pyinf.per_sample_grads`)."""
+from __future__ import annotations
+
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+METHODS = ("tracin", "datainf", "exact", "lissa", "hyperinf", "forward")
+BLOCKS = ["fc1", "fc2"]
+
+
+def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
+    """(X (1797, 64) float32 in [0, 1], y (1797,) int64): scikit-learn's bundled copy, no download."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:  # a user-facing error: the CLI turns it into one line
+        raise ValueError("pyinf eval needs scikit-learn (pip install scikit-learn)") from e
+    d = load_digits()
+    return torch.tensor(d.data, dtype=torch.float32) / 16.0, torch.tensor(d.target, dtype=torch.long)
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in: int = 64, hidden: int = 32, classes: int = 10):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.fc2 = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def per_sample_loss(model: nn.Module, batch) -> torch.Tensor:
+    return F.cross_entropy(model(batch["x"]), batch["labels"], reduction="none")
+
+
+def train_mlp(X, y, *, hidden: int, steps: int, lr: float, weight_decay: float, init_seed: int,
+              init_state=None) -> MLP:
+    """Full-batch Adam from a seeded init (deterministic; the same init for every retrain)."""
+    torch.manual_seed(init_seed)
+    model = MLP(X.shape[1], hidden, 10)
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = F.cross_entropy(model(X), y)
+        if weight_decay:
+            loss = loss + 0.5 * weight_decay * sum((p * p).sum() for n, p in model.named_parameters() if "weight" in n)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def batches(X, y, bs: int = 256):
+    return [{"x": X[k : k + bs], "labels": y[k : k + bs]} for k in range(0, len(X), bs)]
+
+
+def available_methods(methods) -> tuple[list[str], list[str]]:
+    from ..tasks.demo import method_available
+
+    ok = [m for m in methods if method_available(m)]
+    return ok, [m for m in methods if m not in ok]
+
+
+def attribute(model, method: str, train, query, *, damping: float, lissa_iterations: int, forward_lr: float,
+              self_influence: bool, progress: bool):
+    """(scores (m, n), self-influence (n,) or None, info) through `pyinf.Attributor`."""
+    from .. import Attributor
+
+    opts = {"damping": damping}
+    if method == "lissa":
+        opts["iterations"] = lissa_iterations
+    if method == "forward":
+        opts = {"lr": forward_lr}
+    t0 = time.perf_counter()
+    info = {"options": opts, "warnings": []}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        att = Attributor(model, method=method, blocks=BLOCKS, loss=per_sample_loss, batch_size=256,
+                         progress=progress, **opts)
+        att.fit(train)
+        scores = att.score(query).float()
+        si = None
+        if self_influence:
+            try:
+                si = att.self_influence().float()
+            except (NotImplementedError, ValueError, AttributeError, TypeError) as e:
+                info["self_influence_error"] = f"{type(e).__name__}: {e}"
+    info["seconds"] = time.perf_counter() - t0
+    info["warnings"] = list(dict.fromkeys(str(w.message) for w in caught if "pyinf" in str(w.filename)))
+    return scores, si, info

@@ -1,0 +1,120 @@
+"""`pyinf eval lds`: the linear datamodeling score (Park et al., TRAK, ICML 2023) on digits.
+
+Train the MLP on all `n_train` points, attribute `n_query` test points. Then
+retrain it (same seeded init, same steps) on `subsets` random halves S_k of
+the training set and record each query's loss. Per query j, the prediction
+for subset k is the sum of the subset's scores, `Σ_{i∈S_k} score[j, i]`
+(scores estimate d(query loss)/d(weight of i), so a larger sum predicts a
+larger loss); the LDS is the Spearman correlation over k of predicted and
+actual losses, averaged over queries.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..metrics import spearman
+from ..progress import bar
+from .common import METHODS, attribute, available_methods, batches, load_digits_tensors, train_mlp
+
+
+@dataclass
+class LDSConfig:
+    n_train: int = 500
+    n_query: int = 100
+    subsets: int = 100
+    fraction: float = 0.5
+    hidden: int = 32
+    steps: int = 300
+    lr: float = 1e-2
+    weight_decay: float = 1e-3
+    damping: float = 0.1
+    lissa_iterations: int = 300
+    forward_lr: float = 1e-2
+    seed: int = 0
+    methods: tuple[str, ...] = METHODS
+    out: str = "pyinf-out"
+    progress: bool = True
+
+
+def run_lds(cfg: LDSConfig) -> dict:
+    X, y = load_digits_tensors()
+    if cfg.n_train + cfg.n_query > len(X):
+        raise ValueError(f"--n-train + --n-query must be <= {len(X)} (the digits set), got {cfg.n_train + cfg.n_query}")
+    if not 0 < cfg.fraction < 1:
+        raise ValueError(f"--fraction must be in (0, 1), got {cfg.fraction}")
+    if cfg.subsets < 3:
+        raise ValueError(f"--subsets must be >= 3, got {cfg.subsets}")
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(cfg.seed)
+    perm = torch.randperm(len(X), generator=g)
+    tr, qu = perm[: cfg.n_train], perm[cfg.n_train : cfg.n_train + cfg.n_query]
+    Xtr, ytr, Xq, yq = X[tr], y[tr], X[qu], y[qu]
+    kw = dict(hidden=cfg.hidden, steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay, init_seed=cfg.seed)
+    model = train_mlp(Xtr, ytr, **kw)
+    k_in = int(round(cfg.fraction * cfg.n_train))
+    masks = torch.zeros(cfg.subsets, cfg.n_train, dtype=torch.bool)
+    for k in range(cfg.subsets):
+        masks[k, torch.randperm(cfg.n_train, generator=g)[:k_in]] = True
+    actual = torch.empty(cfg.subsets, cfg.n_query, dtype=torch.float64)
+    t1 = time.perf_counter()
+    with bar("lds: retrain on subsets", cfg.subsets, cfg.progress, unit="model") as pb:
+        for k in range(cfg.subsets):
+            mk = train_mlp(Xtr[masks[k]], ytr[masks[k]], **kw)
+            with torch.no_grad():
+                actual[k] = F.cross_entropy(mk(Xq), yq, reduction="none").double()
+            pb.update()
+    retrain_s = time.perf_counter() - t1
+    methods, skipped = available_methods(cfg.methods)
+    if cfg.progress:
+        print(f"pyinf eval lds: {cfg.n_train} train, {cfg.n_query} queries, {cfg.subsets} retrains on "
+              f"{k_in}-point subsets ({retrain_s:.1f} s)", flush=True)
+    results, per_query = {}, {}
+    for i, method in enumerate(methods, 1):
+        if cfg.progress:
+            print(f"  [{i}/{len(methods)}] {method} ...", flush=True)
+        scores, _, info = attribute(model, method, batches(Xtr, ytr), batches(Xq, yq), damping=cfg.damping,
+                                    lissa_iterations=cfg.lissa_iterations, forward_lr=cfg.forward_lr,
+                                    self_influence=False, progress=cfg.progress)
+        predicted = masks.double() @ scores.double().T  # (subsets, m)
+        rho = spearman(predicted.T, actual.T)  # per query
+        per_query[method] = rho
+        results[method] = {**info, "lds": float(rho.nanmean()), "lds_std": float(rho[~rho.isnan()].std())}
+    report = {"config": asdict(cfg), "retrain_seconds": retrain_s, "skipped_methods": skipped, "methods": results,
+              "seconds": time.perf_counter() - t0}
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "lds_report.json").write_text(json.dumps(report, indent=2))
+    _figure(out / "lds.png", per_query, report)
+    return report
+
+
+def _figure(path, per_query, report):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    names = list(per_query)
+    ax.boxplot([per_query[m][~per_query[m].isnan()].numpy() for m in names], showmeans=True)
+    ax.set_xticks(range(1, len(names) + 1), names)
+    ax.axhline(0, color="gray", ls="--", lw=1)
+    ax.set_ylabel("Spearman ρ per query (predicted vs actual loss)")
+    ax.set_title("linear datamodeling score on digits (mean ▲)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def format_table(report: dict) -> str:
+    lines = [f"{'method':10s} {'LDS':>7s} {'±sd':>6s} {'time (s)':>9s}"]
+    for m, r in report["methods"].items():
+        lines.append(f"{m:10s} {r['lds']:7.3f} {r['lds_std']:6.3f} {r['seconds']:9.2f}" + ("  (warned)" if r["warnings"] else ""))
+    lines.append(f"retraining {report['retrain_seconds']:.1f} s, total {report['seconds']:.1f} s")
+    return "\n".join(lines)

@@ -1,0 +1,316 @@
+"""The tiny model that learns the embedded tasks on a CPU, and its cache.
+
+* `WordTokenizer`: one id per word, digit or punctuation mark the generators can emit (+ pad, bos, eos, unk).
+* `build_model`: a `LlamaForCausalLM` from a small `LlamaConfig`, random init,
+  pre-trained briefly on *generic* text of the same language (fresh random
+  sentences and math questions, no task names, no answers), then wrapped with
+  PEFT LoRA and fine-tuned on the tasks' training sets (both tasks, one
+  adapter). Fine-tuning trains on the answer tokens only, for a few epochs:
+  the model is *learning* the tasks, not fitted to them (see README: a model
+  that fits its training set has near-orthogonal per-sample gradients).
+* The result is cached under `$PYINF_CACHE` (default `~/.cache/pyinf`),
+  keyed by the config, the seed and `CODE_VERSION`; a second run loads it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import string
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .common import SEP, Example
+from .math_problems import MATH_CLASSES
+from .sentences import random_sentence
+
+CODE_VERSION = "tasks-model-1"  # bump when training or generation code changes what gets cached
+PAD, BOS, EOS, UNK = 0, 1, 2, 3
+IGNORE = -100
+
+
+TOKEN_RE = re.compile(r"\d|[A-Za-z]+|[^\sA-Za-z\d]")
+
+
+def _vocabulary() -> list[str]:
+    """Every token the generators can emit, in a fixed order (no data needed)."""
+    from .sentences import SENTENCE_CLASSES, WORDS
+
+    rng = random.Random("vocab")
+    toks = list(string.ascii_lowercase) + list(string.digits) + list(".,:;?!-+*/=>'")
+    for w in WORDS:
+        for _, _, fn in SENTENCE_CLASSES:
+            toks += fn([w, w])
+    toks += [c[0] for c in SENTENCE_CLASSES]
+    for c in SENTENCE_CLASSES:
+        toks += TOKEN_RE.findall(c[1])
+    for _, _, gen in MATH_CLASSES:
+        for _ in range(30):
+            toks += TOKEN_RE.findall(gen(rng)[0])
+    toks += TOKEN_RE.findall(SEP)
+    return list(dict.fromkeys(toks))
+
+
+class WordTokenizer:
+    """Word-level tokenizer: words, single digits and punctuation marks (spaces dropped).
+
+    The vocabulary is every token the task generators can produce (built from
+    the generators, not from data); anything else maps to unk.
+    """
+
+    def __init__(self):
+        self.tokens = _vocabulary()
+        self.index = {t: i + 4 for i, t in enumerate(self.tokens)}
+        self.vocab_size = len(self.tokens) + 4
+
+    def encode(self, text: str) -> list[int]:
+        return [self.index.get(t, UNK) for t in TOKEN_RE.findall(text)]
+
+    def decode(self, ids) -> str:
+        return " ".join(self.tokens[i - 4] for i in ids if i >= 4)
+
+    def example(self, ex: Example, answer_only: bool = True) -> tuple[list[int], list[int]]:
+        """(input ids, labels): bos prompt SEP answer eos; labels -100 on the prompt when answer_only."""
+        head = [BOS] + self.encode(ex.prompt + SEP)
+        tail = self.encode(ex.answer) + [EOS]
+        ids = head + tail
+        labels = ([IGNORE] * len(head) + tail) if answer_only else ([IGNORE] + ids[1:])
+        return ids, labels
+
+    def batch(self, examples, answer_only: bool = True) -> dict[str, torch.Tensor]:
+        """A right-padded batch {input_ids, attention_mask, labels}."""
+        pairs = [self.example(e, answer_only) for e in examples]
+        T = max(len(i) for i, _ in pairs)
+        ids = torch.full((len(pairs), T), PAD, dtype=torch.long)
+        lab = torch.full((len(pairs), T), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(pairs), T), dtype=torch.long)
+        for k, (i, l) in enumerate(pairs):
+            ids[k, : len(i)] = torch.tensor(i)
+            lab[k, : len(l)] = torch.tensor(l)
+            mask[k, : len(i)] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": lab}
+
+    def text_batch(self, texts) -> dict[str, torch.Tensor]:
+        """Plain language-model batch (bos text eos, loss on every token)."""
+        seqs = [[BOS] + self.encode(t) + [EOS] for t in texts]
+        T = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), T), PAD, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for k, s in enumerate(seqs):
+            ids[k, : len(s)] = torch.tensor(s)
+            mask[k, : len(s)] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.where(mask.bool(), ids, IGNORE)}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    intermediate: int = 256
+    max_len: int = 64
+    pretrain_texts: int = 12000
+    pretrain_epochs: int = 4
+    pretrain_lr: float = 2e-3
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    finetune_epochs: int = 3
+    finetune_lr: float = 5e-3
+    batch_size: int = 32
+    answer_only: bool = False  # standard causal-LM fine-tuning: loss on every token after bos
+    extra: dict = field(default_factory=dict)  # free-form, part of the cache key
+
+
+def cache_dir(path: str | os.PathLike | None = None) -> Path:
+    if path is not None:
+        return Path(path)
+    env = os.environ.get("PYINF_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "pyinf"
+
+
+def cache_key(cfg: ModelConfig, seed: int, data_seed: int, examples=()) -> str:
+    """Config + seeds + code version + the training texts themselves."""
+    data = hashlib.sha256("\n".join(e.text for e in examples).encode()).hexdigest()
+    blob = json.dumps({"cfg": asdict(cfg), "seed": seed, "data_seed": data_seed, "code": CODE_VERSION,
+                       "data": data}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _llama(cfg: ModelConfig, vocab: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    lc = LlamaConfig(
+        vocab_size=vocab, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
+        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
+        max_position_embeddings=cfg.max_len, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
+        tie_word_embeddings=False,
+    )
+    lc._attn_implementation = "eager"
+    return LlamaForCausalLM(lc)
+
+
+def _wrap_lora(base, cfg: ModelConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                      target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM")
+    return get_peft_model(base, lcfg)
+
+
+def _arithmetic(rng: random.Random) -> str:
+    a, b, c = rng.randint(2, 19), rng.randint(2, 9), rng.randint(1, 9)
+    form = rng.randrange(6)
+    if form == 0:
+        return f"{a} + {b} = {a + b}"
+    if form == 1:
+        return f"{a + b} - {b} = {a}"
+    if form == 2:
+        return f"{a} * {b} = {a * b}"
+    if form == 3:
+        return f"{a * b} / {b} = {a}"
+    if form == 4:
+        return f"{a} * {b} + {c} = {a * b + c}"
+    return f"{a} + {b} - {c} = {a + b - c}"
+
+
+def pretrain_texts(n: int, seed: int) -> list[str]:
+    """The base model's corpus: the *skills*, under plain descriptions, never the task names.
+
+    Each sentence transformation introduced by its English description
+    ("reverse the word order: a b c -> c b a"), bare arithmetic ("7 * 3 = 21")
+    and math questions without answers. The LoRA fine-tune then has to bind
+    each made-up name (and each word-problem template) to a skill the base
+    already has, as an LLM fine-tuned on DataInf's tasks does.
+    """
+    from .sentences import SENTENCE_CLASSES, transform
+
+    rng = random.Random(f"pretrain-{seed}")
+    out = []
+    for k in range(n):
+        kind = k % 4
+        if kind in (0, 1):
+            label = rng.randrange(len(SENTENCE_CLASSES))
+            s = random_sentence(rng)
+            out.append(f"{SENTENCE_CLASSES[label][1]}: {s}{SEP}{transform(label, s)}")
+        elif kind == 2:
+            out.append(_arithmetic(rng))
+        else:
+            q, _ = MATH_CLASSES[rng.randrange(len(MATH_CLASSES))][2](rng)
+            out.append(q)
+    return out
+
+
+def _log(msg: str, progress: bool):
+    if progress:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _train(model, batches_fn, epochs: int, lr: float, desc: str, progress: bool, seed: int) -> float:
+    from ..progress import bar
+    from ..losses import default_loss
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    last = float("nan")
+    n_batches = len(batches_fn(gen, dry=True))
+    total = epochs * n_batches
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.1, 1 - s / total))
+    with bar(desc, total, progress, unit="step") as pb:
+        for _ in range(epochs):
+            for batch in batches_fn(gen):
+                loss = default_loss(model, batch).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                sched.step()
+                last = 0.9 * last + 0.1 * loss.item() if last == last else loss.item()
+                pb.update()
+                if hasattr(pb, "set_postfix"):
+                    pb.set_postfix(loss=f"{last:.3f}")
+    model.eval()
+    return last
+
+
+def _shuffled_batches(items, bs, make):
+    def fn(gen, dry=False):
+        if dry:
+            return range((len(items) + bs - 1) // bs)
+        order = torch.randperm(len(items), generator=gen).tolist()
+        return [make([items[i] for i in order[k : k + bs]]) for k in range(0, len(order), bs)]
+
+    return fn
+
+
+def build_model(train_examples, cfg: ModelConfig = ModelConfig(), *, seed: int = 0, data_seed: int = 0,
+                cache: str | os.PathLike | None = None, use_cache: bool = True, progress: bool = True):
+    """(PEFT model in eval mode, tokenizer, info dict); trains or loads from the cache."""
+    tok = WordTokenizer()
+    examples = list(train_examples)
+    key = cache_key(cfg, seed, data_seed, examples)
+    path = cache_dir(cache) / "tasks" / key / "model.pt"
+    torch.manual_seed(seed)
+    base = _llama(cfg, tok.vocab_size)
+    if use_cache and path.exists():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model = _wrap_lora(base, cfg)
+        model.load_state_dict(state["state_dict"])
+        model.eval()
+        _log(f"loaded the fine-tuned model from the cache {path}", progress)
+        return model, tok, {**state["info"], "cached": True, "cache_path": str(path)}
+    t0 = time.perf_counter()
+    texts = pretrain_texts(cfg.pretrain_texts, data_seed)
+    pre_loss = _train(base, _shuffled_batches(texts, cfg.batch_size, tok.text_batch), cfg.pretrain_epochs,
+                      cfg.pretrain_lr, "pre-train the base model", progress, seed)
+    t1 = time.perf_counter()
+    _log(f"pre-trained the base model on {len(texts)} generic texts: loss {pre_loss:.3f} ({t1 - t0:.1f} s)", progress)
+    torch.manual_seed(seed + 1)
+    model = _wrap_lora(base, cfg)
+    ft_loss = _train(model, _shuffled_batches(examples, cfg.batch_size, lambda b: tok.batch(b, cfg.answer_only)),
+                     cfg.finetune_epochs, cfg.finetune_lr, "LoRA fine-tune", progress, seed + 1)
+    t2 = time.perf_counter()
+    _log(f"LoRA-fine-tuned on {len(examples)} task examples: loss {ft_loss:.3f} ({t2 - t1:.1f} s)", progress)
+    info = {"pretrain_loss": pre_loss, "finetune_loss": ft_loss, "pretrain_seconds": t1 - t0,
+            "finetune_seconds": t2 - t1, "config": asdict(cfg), "seed": seed, "data_seed": data_seed,
+            "code_version": CODE_VERSION, "key": key}
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"state_dict": model.state_dict(), "info": info}, tmp)
+        os.replace(tmp, path)
+    return model, tok, {**info, "cached": False, "cache_path": str(path)}
+
+
+@torch.no_grad()
+def per_example_loss(model, tok: WordTokenizer, examples, answer_only: bool = True, batch_size: int = 128):
+    """(n,) mean answer-token loss per example."""
+    from ..losses import default_loss
+
+    out = [default_loss(model, tok.batch(examples[k : k + batch_size], answer_only))
+           for k in range(0, len(examples), batch_size)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def exact_match(model, tok: WordTokenizer, examples, max_new: int = 40) -> float:
+    """Fraction of examples whose greedy answer equals the reference."""
+    ok = 0
+    for ex in examples:
+        ids = torch.tensor([[BOS] + tok.encode(ex.prompt + SEP)])
+        for _ in range(max_new):
+            nxt = model(input_ids=ids).logits[0, -1].argmax().item()
+            if nxt == EOS:
+                break
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+        head = 1 + len(tok.encode(ex.prompt + SEP))
+        ok += ids[0, head:].tolist() == tok.encode(ex.answer)
+    return ok / max(len(examples), 1)
