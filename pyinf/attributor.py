@@ -16,10 +16,31 @@ top-k per query over the chunks of the scoring pass, never the (m, n) matrix
 (it scores through `precondition` and `score_chunks`; for "exact" with
 Woodbury blocks that path builds H, and can differ from the full matrix in the
 last digits).
+
+Data parallel under `torchrun` (`pyinf.distributed`): with a process group
+initialised, `fit` shards the training batches across the ranks (contiguous
+runs by batch index; a disk store writes `PATH/rank{r}-of-{W}`), the methods
+all-reduce their statistics, queries are captured on rank 0 and broadcast,
+each rank scores its shard, and rank 0 returns the `(m, n)` scores in the
+original training order (the other ranks return None). `save`/`load` are
+single-process.
+
+Faults:
+- `nan_policy="error"` (default): a NaN/Inf training gradient is a ValueError
+  naming the sample and the block. `nan_policy="skip"`: those samples are left
+  out of the store and of every statistic (the other samples' scores are those
+  of a run without them), `att.skipped` lists their indices, and their columns
+  of `score`/`self_influence` are NaN (the matrix keeps the data's indexing;
+  `score(top_k=k)` never returns them). Query gradients are always checked.
+- Out of memory (`pyinf.oom`): a capture retries the batch in halves (kept for
+  the next batches); a pass (fit statistics, scoring, self-influence) is
+  retried with half the samples per chunk; each warns once. On one process
+  only for the passes (see `pyinf.distributed`).
 """
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,11 +52,13 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from .backends import get_backend
 from .blocks import Block, check_finite
 from .methods import get_method
+from .oom import HalvingCapture, is_oom, release_memory
 from .progress import bar
 from .store import STORES, fingerprint, make_store, parse_store, resolve_grad_dtype
 
 SAVE_FORMAT = "pyinf-attributor"
 SAVE_VERSION = 1
+NAN_POLICIES = ("error", "skip")
 
 
 class TopK(NamedTuple):
@@ -96,6 +119,11 @@ class Attributor:
         progress: progress bars on stderr (False: print nothing).
         chunk_size: training samples per chunk/shard (default ~256 MB of
             gradients; "none" uses one batch per chunk).
+        nan_policy: "error" (a NaN/Inf training gradient is a ValueError naming
+            the sample and block) or "skip" (such samples are left out; their
+            indices in `self.skipped`, their score columns NaN). Not for "forward".
+        distributed: None (default): data parallel when a torch.distributed
+            process group is initialised; False: never; True: require one.
     """
 
     def __init__(
@@ -113,6 +141,8 @@ class Attributor:
         backend: str = "auto",
         progress: bool = True,
         chunk_size: int | None = None,
+        nan_policy: str = "error",
+        distributed: bool | None = None,
         **options,
     ):
         self.model = model
@@ -121,6 +151,12 @@ class Attributor:
         for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size or 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if nan_policy not in NAN_POLICIES:
+            raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+        if nan_policy == "skip" and method == "forward":
+            raise ValueError("nan_policy='skip' is not available for method 'forward' (it keeps no gradients)")
+        if distributed not in (None, True, False):
+            raise ValueError(f"distributed must be None, True or False, got {distributed!r}")
         kind, _ = parse_store(store, self.device)
         self.config = {
             "method": method,
@@ -132,8 +168,10 @@ class Attributor:
             "damping_mode": damping_mode,
             "backend": backend,
             "chunk_size": chunk_size,
+            "nan_policy": nan_policy,
             "options": dict(options),
         }
+        self.distributed = distributed
         self.loss = loss
         self.progress = progress
         if method == "forward":
@@ -146,6 +184,12 @@ class Attributor:
         self._store = None
         self._method = None
         self._cap = None
+        self._comm = None  # pyinf.distributed.Comm while data parallel
+        self._halving = HalvingCapture(lambda b: self._cap(b))  # OOM: smaller micro-batches
+        self._warned_oom = False
+        self.skipped: list[int] = []  # training samples left out (nan_policy="skip"), global indices
+        self._kept_index: torch.Tensor | None = None  # original index of each kept sample, when some are skipped
+        self._n_orig = 0
 
     # -- plumbing ----------------------------------------------------------
     def _new_method(self):
@@ -170,7 +214,85 @@ class Attributor:
             cap.close()
 
     def _capture_batch(self, batch) -> dict[str, torch.Tensor]:
-        return self._cap(_to_device(batch, self.device))
+        return self._halving(_to_device(batch, self.device))
+
+    def _resolve_comm(self):
+        from . import distributed
+
+        if self.distributed is False:
+            return None
+        comm = distributed.current()
+        if comm is None and self.distributed:
+            raise ValueError("distributed=True, but no torch.distributed process group is initialised")
+        return comm
+
+    def _everywhere(self, fn, what: str):
+        """Run `fn`; under a process group, an exception on any rank is raised on every rank."""
+        comm = self._comm
+        if comm is None:
+            return fn()
+        err, out = None, None
+        try:
+            out = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            err = e
+            if isinstance(e, ValueError):
+                err = ValueError(f"rank {comm.rank} ({what}; sample indices count from the start of its shard): {e}")
+                err.__cause__ = e
+        comm.raise_if_any(err)
+        return out
+
+    def _retrying(self, store, fn):
+        """`fn()` (one or more passes over `store`), retried with halved chunks on out of memory."""
+        while True:
+            try:
+                return fn()
+            except Exception as err:  # noqa: BLE001 - only out-of-memory errors are retried
+                if self._comm is not None or not is_oom(err):
+                    raise
+                try:
+                    size = store.split_chunks()
+                except ValueError:
+                    raise err from None
+            release_memory()
+            if not self._warned_oom:
+                self._warned_oom = True
+                warnings.warn(
+                    f"out of memory in a pass over the training gradients: retrying with chunks of {size} "
+                    f"samples (halving again if needed; reported once)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+
+    def _place(self, store) -> None:
+        """Global indices: this store's offset among the ranks, the skipped samples, n."""
+        comm = self._comm
+        info = (store.n, store.n_orig, list(store.skipped))
+        infos = [info] if comm is None else comm.all_gather_object(info)
+        rank = 0 if comm is None else comm.rank
+        store.comm, store.offset = comm, sum(i[0] for i in infos[:rank])
+        skipped, orig = [], 0
+        for n, n_orig, sk in infos:
+            skipped += [orig + i for i in sk]
+            orig += n_orig
+        self.skipped, self._n_orig = skipped, orig
+        self._kept_index = None
+        if skipped:
+            keep = torch.ones(orig, dtype=torch.bool)
+            keep[skipped] = False
+            self._kept_index = keep.nonzero().flatten()
+
+    def _finish(self, S: torch.Tensor) -> torch.Tensor | None:
+        """Local `(..., n_kept_local)` columns -> `(..., n)` in the training order (rank 0; None elsewhere)."""
+        if self._comm is not None:
+            S = self._comm.gather_cols(S)
+            if S is None:
+                return None
+        if self._kept_index is not None:
+            out = torch.full((*S.shape[:-1], self._n_orig), float("nan"), dtype=S.dtype, device=S.device)
+            out[..., self._kept_index.to(S.device)] = S
+            S = out
+        return S
 
     def _batches(self, data):
         """Data as an iterable of batches: a DataLoader, a list of dicts, a Dataset, or (dataset, collate_fn)."""
@@ -187,15 +309,25 @@ class Attributor:
 
     # -- public ------------------------------------------------------------
     def fit(self, train_data) -> "Attributor":
-        """Capture the training gradients into the store and fit the method."""
+        """Capture the training gradients into the store and fit the method (this rank's shard, data parallel)."""
         data = self._batches(train_data)
         c = self.config
+        self._comm = comm = self._resolve_comm()
+        what = "fit"
+        if comm is not None:
+            from .distributed import ShardedBatches
+
+            data = self._everywhere(lambda: ShardedBatches(data, comm.rank, comm.world), "sharding the data")
+            what = f"fit on training batches {data.lo}..{data.hi - 1}"
         if c["method"] == "forward":
-            return self._fit_forward(data)
+            return self._fit_forward(data, what)
+        spec = c["store"]
+        if comm is not None and spec.startswith("disk:"):
+            spec = "disk:" + str(Path(spec[len("disk:") :]) / f"rank{comm.rank}-of-{comm.world}")
         self.blocks = None  # a new fit takes the blocks the capture finds now
         with self._capturing():
             store = make_store(
-                c["store"],
+                spec,
                 blocks=self.blocks,
                 device=self.device,
                 grad_dtype=c["grad_dtype"],
@@ -203,10 +335,16 @@ class Attributor:
                 fingerprint=fingerprint(self.model, self.blocks, c["grad_dtype"]) if c["store"].startswith("disk:") else None,
                 progress=self.progress,
             )
-            store.fill(self._capture_batch, data)
-            method = self._new_method()
-            store.begin(f"{c['method']}: fit pass")
-            method.fit(store)
+            store.nan_policy = c["nan_policy"]
+            self._everywhere(lambda: store.fill(self._capture_batch, data), what)
+            self._place(store)
+
+            def fit_method():
+                method = self._new_method()
+                store.begin(f"{c['method']}: fit pass")
+                return method.fit(store)
+
+            method = self._retrying(store, fit_method)
         self._store, self._method = store, method
         return self
 
@@ -226,41 +364,78 @@ class Attributor:
             raise ValueError("the query data is empty")
         return {b.name: torch.cat([p[b.name] for p in parts]) for b in self.blocks}
 
+    def _shared_query_grads(self, query_data) -> dict[str, torch.Tensor]:
+        """Query gradients, captured once: on rank 0 and broadcast when data parallel."""
+        comm = self._comm
+        if comm is None:
+            return self.query_grads(query_data)
+        V = self._everywhere(lambda: self.query_grads(query_data) if comm.rank == 0 else None, "query gradients")
+        return comm.broadcast_tensors(V, self.device)
+
     def score(self, query_data, top_k: int | None = None):
-        """`(m, n)` float32 scores (positive = harmful); with `top_k=k` a `TopK` of (m, k) tensors."""
+        """`(m, n)` float32 scores (positive = harmful); with `top_k=k` a `TopK` of (m, k) tensors.
+
+        Data parallel: on rank 0; None on the other ranks.
+        """
         self._check_fitted()
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
         if self.config["method"] == "forward":
-            S = self._method.score(self._batches(query_data))
+            S = self._finish(self._method.score(self._batches(query_data)))
+            if S is None:
+                return None
             return S if top_k is None else TopK(*self.top_k(S, top_k, True), *self.top_k(S, top_k, False))
-        V = self.query_grads(query_data)
-        name = self.config["method"]
+        V = self._shared_query_grads(query_data)
+        name, store = self.config["method"], self._store
         with self._capturing():  # store="none" captures the training data again in these passes
-            self._store.begin(f"{name}: score pass")
             if top_k is None:
-                return self._method.influence(V).float()  # what pyinf.influence runs
-            return self._top_k_streamed(self._method.precondition(V), top_k)
 
-    def _top_k_streamed(self, H, k: int) -> TopK:
+                def run():
+                    store.begin(f"{name}: score pass")
+                    return self._method.influence(V)  # what pyinf.influence runs
+
+                return self._finish(self._retrying(store, run).float())
+
+            def run_top():
+                store.begin(f"{name}: score pass")
+                return self._top_k_streamed(self._method.precondition(V), top_k)
+
+            return self._retrying(store, run_top)
+
+    def _top_k_streamed(self, H, k: int) -> TopK | None:
         m = next(iter(H.values())).shape[0]
         empty = torch.empty(m, 0, device=self.device)
         none = torch.empty(m, 0, dtype=torch.long, device=self.device)
         hv, hi, av, ai = empty, none, empty, none
+        offset = self._store.offset if self._comm is not None else 0
         for start, cols in self._method.score_chunks(self._store, H):
             cols = cols.float()
-            idx = torch.arange(start, start + cols.shape[1], device=cols.device).expand(m, -1)
+            idx = torch.arange(offset + start, offset + start + cols.shape[1], device=cols.device).expand(m, -1)
             hv, hi = _merge_top(hv, hi, cols, idx, k, largest=False)
             av, ai = _merge_top(av, ai, cols, idx, k, largest=True)
+        if self._comm is not None:  # every rank's top k, merged on rank 0
+            parts = [self._comm.gather_cols(t) for t in (hv, hi, av, ai)]
+            if parts[0] is None:
+                return None
+            hv, hi = _merge_top(empty, none, parts[0], parts[1], k, largest=False)
+            av, ai = _merge_top(empty, none, parts[2], parts[3], k, largest=True)
+        if self._kept_index is not None:  # kept-sample positions -> the data's indices
+            kept = self._kept_index.to(hi.device)
+            hi, ai = kept[hi], kept[ai]
         return TopK(hv, hi, av, ai)
 
-    def self_influence(self) -> torch.Tensor:
-        """`(n,)` float32: −g_iᵀ H⁻¹ g_i (≤ 0; rank by magnitude)."""
+    def self_influence(self) -> torch.Tensor | None:
+        """`(n,)` float32: −g_iᵀ H⁻¹ g_i (≤ 0; rank by magnitude). Data parallel: rank 0 (None elsewhere)."""
         self._check_fitted()
         self._refuse_forward("self_influence")
+        store = self._store
         with self._capturing():
-            self._store.begin(f"{self.config['method']}: self-influence pass")
-            return self._method.self_influence(self._store).float()
+
+            def run():
+                store.begin(f"{self.config['method']}: self-influence pass")
+                return self._method.self_influence(store)
+
+            return self._finish(self._retrying(store, run).float())
 
     @staticmethod
     def top_k(scores: torch.Tensor, k: int, helpful: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,19 +444,23 @@ class Attributor:
 
     @property
     def n(self) -> int:
+        """Training samples (all ranks; skipped ones included): the columns of `score`."""
         self._check_fitted()
-        return self._method.n if self.config["method"] == "forward" else self._store.n
+        return self._n_orig
 
     # -- Forward-INF (pyinf.forward) ----------------------------------------
-    def _fit_forward(self, data) -> "Attributor":
+    def _fit_forward(self, data, what: str = "fit") -> "Attributor":
+        """Forward-INF; data parallel, each rank keeps its shard's batches and computes their losses."""
         from .forward import ForwardInfluence, attributor_options
 
         c = self.config
         self.blocks = None
         engine = ForwardInfluence(self.model, blocks=c["blocks"], loss=self.loss, batch_size=c["batch_size"],
                                   progress=self.progress, **attributor_options(c["options"], c["batch_size"]))
-        engine.fit(data)
+        self._everywhere(lambda: engine.fit(data), what)
         self.blocks, self._store, self._method = list(engine.blocks), None, engine
+        self.skipped, self._kept_index = [], None
+        self._n_orig = engine.n if self._comm is None else sum(self._comm.all_ints(engine.n))
         return self
 
     def _refuse_forward(self, what: str) -> None:
@@ -298,6 +477,9 @@ class Attributor:
         """
         self._check_fitted()
         self._refuse_forward("save")
+        if self._comm is not None:
+            raise ValueError("save under a torch.distributed process group is not supported: fit on one process "
+                             "(distributed=False) to save, or keep the disk store and fit again (it resumes)")
         state = {
             "format": SAVE_FORMAT,
             "version": SAVE_VERSION,
@@ -305,7 +487,7 @@ class Attributor:
             "blocks": [(b.name, b.rows, b.cols) for b in self.blocks],
             # Every statistic the method fitted (λ, norms, factors, inverses, ...), whatever the method.
             "method": _map_tensors(
-                {k: v for k, v in vars(self._method).items() if k not in ("backend", "train", "blocks")},
+                {k: v for k, v in vars(self._method).items() if k not in ("backend", "train", "blocks", "comm")},
                 lambda t: t.cpu(),
             ),
             "store": self._store.state(),
@@ -323,7 +505,8 @@ class Attributor:
             raise ValueError(f"{path}: not a pyinf Attributor state of version {SAVE_VERSION}")
         c = state["config"]
         keys = ("method", "blocks", "store", "grad_dtype", "batch_size", "damping", "damping_mode", "backend", "chunk_size")
-        self = cls(model, loss=loss, progress=progress, **{k: c[k] for k in keys}, **c["options"])
+        self = cls(model, loss=loss, progress=progress, nan_policy=c.get("nan_policy", "error"), distributed=False,
+                   **{k: c[k] for k in keys}, **c["options"])
         self.blocks = [Block(*b) for b in state["blocks"]]
         st = state["store"]
         self._store = STORES[st["kind"]].restore(
@@ -336,6 +519,8 @@ class Attributor:
             capture=self._capture_batch,
             batches=None if train_data is None else self._batches(train_data),
         )
+        self._store.nan_policy = self.config["nan_policy"]
+        self._place(self._store)
         method = self._new_method()
         vars(method).update(_map_tensors(state["method"], lambda t: t.to(self.device)))
         method.blocks, method.train = self.blocks, self._store

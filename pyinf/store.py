@@ -25,7 +25,19 @@ Kinds (`store=` of `pyinf.Attributor`):
 when the model is on CUDA (half the memory and bandwidth; the passes are
 bandwidth-bound) and float32 on the CPU (no speed to gain there). Compute is
 float32 whatever the storage. Captured gradients with NaN/Inf are refused at
-capture time, naming the sample and block, for every method.
+capture time, naming the sample and block, for every method
+(`nan_policy="error"`, the default). With `nan_policy="skip"` such samples
+are left out of the store instead: `n` counts the kept samples, chunk starts
+index them, `skipped` lists the original indices left out (sample i of the
+data given to `fill`, counting every sample) and `n_orig` counts all.
+
+Out of memory while a pass reads chunks: `split_chunks()` halves the number of
+samples per chunk a pass yields (views of the stored chunk; the store itself is
+unchanged), for a retry of the pass (`pyinf.Attributor` does it).
+
+Data parallel: `comm` (a `pyinf.distributed.Comm`, None on one process) and
+`offset` (the global index of this store's first kept sample) are set by the
+`Attributor` after `fill`; the methods read them (`pyinf.methods.base`).
 
 On-disk format (version 1) of "disk:PATH"
 -----------------------------------------
@@ -38,17 +50,21 @@ On-disk format (version 1) of "disk:PATH"
                    weights, the first 4096 values of every other parameter),
     "batches_per_shard": k, "samples_per_shard": k * (first batch size),
     "shards": [{"index", "file", "start", "count", "batches", "bytes",
-                "sha256": hex of the file, "data_sha256": hex of the batches' inputs}],
+                "sha256": hex of the file, "data_sha256": hex of the batches' inputs,
+                "skipped": [original sample indices left out under nan_policy="skip"]}],
     "complete": bool, "n": total samples (when complete)}`
 - `PATH/shard-000000.bin`, ...: shard s holds the gradients of training batches
   `s*k .. s*k + k - 1` (samples `start .. start + count - 1`). The file is the
   blocks one after the other, in manifest order; block b is a C-order array
   `(count, rows, cols)` of little-endian float32 or bfloat16 (raw 16-bit
   words: the top half of a float32), `count * rows * cols * itemsize` bytes.
+  `start` and `count` count kept samples; `count + len(skipped)` samples of
+  the data went into the shard (a shard may hold 0 samples: an empty file).
   It is read with `numpy.memmap` and `torch.from_numpy`, without copies
   (then one copy to a CUDA device, from pageable memory: no overlap yet).
-- Writes are atomic: a shard is written to `*.tmp`, fsynced and renamed; the
-  manifest is rewritten the same way after each finished shard.
+- Writes are atomic: a shard is written to `*.tmp`, fsynced and renamed (and
+  the directory fsynced); the manifest is rewritten the same way after each
+  finished shard. A `*.tmp` left by a killed write is removed by the next `fill`.
 - An interrupted fit resumes: a new `fill` over the same data keeps every
   shard whose checksum holds and whose batches hash the same, skips those
   batches without capturing them, and recomputes the rest (a corrupted or
@@ -56,8 +72,11 @@ On-disk format (version 1) of "disk:PATH"
   model, block list or grad_dtype, or shards whose batches differ from the
   data given now, are refused with a ValueError (nothing is deleted: remove
   the directory or choose another path).
-- Checksums are verified the first time a process opens a shard (a corrupted
-  shard found while scoring is a ValueError that says to re-run `fit`).
+- Checksums are verified the first time a process opens a shard, and the
+  size on every open (a truncated shard is never read as data): a corrupted
+  or truncated shard found while scoring is a ValueError that says to re-run
+  `fit`, which recomputes it. A shard recorded with skipped samples is
+  refused under nan_policy="error" (naming the sample).
 """
 from __future__ import annotations
 
@@ -186,6 +205,8 @@ class Store:
     """The `GradientSource` members shared by every store, pass labels and bars."""
 
     kind = "abstract"
+    comm = None  # pyinf.distributed.Comm when this store holds one rank's shard
+    offset = 0  # global index of the first (kept) sample, with comm
 
     def __init__(self, blocks: list[Block], device: torch.device, grad_dtype: torch.dtype, progress: bool = True):
         self.blocks = list(blocks)
@@ -197,6 +218,22 @@ class Store:
         self.chunk_size = 1
         self._label = "pass"
         self._passes = 0
+        self.nan_policy = "error"
+        self.skipped: list[int] = []  # original indices left out (nan_policy="skip")
+        self.piece: int | None = None  # samples per chunk a pass yields, after an OOM (None: whole chunks)
+
+    @property
+    def n_orig(self) -> int:
+        """Samples of the training data, kept or skipped."""
+        return self.n + len(self.skipped)
+
+    def split_chunks(self) -> int:
+        """Halve the samples per chunk of the next passes; returns the new size (ValueError at 1)."""
+        cur = self.piece or self.chunk_size
+        if cur <= 1:
+            raise ValueError("chunks are already one sample")
+        self.piece = cur // 2
+        return self.piece
 
     @property
     def num_chunks(self) -> int:
@@ -210,8 +247,13 @@ class Store:
         self._passes += 1
         with bar(f"{self._label} {self._passes}", self.n, self.progress) as b:
             for start, chunk in self._chunks():
-                yield start, chunk
-                b.update(next(iter(chunk.values())).shape[0])
+                c = next(iter(chunk.values())).shape[0]
+                if c == 0:
+                    continue
+                step = self.piece or c
+                for s in range(0, c, step):
+                    yield start + s, ({k: v[s : s + step] for k, v in chunk.items()} if step < c else chunk)
+                    b.update(min(step, c - s))
 
     def _chunks(self) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         raise NotImplementedError
@@ -219,15 +261,28 @@ class Store:
     def fill(self, capture: Capture, batches: Iterable) -> "Store":
         raise NotImplementedError
 
-    def _capture(self, capture: Capture, batch, offset: int) -> dict[str, torch.Tensor]:
-        """One batch's gradients in storage dtype, refusing NaN/Inf (for every method, tracin too)."""
+    def _capture(self, capture: Capture, batch, offset: int) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """One batch's gradients in storage dtype and the skipped sample indices (offset + position).
+
+        NaN/Inf is refused (for every method, tracin too), or with
+        nan_policy="skip" the samples holding it are dropped from the batch.
+        """
         grads = capture(batch)
-        out = {}
+        out, bad = {}, None
         for b in self.blocks:
             g = grads[b.name]
-            check_finite(b.name, g, "train gradient", offset)
-            out[b.name] = g.detach().reshape(g.shape[0], b.rows, b.cols).to(self.grad_dtype)
-        return out
+            if self.nan_policy == "skip":
+                rows = ~torch.isfinite(g.reshape(g.shape[0], -1)).all(dim=1)
+                bad = rows if bad is None else bad | rows
+            else:
+                check_finite(b.name, g, "train gradient", offset)
+            out[b.name] = g.detach().reshape(g.shape[0], b.rows, b.cols)
+        skipped: list[int] = []
+        if bad is not None and bool(bad.any()):
+            skipped = [offset + int(i) for i in bad.nonzero().flatten().tolist()]
+            keep = (~bad).nonzero().flatten()
+            out = {name: g.index_select(0, keep) for name, g in out.items()}
+        return {name: g.to(self.grad_dtype) for name, g in out.items()}, skipped
 
     def _batches_bar(self, batches: Iterable, desc: str = "capture"):
         return bar(desc, len(batches) if hasattr(batches, "__len__") else None, self.progress, unit="batch")
@@ -259,10 +314,11 @@ class MemoryStore(Store):
         }
 
     def fill(self, capture, batches):
-        self._slabs, n = [], 0
+        self._slabs, n, self.skipped = [], 0, []
         with self._batches_bar(batches) as pb:
             for batch in batches:
-                g = self._capture(capture, batch, n)
+                g, skipped = self._capture(capture, batch, n + len(self.skipped))
+                self.skipped += skipped
                 c, pos = next(iter(g.values())).shape[0], 0
                 while pos < c:  # a batch may straddle two slabs
                     slab, off = divmod(n, self.chunk_size)
@@ -274,7 +330,8 @@ class MemoryStore(Store):
                     pos, n = pos + take, n + take
                 pb.update()
         if n == 0:
-            raise ValueError("the training data is empty")
+            raise ValueError("the training data is empty" if not self.skipped else
+                             f"every training sample ({len(self.skipped)}) was skipped for NaN/Inf gradients")
         self.n = n
         return self
 
@@ -314,6 +371,7 @@ class MemoryStore(Store):
             "n": self.n,
             "chunk_size": self.chunk_size,
             "slabs": [{name: t.cpu() for name, t in slab.items()} for slab in self._slabs],
+            "skipped": list(self.skipped),
         }
 
     @classmethod
@@ -321,6 +379,7 @@ class MemoryStore(Store):
         storage = device if state["storage"] == "cuda" else torch.device("cpu")
         self = cls(blocks, device, grad_dtype, storage, state["chunk_size"], progress)
         self.n = state["n"]
+        self.skipped = list(state.get("skipped", []))
         for saved in state["slabs"]:
             slab = self._new_slab()
             for name, t in slab.items():
@@ -375,7 +434,12 @@ class DiskStore(Store):
     def _read_manifest(self) -> dict | None:
         if not self._manifest_path.exists():
             return None
-        man = json.loads(self._manifest_path.read_text())
+        try:
+            man = json.loads(self._manifest_path.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ValueError(
+                f"{self._manifest_path} is not valid JSON ({err}); delete the directory or choose another path"
+            ) from None
         if man.get("format") != FORMAT or man.get("version") != FORMAT_VERSION:
             raise ValueError(
                 f"{self._manifest_path}: not a pyinf gradient store of version {FORMAT_VERSION} "
@@ -399,6 +463,8 @@ class DiskStore(Store):
         p = self.path / e["file"]
         if not p.exists() or p.stat().st_size != e["bytes"]:
             raise ValueError(f"gradient shard {p} is missing or truncated; run fit() again to recompute it")
+        if e["bytes"] == 0:  # every sample of the shard was skipped
+            return {b.name: torch.empty(0, b.rows, b.cols, dtype=self.grad_dtype) for b in self.blocks}
         arr = np.memmap(p, dtype=np.uint8, mode="c")  # copy-on-write: writable for torch, file untouched
         key = _file_key(p, e["sha256"])
         if key not in _VERIFIED:
@@ -421,7 +487,7 @@ class DiskStore(Store):
             warnings.warn(f"{err}: recomputing it", RuntimeWarning, stacklevel=3)
             return False
 
-    def _write_shard(self, index: int, start: int, grads: list[dict], data_sha: str) -> dict:
+    def _write_shard(self, index: int, start: int, grads: list[dict], data_sha: str, skipped: list[int]) -> dict:
         arrays = [torch.cat([g[b.name] for g in grads]).cpu().contiguous() for b in self.blocks]
         buffers = [a.reshape(-1).view(torch.uint8).numpy() for a in arrays]
         p = self.path / f"shard-{index:06d}.bin"
@@ -438,6 +504,7 @@ class DiskStore(Store):
             "bytes": sum(buf.nbytes for buf in buffers),
             "sha256": sha.hexdigest(),
             "data_sha256": data_sha,
+            "skipped": skipped,
         }
         _VERIFIED.add(_file_key(p, e["sha256"]))
         return e
@@ -445,6 +512,8 @@ class DiskStore(Store):
     def fill(self, capture, batches):
         self.path.mkdir(parents=True, exist_ok=True)
         man = self._read_manifest() or self._new_manifest()
+        for stale in self.path.glob("*.tmp"):  # a write killed before its rename
+            stale.unlink(missing_ok=True)
         good = {e["index"]: e for e in man["shards"] if self._valid(e)}
         man["shards"], man["complete"], man["n"] = list(good.values()), False, None
         it = iter(batches)
@@ -457,7 +526,7 @@ class DiskStore(Store):
             man["samples_per_shard"] = man["batches_per_shard"] * b0
         k = man["batches_per_shard"]
         it = itertools.chain([first], it)
-        start, index = 0, -1
+        start, orig, index = 0, 0, -1  # kept and original sample counts so far
         with self._batches_bar(batches) as pb:
             for index in itertools.count():
                 group = list(itertools.islice(it, k))  # the batches of shard `index`
@@ -467,20 +536,29 @@ class DiskStore(Store):
                 count = sum(batch_len(b) for b in group)
                 e = good.get(index)
                 if e is not None:  # finished before: skip its batches without capturing them
-                    if (e["data_sha256"], e["start"], e["count"]) != (data_sha, start, count):
+                    skipped = e.get("skipped", [])
+                    if (e["data_sha256"], e["start"], e["count"] + len(skipped)) != (data_sha, start, count):
                         raise ValueError(
                             f"the training data (or batch size) differs from the data the gradient store at "
                             f"{self.path} was built from (shard {index}); delete the directory or choose another path"
                         )
+                    if skipped and self.nan_policy != "skip":
+                        raise ValueError(
+                            f"train gradient of sample {skipped[0]} contains NaN or Inf (the gradient store at "
+                            f"{self.path} was built with nan_policy='skip')"
+                        )
                 else:
-                    grads, offset = [], start
+                    grads, skipped, offset = [], [], orig
                     for b in group:
-                        grads.append(self._capture(capture, b, offset))
+                        g, sk = self._capture(capture, b, offset)
+                        grads.append(g)
+                        skipped += sk
                         offset += batch_len(b)
-                    good[index] = self._write_shard(index, start, grads, data_sha)
-                    man["shards"].append(good[index])
+                    good[index] = e = self._write_shard(index, start, grads, data_sha, skipped)
+                    man["shards"].append(e)
                     self._write_manifest(man)  # after each finished shard: a kill loses one shard at most
-                start += count
+                start += e["count"]
+                orig += count
                 pb.update(len(group))
         n_shards = index
         if any(i >= n_shards for i in good):
@@ -488,6 +566,8 @@ class DiskStore(Store):
                 f"the training data has fewer batches than the data the gradient store at {self.path} was "
                 f"built from; delete the directory or choose another path"
             )
+        if start == 0:
+            raise ValueError(f"every training sample ({orig}) was skipped for NaN/Inf gradients")
         man["complete"], man["n"] = True, start
         self._write_manifest(man)
         self._load(man)
@@ -496,11 +576,13 @@ class DiskStore(Store):
     def _load(self, man: dict) -> None:
         self.shards = sorted(man["shards"], key=lambda e: e["index"])
         self.n = man["n"]
-        self.chunk_size = max(e["count"] for e in self.shards)
+        self.chunk_size = max(1, max(e["count"] for e in self.shards))
+        self.skipped = [i for e in self.shards for i in e.get("skipped", [])]
 
     def _chunks(self):
         for e in self.shards:
-            yield e["start"], {name: t.to(self.device) for name, t in self._open(e).items()}
+            if e["count"]:
+                yield e["start"], {name: t.to(self.device) for name, t in self._open(e).items()}
 
     def state(self):
         return {"kind": self.kind, "path": str(self.path.resolve())}
@@ -537,31 +619,49 @@ class RecomputeStore(Store):
         self.capture, self.batches = capture, batches
 
     def fill(self, capture, batches):
-        """One cheap pass without capture: batch sizes (n, chunk_size) and hashes (order check)."""
+        """One cheap pass without capture: batch sizes (n, chunk_size) and hashes (order check).
+
+        With nan_policy="skip" this pass captures (once) to find the skipped samples.
+        """
         self.attach(capture, batches)
-        with self._batches_bar(batches, "hash batches") as pb:
+        self.hashes, self.sizes, self.skipped = [], [], []
+        orig = 0
+        skip = self.nan_policy == "skip"
+        with self._batches_bar(batches, "capture (find NaN/Inf)" if skip else "hash batches") as pb:
             for batch in batches:
                 self.hashes.append(hash_batch(batch))
-                self.sizes.append(batch_len(batch))
+                size = batch_len(batch)
+                if skip:
+                    _, sk = self._capture(capture, batch, orig)
+                    self.skipped += sk
+                    self.sizes.append(size - len(sk))
+                else:
+                    self.sizes.append(size)
+                orig += size
                 pb.update()
         if not self.sizes:
             raise ValueError("the training data is empty")
-        self.n, self.chunk_size = sum(self.sizes), max(self.sizes)
+        self.n, self.chunk_size = sum(self.sizes), max(1, max(self.sizes))
+        if self.n == 0:
+            raise ValueError(f"every training sample ({orig}) was skipped for NaN/Inf gradients")
         return self
 
     def _chunks(self):
-        start, count = 0, 0
+        start, orig, count = 0, 0, 0
         for i, batch in enumerate(self.batches):
             if i >= len(self.hashes) or hash_batch(batch) != self.hashes[i]:
                 raise ValueError(ORDER_ERROR)
-            g = self._capture(self.capture, batch, start)
+            g, _ = self._capture(self.capture, batch, orig)
+            c = next(iter(g.values())).shape[0]
+            if c != self.sizes[i]:
+                raise ValueError(f"batch {i}: its gradients changed between passes (NaN/Inf in different samples)")
             yield start, g
-            start, count = start + self.sizes[i], i + 1
+            start, orig, count = start + c, orig + batch_len(batch), i + 1
         if count != len(self.hashes):
             raise ValueError(ORDER_ERROR)
 
     def state(self):
-        return {"kind": self.kind, "hashes": self.hashes, "sizes": self.sizes}
+        return {"kind": self.kind, "hashes": self.hashes, "sizes": self.sizes, "skipped": list(self.skipped)}
 
     @classmethod
     def restore(cls, state, blocks, device, grad_dtype, progress=True, capture=None, batches=None, **_):
@@ -570,7 +670,8 @@ class RecomputeStore(Store):
         self = cls(blocks, device, grad_dtype, progress)
         self.attach(capture, batches)
         self.hashes, self.sizes = list(state["hashes"]), list(state["sizes"])
-        self.n, self.chunk_size = sum(self.sizes), max(self.sizes)
+        self.skipped = list(state.get("skipped", []))
+        self.n, self.chunk_size = sum(self.sizes), max(1, max(self.sizes))
         return self
 
 

@@ -9,6 +9,18 @@
 
 A method is one module defining a subclass with its `name` and its options
 (with defaults); everything else is shared here.
+
+Data parallelism (`pyinf.distributed`): the training source may be one shard
+of the data (`train.comm`, a `Comm`, and `train.offset`, the global index of
+its first sample; plain sources have `comm = None`). Methods stay written
+once: `self.n` is the GLOBAL sample count (the n of every formula), `train.n`
+the local one (array sizes, chunk indices), and where a method finishes
+accumulating a statistic over chunks it calls `self._allreduce(t)` /
+`self._allreduce_dict(d)` (sums across ranks, in place) or
+`self._all_columns(P)` (the (m, n_local) columns of every rank as (m, n)) —
+all no-ops without a process group, so single-process results are unchanged.
+Queries given to `precondition` must be the same on every rank (the
+Attributor broadcasts them); `score` returns the local columns.
 """
 from __future__ import annotations
 
@@ -49,6 +61,8 @@ class Method:
         self.opts = {**self.options, **options}
         self._check_options()
         self.n = 0
+        self.comm = None
+        self.offset = 0
         self.lam: dict[str, float] = {}
         self.sq_norms: dict[str, torch.Tensor] = {}
 
@@ -56,7 +70,9 @@ class Method:
     def fit(self, train: GradientSource) -> "Method":
         """Read the training gradients and keep what `precondition` needs."""
         self.train = train  # precondition passes over it again (datainf, exact, lissa)
-        self.n = train.n
+        self.comm = getattr(train, "comm", None)  # a pyinf.distributed.Comm when train is one shard
+        self.offset = getattr(train, "offset", 0) if self.comm is not None else 0
+        self.n = train.n if self.comm is None else sum(self.comm.all_ints(train.n))
         self.dtype = train.dtype
         self.blocks = train.blocks
         self._check_blocks(train.blocks)
@@ -92,18 +108,28 @@ class Method:
         for start, chunk in train.chunks():
             for name, G in chunk.items():
                 norms[name][start : start + G.shape[0]] = self.backend.sq_norms(G.reshape(G.shape[0], -1))
+        err = None
         for b in train.blocks:
             s = norms[b.name]
             if not bool(torch.isfinite(s).all()):
-                i = int((~torch.isfinite(s)).nonzero()[0, 0])
-                raise ValueError(
+                i = self.offset + int((~torch.isfinite(s)).nonzero()[0, 0])
+                err = ValueError(
                     f"block '{b.name}': train gradient of sample {i} contains NaN or Inf "
                     f"(or its squared norm overflows {s.dtype})"
                 )
+                break
+        if self.comm is not None:
+            self.comm.raise_if_any(err)  # every rank raises, none waits in the next collective
+            totals = self._allreduce(torch.stack([norms[b.name].double().sum() for b in train.blocks]))
+        elif err is not None:
+            raise err
+        for k, b in enumerate(train.blocks):
+            s = norms[b.name]
             if self.damping_mode == "absolute":
                 self.lam[b.name] = self.damping
             else:
-                lam = self.damping * float(s.double().mean()) / b.size
+                mean = float(s.double().mean()) if self.comm is None else float(totals[k]) / self.n
+                lam = self.damping * mean / b.size
                 if lam == 0.0:
                     raise ValueError(
                         f"block '{b.name}': all train gradients are zero, so relative damping gives λ = 0 "
@@ -155,8 +181,10 @@ class Method:
             yield start, cols
 
     def self_influence(self, train: GradientSource) -> torch.Tensor:
-        """`(n,)`: −g_iᵀ H⁻¹ g_i, preconditioning each training chunk as queries."""
+        """`(n,)`: −g_iᵀ H⁻¹ g_i, preconditioning each training chunk as queries (local `(n_local,)` on a shard)."""
         out = torch.empty(train.n, dtype=torch.float64, device=train.device)
+        if self.comm is not None:
+            return self._self_influence_sharded(train, out)
         for start, chunk in train.chunks():
             H = self.precondition(chunk)
             total = 0
@@ -164,6 +192,55 @@ class Method:
                 total = total - (H[name] * G.reshape(G.shape[0], -1).to(H[name].dtype)).sum(dim=1)
             out[start : start + total.shape[0]] = total
         return out
+
+    def _self_influence_sharded(self, train: GradientSource, out: torch.Tensor) -> torch.Tensor:
+        """Step t: every rank's chunk t, gathered, is preconditioned on every rank (the passes inside
+        `precondition` need the same queries everywhere); each rank keeps its own rows."""
+        it = iter(train.chunks())
+        while True:
+            nxt = next(it, None)
+            mine = {b.name: torch.empty(0, b.rows, b.cols, dtype=self.dtype, device=train.device) for b in train.blocks}
+            if nxt is not None:
+                start, chunk = nxt
+                mine = {name: G.to(self.dtype) for name, G in chunk.items()}
+            parts = {name: self.comm.all_gather_var(G) for name, G in mine.items()}
+            counts = [p.shape[0] for p in next(iter(parts.values()))]
+            if sum(counts) == 0:  # every rank is done
+                return out
+            H = self.precondition({name: torch.cat(p) for name, p in parts.items()})
+            lo = sum(counts[: self.comm.rank])
+            c = counts[self.comm.rank]
+            if c:
+                total = 0
+                for name, G in mine.items():
+                    h = H[name][lo : lo + c]
+                    total = total - (h * G.reshape(c, -1).to(h.dtype)).sum(dim=1)
+                out[start : start + c] = total
+
+    # -- data parallelism (no-ops on one process) --------------------------
+    def _allreduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum `t` over the ranks, in place (no-op without a process group)."""
+        if self.comm is not None:
+            self.comm.all_reduce(t)
+        return t
+
+    def _allreduce_dict(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Sum every tensor of `tensors` over the ranks, in place, one collective per dtype."""
+        if self.comm is not None:
+            self.comm.all_reduce_dict(tensors)
+        return tensors
+
+    def _allmax(self, x: float) -> float:
+        """The largest `x` over the ranks (keeps data-dependent loop exits in step)."""
+        return x if self.comm is None else self.comm.max_float(x)
+
+    def _all_columns(self, P: torch.Tensor) -> torch.Tensor:
+        """`(m, n_local)` columns of every rank -> `(m, n)` in the global order (identity on one process)."""
+        return P if self.comm is None else self.comm.all_gather_cols(P)
+
+    def _local_columns(self, P: torch.Tensor) -> torch.Tensor:
+        """The columns of this rank's samples of a global `(..., n)` tensor."""
+        return P if self.comm is None else P[..., self.offset : self.offset + self.train.n]
 
     # -- helpers for subclasses -----------------------------------------
     def _flat(self, queries: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -28,4 +28,5 @@ class DataInf(Method):
             for name, G in chunk.items():
                 w = weights[name][start : start + G.shape[0]]
                 self.backend.rank_one_accumulate(acc[name], G.reshape(G.shape[0], -1), V[name], w)
+        self._allreduce_dict(acc)  # the rank-one corrections of every rank's samples
         return {name: (V[name] - acc[name]) / self.lam[name] for name in V}

@@ -60,11 +60,13 @@ class HyperINF(Method):
             for name, G in chunk.items():
                 cols, i = where[name]
                 stacks[cols][i] += self.backend.gfim(G)
+        for stack in stacks.values():
+            self._allreduce(stack)  # GFIM sums over every rank's samples
         self.inverse: dict[str, torch.Tensor] = {}
         for cols, group in groups.items():
             A = stacks.pop(cols)
             f64 = dict(dtype=torch.float64, device=train.device)
-            A /= torch.tensor([train.n * b.rows for b in group], **f64)[:, None, None]
+            A /= torch.tensor([self.n * b.rows for b in group], **f64)[:, None, None]
             A.diagonal(dim1=1, dim2=2).add_(torch.tensor([self.lam[b.name] for b in group], **f64)[:, None])
             X, residual, steps = self.backend.spd_inverse(A, iterations=it, tol=tol, solver=self.opts["solver"])
             del A

@@ -30,7 +30,7 @@ class LiSSA(Method):
         for _, chunk in self.train.chunks():
             for name, G in chunk.items():
                 self.backend.rank_one_accumulate(out[name], G.reshape(G.shape[0], -1), X[name], w[: G.shape[0]])
-        return out
+        return self._allreduce_dict(out)  # F X over every rank's samples (power iteration and recursion)
 
     def _check_options(self):
         self._check_positive_int("iterations")
@@ -69,6 +69,7 @@ class LiSSA(Method):
                 step = V[name] - (Fh[name] + self.lam[name] * h[name]) / self.scale[name]
                 h[name] += step
                 residual = max(residual, float(step.norm() / v_norm[name]))
+            residual = self._allmax(residual)  # the same exit on every rank
             if not residual <= 1e30:  # NaN or exploding
                 raise ValueError(
                     f"lissa diverged (residual {residual:.3g}): scale {self.scale} is below (λ_max + λ)/2; "
