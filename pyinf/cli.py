@@ -6,12 +6,22 @@
 
 User errors (bad options, missing files, bad sizes) end with exit code 2 and
 one line on stderr.
+
+Under torchrun (`python -m torch.distributed.run --nproc_per_node=K -m pyinf ...`,
+WORLD_SIZE set) every command runs data parallel (`pyinf.distributed`): the
+process group is initialised here (gloo on CPU, NCCL with one GPU per rank),
+rank 0's scores are broadcast so every rank computes the same metrics, and
+only rank 0 prints and writes the output folder (the others write to a
+temporary folder).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import re
 import sys
+import tempfile
 
 ALL_METHODS = ("tracin", "datainf", "exact", "lissa", "hyperinf", "forward")
 
@@ -21,8 +31,19 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(_fail(f"{self.prog}: {message}"))
 
 
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
+# what `Comm.raise_if_any` raises on the ranks where another rank failed
+_OTHER_RANK_USER_ERROR = re.compile(rf"rank \d+ failed: ({'|'.join(e.__name__ for e in USER_ERRORS)}): ")
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (WORLD_SIZE set), else 0."""
+    return int(os.environ.get("RANK", "0")) if "WORLD_SIZE" in os.environ else 0
+
+
 def _fail(msg: str) -> int:
-    print(f"pyinf: error: {msg}", file=sys.stderr)
+    if _rank() == 0:  # under torchrun, one line from rank 0 only
+        print(f"pyinf: error: {msg}", file=sys.stderr)
     return 2
 
 
@@ -180,17 +201,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _init_process_group(stack: contextlib.ExitStack) -> None:
+    """Under torchrun: the default process group (NCCL on GPUs, gloo on CPUs), destroyed on leaving `stack`."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # the caller's group: theirs to destroy
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    stack.callback(dist.destroy_process_group)
+
+
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help exits 0; errors already printed their line
-        return e.code if isinstance(e.code, int) else 2
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-        return _fail(str(e))
-    except KeyboardInterrupt:
-        return _fail("interrupted")
+    rank = _rank()
+    with contextlib.ExitStack() as stack:
+        if rank != 0:  # under torchrun only rank 0 prints
+            stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as e:  # --help exits 0; errors already printed their line
+            return e.code if isinstance(e.code, int) else 2
+        try:
+            if "WORLD_SIZE" in os.environ:
+                _init_process_group(stack)
+                if rank != 0:  # same checks as rank 0, then no progress and no output files
+                    _out_dir(args.out)
+                    args.out = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"pyinf-rank{rank}-"))
+                    args.quiet = True
+            return args.func(args)
+        except USER_ERRORS as e:
+            return _fail(str(e))
+        except RuntimeError as e:
+            if _OTHER_RANK_USER_ERROR.match(str(e)):  # a user error raised on another rank
+                return _fail(str(e))
+            raise
+        except KeyboardInterrupt:
+            return _fail("interrupted")
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from typing import Any, Iterable
 
 import torch
 
-__all__ = ["Comm", "current", "shard_range", "ShardedBatches"]
+__all__ = ["Comm", "current", "shard_range", "ShardedBatches", "broadcast_from_rank0", "is_rank0"]
 
 
 def _dist():
@@ -63,6 +63,28 @@ def current() -> "Comm | None":
     if not dist.is_initialized():
         return None
     return Comm()
+
+
+def is_rank0() -> bool:
+    """True without a process group, else whether this is rank 0."""
+    comm = current()
+    return comm is None or comm.rank == 0
+
+
+def broadcast_from_rank0(obj: Any) -> Any:
+    """Rank 0's `obj` (a tensor, None or any picklable object) on every rank; `obj` itself without a process group.
+
+    Collective: every rank calls it (the other ranks' `obj` is ignored, e.g. the
+    None that `Attributor.score` returns there). Tensors come back on the CPU.
+    """
+    comm = current()
+    if comm is None:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        obj = obj.detach().cpu()
+    box = [obj if comm.rank == 0 else None]
+    _dist().broadcast_object_list(box, src=0, group=comm.group)
+    return box[0]
 
 
 def shard_range(num_batches: int, rank: int, world: int) -> tuple[int, int]:
@@ -108,6 +130,9 @@ class Comm:
             self.device = torch.device("cuda", torch.cuda.current_device())
         else:
             self.device = torch.device("cpu")
+
+    def barrier(self) -> None:
+        _dist().barrier(group=self.group)
 
     # -- reductions --------------------------------------------------------
     def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:

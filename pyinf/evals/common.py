@@ -57,6 +57,11 @@ def train_mlp(X, y, *, hidden: int, steps: int, lr: float, weight_decay: float, 
 
 
 def batches(X, y, bs: int = 256):
+    from ..distributed import current
+
+    comm = current()
+    if comm is not None:  # at least one batch per rank (per-sample gradients: the batching changes no score)
+        bs = max(1, min(bs, -(-len(X) // comm.world)))
     return [{"x": X[k : k + bs], "labels": y[k : k + bs]} for k in range(0, len(X), bs)]
 
 
@@ -71,6 +76,7 @@ def attribute(model, method: str, train, query, *, damping: float, lissa_iterati
               self_influence: bool, progress: bool):
     """(scores (m, n), self-influence (n,) or None, info) through `pyinf.Attributor`."""
     from .. import Attributor
+    from ..distributed import broadcast_from_rank0
 
     opts = {"damping": damping}
     if method == "lissa":
@@ -84,13 +90,16 @@ def attribute(model, method: str, train, query, *, damping: float, lissa_iterati
         att = Attributor(model, method=method, blocks=BLOCKS, loss=per_sample_loss, batch_size=256,
                          progress=progress, **opts)
         att.fit(train)
-        scores = att.score(query).float()
+        # rank 0's result on every rank (Attributor returns None on the others), so all compute the same metrics
+        scores = broadcast_from_rank0(att.score(query)).float()
         si = None
         if self_influence:
             try:
-                si = att.self_influence().float()
+                si = att.self_influence()
             except (NotImplementedError, ValueError, AttributeError, TypeError) as e:
                 info["self_influence_error"] = f"{type(e).__name__}: {e}"
+            si = broadcast_from_rank0(si)
+            si = None if si is None else si.float()
     info["seconds"] = time.perf_counter() - t0
     info["warnings"] = list(dict.fromkeys(str(w.message) for w in caught if "pyinf" in str(w.filename)))
     return scores, si, info

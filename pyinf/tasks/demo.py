@@ -79,6 +79,7 @@ def query_rows(task, method: str, cfg: DemoConfig) -> list[int]:
 
 def _run_method(model, tok, task, method: str, cfg: DemoConfig) -> tuple[torch.Tensor, dict]:
     from .. import Attributor
+    from ..distributed import broadcast_from_rank0
 
     answer_only = cfg.model.answer_only
     rows = query_rows(task, method, cfg)
@@ -92,7 +93,7 @@ def _run_method(model, tok, task, method: str, cfg: DemoConfig) -> tuple[torch.T
         att = Attributor(model, method=method, batch_size=cfg.batch_size, progress=cfg.progress,
                          **kwargs, **_options(method, cfg))
         att.fit(train)
-        scores = att.score(query).float().cpu()
+        scores = broadcast_from_rank0(att.score(query)).float().cpu()  # rank 0's, on every rank
     seconds = time.perf_counter() - t0
     notes = list(dict.fromkeys(str(w.message) for w in caught if "pyinf" in str(w.filename) or "pyinf" in str(w.message)))
     return scores, {"seconds": seconds, "warnings": notes, "options": {**kwargs, **_options(method, cfg)},

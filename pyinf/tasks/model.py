@@ -253,7 +253,28 @@ def _shuffled_batches(items, bs, make):
 
 def build_model(train_examples, cfg: ModelConfig = ModelConfig(), *, seed: int = 0, data_seed: int = 0,
                 cache: str | os.PathLike | None = None, use_cache: bool = True, progress: bool = True):
-    """(PEFT model in eval mode, tokenizer, info dict); trains or loads from the cache."""
+    """(PEFT model in eval mode, tokenizer, info dict); trains or loads from the cache.
+
+    Under a process group with the cache on, rank 0 trains (or loads) and writes
+    the cache while the other ranks wait at a barrier, then they load it.
+    Without the cache every rank trains the same (seeded) model.
+    """
+    from ..distributed import current
+
+    comm = current() if use_cache else None
+    kwargs = dict(seed=seed, data_seed=data_seed, cache=cache, use_cache=use_cache, progress=progress)
+    if comm is None:
+        return _build_model(train_examples, cfg, **kwargs)
+    if comm.rank == 0:
+        out = _build_model(train_examples, cfg, **kwargs)
+        comm.barrier()
+        return out
+    comm.barrier()
+    return _build_model(train_examples, cfg, **kwargs)
+
+
+def _build_model(train_examples, cfg: ModelConfig, *, seed: int, data_seed: int, cache, use_cache: bool,
+                 progress: bool):
     tok = WordTokenizer()
     examples = list(train_examples)
     key = cache_key(cfg, seed, data_seed, examples)
@@ -284,7 +305,7 @@ def build_model(train_examples, cfg: ModelConfig = ModelConfig(), *, seed: int =
             "code_version": CODE_VERSION, "key": key}
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # never two writers on one file
         torch.save({"state_dict": model.state_dict(), "info": info}, tmp)
         os.replace(tmp, path)
     return model, tok, {**info, "cached": False, "cache_path": str(path)}
