@@ -66,6 +66,7 @@ from torch import nn
 
 from .blocks import Block
 from .losses import default_loss, model_device, move_to_device
+from .optional_kernel import OptionalKernel
 
 __all__ = ["GradientCapture", "per_sample_grads"]
 
@@ -201,23 +202,12 @@ def _resolve_blocks(model: nn.Module, blocks: BlockSpec) -> list[_Target]:
 # --------------------------------------------------------------------------- #
 # the outer products
 # --------------------------------------------------------------------------- #
-_KERNEL: Any = None  # None: not tried; False: unavailable; else the function
-_KERNEL_ERROR: BaseException | None = None
+_KERNEL = OptionalKernel("per_sample_outer", "per_sample_outer")
 
 
 def _load_kernel():
-    """`pyinf.kernels.per_sample_outer.per_sample_outer`, imported once (None if unavailable)."""
-    global _KERNEL, _KERNEL_ERROR
-    if _KERNEL is None:
-        try:
-            from .kernels.per_sample_outer import is_available, per_sample_outer
-
-            if not is_available():
-                raise ImportError("triton is not importable")
-            _KERNEL = per_sample_outer
-        except Exception as exc:  # noqa: BLE001 - keep the reason, fall back
-            _KERNEL, _KERNEL_ERROR = False, exc
-    return _KERNEL or None
+    """The per-sample outer-product kernel, or None where it cannot run."""
+    return _KERNEL.get()
 
 
 def _outer_torch(u: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
@@ -363,8 +353,7 @@ class GradientCapture:
                     raise
                 warnings.warn(f"pyinf: the per-sample outer-product kernel failed ({exc}); using torch")
                 self._kernel = None
-                global _KERNEL, _KERNEL_ERROR
-                _KERNEL, _KERNEL_ERROR = False, exc
+                _KERNEL.disable(exc)
         return _outer_torch(u, v, mask)
 
     def _pick_kernel(self, device: torch.device):
@@ -374,7 +363,7 @@ class GradientCapture:
             return None
         k = _load_kernel()
         if k is None and self.use_triton:
-            raise RuntimeError(f"use_triton=True but the Triton kernel is unavailable: {_KERNEL_ERROR}")
+            raise RuntimeError(f"use_triton=True but the Triton kernel is unavailable: {_KERNEL.error}")
         return k
 
     # -- the call ---------------------------------------------------------- #

@@ -129,40 +129,34 @@ def demo(args) -> int:
     return 0
 
 
-def eval_mislabeled(args) -> int:
-    from .evals.mislabeled import MislabeledConfig, format_table, run_mislabeled
-
+def _run_eval(args, cfg, run, format_table, files: str) -> int:
+    """What both evals share: threads, the output folder, the method options, the report."""
     _threads(args)
     _out_dir(args.out)
-    cfg = MislabeledConfig(n_train=args.n_train, n_val=args.n_val, flip=args.flip, steps=args.steps,
-                           hidden=args.hidden, damping=args.damping, seed=args.seed, methods=args.methods,
-                           out=args.out, progress=not args.quiet)
+    cfg.steps, cfg.hidden, cfg.damping, cfg.seed = args.steps, args.hidden, args.damping, args.seed
+    cfg.methods, cfg.out, cfg.progress = args.methods, args.out, not args.quiet
     if args.lissa_iterations:
         cfg.lissa_iterations = args.lissa_iterations
     if args.forward_lr:
         cfg.forward_lr = args.forward_lr
-    report = run_mislabeled(cfg)
+    report = run(cfg)
     print(format_table(report))
-    print(f"report and figure saved under {args.out}/ (mislabeled_report.json, mislabeled.png)")
+    print(f"report and figure saved under {args.out}/ ({files})")
     return 0
+
+
+def eval_mislabeled(args) -> int:
+    from .evals.mislabeled import MislabeledConfig, format_table, run_mislabeled
+
+    cfg = MislabeledConfig(n_train=args.n_train, n_val=args.n_val, flip=args.flip)
+    return _run_eval(args, cfg, run_mislabeled, format_table, "mislabeled_report.json, mislabeled.png")
 
 
 def eval_lds(args) -> int:
     from .evals.lds import LDSConfig, format_table, run_lds
 
-    _threads(args)
-    _out_dir(args.out)
-    cfg = LDSConfig(n_train=args.n_train, n_query=args.n_query, subsets=args.subsets, fraction=args.fraction,
-                    steps=args.steps, hidden=args.hidden, damping=args.damping, seed=args.seed,
-                    methods=args.methods, out=args.out, progress=not args.quiet)
-    if args.lissa_iterations:
-        cfg.lissa_iterations = args.lissa_iterations
-    if args.forward_lr:
-        cfg.forward_lr = args.forward_lr
-    report = run_lds(cfg)
-    print(format_table(report))
-    print(f"report and figure saved under {args.out}/ (lds_report.json, lds.png)")
-    return 0
+    cfg = LDSConfig(n_train=args.n_train, n_query=args.n_query, subsets=args.subsets, fraction=args.fraction)
+    return _run_eval(args, cfg, run_lds, format_table, "lds_report.json, lds.png")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -76,6 +76,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from .losses import default_loss, model_device, move_to_device
+from .optional_kernel import OptionalKernel
 from .progress import bar
 
 __all__ = ["forward_influence", "ForwardInfluence", "check_forward_options", "OPTIMIZERS"]
@@ -188,22 +189,7 @@ def _check_grouped(plan: _Plan) -> None:
 # --------------------------------------------------------------------------- #
 # the grouped forward
 # --------------------------------------------------------------------------- #
-_KERNEL: Any = None  # None: not tried; False: unavailable; else the function
-_KERNEL_ERROR: BaseException | None = None
-
-
-def _load_kernel():
-    global _KERNEL, _KERNEL_ERROR
-    if _KERNEL is None:
-        try:
-            from .kernels.grouped_lora import grouped_lora, is_available
-
-            if not is_available():
-                raise ImportError("no CUDA device")
-            _KERNEL = grouped_lora
-        except Exception as exc:  # noqa: BLE001 - keep the reason, fall back to bmm
-            _KERNEL, _KERNEL_ERROR = False, exc
-    return _KERNEL or None
+_KERNEL = OptionalKernel("grouped_lora", "grouped_lora")
 
 
 def _groups(x: torch.Tensor, k: int, what: str) -> torch.Tensor:
@@ -257,9 +243,9 @@ class _Grouped:
     def _kernel(self, x: torch.Tensor):
         if torch.is_grad_enabled() or self.use_triton is False or (self.use_triton is None and not x.is_cuda):
             return None  # True: the kernel wherever it runs (on the CPU under TRITON_INTERPRET=1)
-        k = _load_kernel()
+        k = _KERNEL.get()
         if k is None and self.use_triton:
-            raise RuntimeError(f"use_triton=True but the grouped_lora kernel is unavailable: {_KERNEL_ERROR}")
+            raise RuntimeError(f"use_triton=True but the grouped_lora kernel is unavailable: {_KERNEL.error}")
         return k
 
     def _lora_forward(self, ln: str, lm: nn.Module, units: dict[str, _LoraUnit], x, *args, **kwargs):

@@ -5,12 +5,30 @@ from __future__ import annotations
 
 import time
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 METHODS = ("tracin", "datainf", "exact", "lissa", "hyperinf", "forward")
+
+
+@dataclass
+class EvalConfig:
+    """Options shared by the digits evals (the MLP, its training, the methods, the output)."""
+
+    hidden: int = 32
+    steps: int = 300
+    lr: float = 1e-2
+    weight_decay: float = 1e-3
+    damping: float = 0.1
+    lissa_iterations: int = 300
+    forward_lr: float = 1e-2
+    seed: int = 0
+    methods: tuple[str, ...] = METHODS
+    out: str = "pyinf-out"
+    progress: bool = True
 BLOCKS = ["fc1", "fc2"]
 
 

@@ -20,26 +20,15 @@ import torch.nn.functional as F
 
 from ..metrics import spearman
 from ..progress import bar
-from .common import METHODS, attribute, available_methods, batches, load_digits_tensors, train_mlp
+from .common import EvalConfig, attribute, available_methods, batches, load_digits_tensors, train_mlp
 
 
 @dataclass
-class LDSConfig:
+class LDSConfig(EvalConfig):
     n_train: int = 500
     n_query: int = 100
     subsets: int = 100
     fraction: float = 0.5
-    hidden: int = 32
-    steps: int = 300
-    lr: float = 1e-2
-    weight_decay: float = 1e-3
-    damping: float = 0.1
-    lissa_iterations: int = 300
-    forward_lr: float = 1e-2
-    seed: int = 0
-    methods: tuple[str, ...] = METHODS
-    out: str = "pyinf-out"
-    progress: bool = True
 
 
 def run_lds(cfg: LDSConfig) -> dict:

@@ -23,25 +23,14 @@ from pathlib import Path
 import torch
 
 from ..metrics import curve_auc, detection_curve
-from .common import METHODS, attribute, available_methods, batches, load_digits_tensors, train_mlp
+from .common import EvalConfig, attribute, available_methods, batches, load_digits_tensors, train_mlp
 
 
 @dataclass
-class MislabeledConfig:
+class MislabeledConfig(EvalConfig):
     n_train: int = 1000
     n_val: int = 300
     flip: float = 0.2
-    hidden: int = 32
-    steps: int = 300
-    lr: float = 1e-2
-    weight_decay: float = 1e-3
-    damping: float = 0.1
-    lissa_iterations: int = 300
-    forward_lr: float = 1e-2
-    seed: int = 0
-    methods: tuple[str, ...] = METHODS
-    out: str = "pyinf-out"
-    progress: bool = True
 
 
 def run_mislabeled(cfg: MislabeledConfig) -> dict:
