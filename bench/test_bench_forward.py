@@ -25,76 +25,33 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
-import statistics
 import time
 
-import pytest
+import machine
 import torch
+from llama13b import MODEL, TINY, batches, build_model, device as _device, requires_gpu, sync as _sync, timed
 
-TINY = os.environ.get("PYINF_BENCH_TINY") == "1"
-pytestmark = pytest.mark.skipif(
-    not TINY and not torch.cuda.is_available(), reason="needs a CUDA GPU (or PYINF_BENCH_TINY=1 for a CPU smoke run)"
-)
+pytestmark = requires_gpu
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 if TINY:
-    MODEL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=128)
     N_TRAIN, T, B, K_CAP, M_DATAINF, REPEATS = 24, 16, 4, 4, 8, 2
 else:
-    MODEL = dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, intermediate_size=13824, vocab_size=32000)
     N_TRAIN, T, B, K_CAP, M_DATAINF, REPEATS = 900, 128, 8, 16, 100, 3
 TARGET_RATIO = 0.9
 
 
-def _device():
-    return torch.device("cpu" if TINY else "cuda")
-
-
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def _build_model():
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(**MODEL, num_key_value_heads=MODEL["num_attention_heads"], max_position_embeddings=4096,
-                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    dtype = torch.float32 if TINY else torch.bfloat16
-    with torch.device(_device()):
-        base = LlamaForCausalLM._from_config(cfg, torch_dtype=dtype)
-    base.requires_grad_(False)
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lora_B." in name:
-                p.normal_(0.0, 0.02)
-    return model.eval()
+    return build_model(torch.float32 if TINY else torch.bfloat16)
 
 
 def _batches(n, seed, bs=B):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(0, n, bs):
-        ids = torch.randint(3, MODEL["vocab_size"], (min(bs, n - i), T), generator=g)
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
-    return out
+    return batches(n, T, bs, seed)
 
 
 def _timed(fn, repeats=REPEATS):
-    fn()
-    times = []
-    for _ in range(repeats):
-        _sync()
-        t = time.perf_counter()
-        fn()
-        _sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), times
+    return timed(fn, repeats)
 
 
 def _wall(fn):
@@ -114,8 +71,7 @@ def test_forward_influence_throughput_and_crossover():
     dev = _device()
     lr = 1e-2 if TINY else 5e-2  # bf16 adapters: a step that survives bf16 rounding
     result = {"benchmark": "forward" + ("-tiny" if TINY else ""),
-              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "torch": torch.__version__,
+              **machine.machine_info(),
               "config": {**MODEL, "lora": "r=8 alpha=32 q_proj,v_proj", "T": T, "B": B, "n_train": N_TRAIN, "lr": lr}}
 
     train = _batches(N_TRAIN, seed=0)

@@ -21,81 +21,34 @@ forward+backward; (c) under 25 s.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import statistics
 import tempfile
 import time
 
-import pytest
 import machine
 import torch
+from llama13b import MODEL, TINY, batches as _batches_raw, build_model as _build_model, device as _device, requires_gpu, sync as _sync, timed
 
-TINY = os.environ.get("PYINF_BENCH_TINY") == "1"
-pytestmark = pytest.mark.skipif(
-    not TINY and not torch.cuda.is_available(), reason="needs a CUDA GPU (or PYINF_BENCH_TINY=1 for a CPU smoke run)"
-)
+pytestmark = requires_gpu
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 if TINY:
-    MODEL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=128)
     C_TRAIN, C_QUERY, C_T, D_TRAIN, D_T, BATCH, D_BATCH, REPEATS = 36, 6, 16, 40, 32, 8, 8, 2
 else:
-    MODEL = dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, intermediate_size=13824, vocab_size=32000)
     C_TRAIN, C_QUERY, C_T, D_TRAIN, D_T, BATCH, D_BATCH, REPEATS = 900, 100, 128, 4000, 256, 32, 16, 5
 TARGET_CAPTURE_RATIO, TARGET_C_SECONDS = 0.8, 25.0
 
 
-def _device() -> torch.device:
-    return torch.device("cpu" if TINY else "cuda")
-
-
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _build_model():
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(**MODEL, num_key_value_heads=MODEL["num_attention_heads"], max_position_embeddings=4096,
-                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    with torch.device(_device()):  # random weights created in place, never on the host first
-        base = LlamaForCausalLM._from_config(cfg, torch_dtype=torch.bfloat16)
-    base.requires_grad_(False)
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():  # PEFT zeroes LoRA B, which makes every g_A zero
-        for name, p in model.named_parameters():
-            if ".lora_B." in name:
-                p.normal_(0.0, 0.02)
-    return model.eval()
-
-
 def _batches(n: int, T: int, B: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(0, n, B):
-        ids = torch.randint(3, MODEL["vocab_size"], (min(B, n - i), T), generator=g)
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
-    return out
+    return _batches_raw(n, T, B, seed)
+
+
+def _timed(fn, repeats=REPEATS):
+    return timed(fn, repeats)
 
 
 def _to(batch):
     return {k: v.to(_device(), non_blocking=True) for k, v in batch.items()}
-
-
-def _timed(fn, repeats=REPEATS):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        _sync()
-        t = time.perf_counter()
-        fn()
-        _sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), times
 
 
 def _reset_peak():
