@@ -121,7 +121,7 @@ class ModelConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
-    finetune_epochs: int = 3
+    finetune_epochs: int = 2
     finetune_lr: float = 5e-3
     batch_size: int = 32
     answer_only: bool = False  # standard causal-LM fine-tuning: loss on every token after bos
