@@ -36,16 +36,7 @@ def rel(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
-@pytest.fixture(autouse=True)
-def nan_empty(monkeypatch):
-    """Every torch.empty / empty_like in this test returns NaN-filled memory."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def nan(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan(empty_like(*a, **k)))
+pytestmark = pytest.mark.usefixtures("nan_empty")  # tests/conftest.py: outputs start as NaN
 
 
 def data(c, D, m, dtype, seed=0):

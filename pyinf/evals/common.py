@@ -42,6 +42,23 @@ def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(d.data, dtype=torch.float32) / 16.0, torch.tensor(d.target, dtype=torch.long)
 
 
+def split_digits(cfg: EvalConfig, n_train: int, n_other: int, other: str):
+    """A seeded split of digits: (X_train, y_train, X_other, y_other, the generator, for more draws)."""
+    X, y = load_digits_tensors()
+    if n_train + n_other > len(X):
+        raise ValueError(f"--n-train + --n-{other} must be <= {len(X)} (the digits set), got {n_train + n_other}")
+    g = torch.Generator().manual_seed(cfg.seed)
+    perm = torch.randperm(len(X), generator=g)
+    tr, ot = perm[:n_train], perm[n_train : n_train + n_other]
+    return X[tr], y[tr].clone(), X[ot], y[ot], g
+
+
+def train_cfg_mlp(cfg: EvalConfig, X, y):
+    """The eval's MLP trained on (X, y) with the config's settings (same seeded init every time)."""
+    return train_mlp(X, y, hidden=cfg.hidden, steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                     init_seed=cfg.seed)
+
+
 class MLP(nn.Module):
     def __init__(self, d_in: int = 64, hidden: int = 32, classes: int = 10):
         super().__init__()

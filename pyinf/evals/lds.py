@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..metrics import spearman
 from ..progress import bar
-from .common import EvalConfig, attribute, available_methods, batches, load_digits_tensors, train_mlp
+from .common import EvalConfig, attribute, available_methods, batches, split_digits, train_cfg_mlp
 
 
 @dataclass
@@ -32,20 +32,13 @@ class LDSConfig(EvalConfig):
 
 
 def run_lds(cfg: LDSConfig) -> dict:
-    X, y = load_digits_tensors()
-    if cfg.n_train + cfg.n_query > len(X):
-        raise ValueError(f"--n-train + --n-query must be <= {len(X)} (the digits set), got {cfg.n_train + cfg.n_query}")
     if not 0 < cfg.fraction < 1:
         raise ValueError(f"--fraction must be in (0, 1), got {cfg.fraction}")
     if cfg.subsets < 3:
         raise ValueError(f"--subsets must be >= 3, got {cfg.subsets}")
     t0 = time.perf_counter()
-    g = torch.Generator().manual_seed(cfg.seed)
-    perm = torch.randperm(len(X), generator=g)
-    tr, qu = perm[: cfg.n_train], perm[cfg.n_train : cfg.n_train + cfg.n_query]
-    Xtr, ytr, Xq, yq = X[tr], y[tr], X[qu], y[qu]
-    kw = dict(hidden=cfg.hidden, steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay, init_seed=cfg.seed)
-    model = train_mlp(Xtr, ytr, **kw)
+    Xtr, ytr, Xq, yq, g = split_digits(cfg, cfg.n_train, cfg.n_query, "query")
+    model = train_cfg_mlp(cfg, Xtr, ytr)
     k_in = int(round(cfg.fraction * cfg.n_train))
     masks = torch.zeros(cfg.subsets, cfg.n_train, dtype=torch.bool)
     for k in range(cfg.subsets):
@@ -54,7 +47,7 @@ def run_lds(cfg: LDSConfig) -> dict:
     t1 = time.perf_counter()
     with bar("lds: retrain on subsets", cfg.subsets, cfg.progress, unit="model") as pb:
         for k in range(cfg.subsets):
-            mk = train_mlp(Xtr[masks[k]], ytr[masks[k]], **kw)
+            mk = train_cfg_mlp(cfg, Xtr[masks[k]], ytr[masks[k]])
             with torch.no_grad():
                 actual[k] = F.cross_entropy(mk(Xq), yq, reduction="none").double()
             pb.update()

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..metrics import curve_auc, detection_curve
-from .common import EvalConfig, attribute, available_methods, batches, load_digits_tensors, train_mlp
+from .common import EvalConfig, attribute, available_methods, batches, split_digits, train_cfg_mlp
 
 
 @dataclass
@@ -34,23 +34,16 @@ class MislabeledConfig(EvalConfig):
 
 
 def run_mislabeled(cfg: MislabeledConfig) -> dict:
-    X, y = load_digits_tensors()
-    if cfg.n_train + cfg.n_val > len(X):
-        raise ValueError(f"--n-train + --n-val must be <= {len(X)} (the digits set), got {cfg.n_train + cfg.n_val}")
     if not 0 < cfg.flip < 1:
         raise ValueError(f"--flip must be in (0, 1), got {cfg.flip}")
     t0 = time.perf_counter()
-    g = torch.Generator().manual_seed(cfg.seed)
-    perm = torch.randperm(len(X), generator=g)
-    tr, va = perm[: cfg.n_train], perm[cfg.n_train : cfg.n_train + cfg.n_val]
-    Xtr, ytr, Xva, yva = X[tr], y[tr].clone(), X[va], y[va]
+    Xtr, ytr, Xva, yva, g = split_digits(cfg, cfg.n_train, cfg.n_val, "val")
     n_flip = int(round(cfg.flip * cfg.n_train))
     flipped = torch.zeros(cfg.n_train, dtype=torch.bool)
     idx = torch.randperm(cfg.n_train, generator=g)[:n_flip]
     flipped[idx] = True
     ytr[idx] = (ytr[idx] + torch.randint(1, 10, (n_flip,), generator=g)) % 10
-    model = train_mlp(Xtr, ytr, hidden=cfg.hidden, steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                      init_seed=cfg.seed)
+    model = train_cfg_mlp(cfg, Xtr, ytr)
     with torch.no_grad():
         acc_val = (model(Xva).argmax(1) == yva).float().mean().item()
         fit_flipped = (model(Xtr[flipped]).argmax(1) == ytr[flipped]).float().mean().item()
