@@ -1,60 +1,67 @@
 # pyinf developer entry points.  `make test` is what CI runs (via .ci/run).
 #
-#   make venv     create .venv (with --system-site-packages so a machine's
-#                 preinstalled torch/triton are reused)
-#   make install  install the dependencies once (stamp file), then build and
-#                 install pyinf itself (non-editable) every time
-#   make test     install, then run pytest against the INSTALLED package
-#   make demo     install, then `python -m pyinf demo`
+#   make install  .venv with torch (CPU 2.13.0 unless one is importable), then
+#                 `pip install ".[all,test]"`: pyinf, pyinf._C and every extra, as a
+#                 user installs it (isolated build from pyproject.toml, non-editable)
+#   make test     install, then pytest against the INSTALLED package, including
+#                 the sm_90 compile check against the installed Triton and 3.6.0
+#   make demo     install, then the installed `pyinf demo` (never the source tree)
 #   make bench    install, then pytest-benchmark on bench/ (JSON in bench/results/)
-#   make clean    remove build outputs and the venv
+#   make compile-check   the sm_90 compile table of every Triton kernel (bench/results/)
+#   make clean    remove build outputs and the venvs
 
 SHELL   := /bin/bash
 PYTHON3 ?= python3
 VENV    := .venv
 PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip
-STAMP   := $(VENV)/.pyinf-deps.stamp
+STAMP   := $(VENV)/.pyinf-torch.stamp
 # torch is pinned to the exact release whose CPU wheel lies on local disk;
 # never ask for a looser range (it would pull a multi-GB CUDA build).
 TORCH_PIN := torch==2.13.0
-DEPS    := pybind11 numpy pandas pytest pytest-benchmark hypothesis setuptools wheel transformers peft tqdm scikit-learn matplotlib
+# A second venv with the GPU machines' Triton, for the sm_90 compile check.
+TRITON36     := .venv-triton36
+TRITON36_PY  := $(TRITON36)/bin/python
+TRITON36_PIN := triton==3.6.0
 
-.PHONY: venv install deps test demo bench clean
+.PHONY: venv install test demo bench compile-check triton36 clean
 
 venv: $(PY)
 
+# --system-site-packages: a GPU machine's own torch and triton are reused.
 $(PY):
 	$(PYTHON3) -m venv --system-site-packages $(VENV)
 
-deps: $(STAMP)
-
-$(STAMP): Makefile | $(PY)
+$(STAMP): | $(PY)
 	@if $(PY) -c "import torch" >/dev/null 2>&1; then \
 	    echo "torch already importable: $$($(PY) -c 'import torch; print(torch.__version__)')"; \
 	else \
 	    $(PIP) install "$(TORCH_PIN)"; \
 	fi
-	@if $(PY) -c "import triton" >/dev/null 2>&1; then \
-	    echo "triton already importable: $$($(PY) -c 'import triton; print(triton.__version__)')"; \
-	else \
-	    $(PIP) install triton; \
-	fi
-	$(PIP) install $(DEPS)
 	touch $@
 
-# Non-editable install: tests must import the installed package, not ./pyinf.
+# Every time: build pyinf (and pyinf._C) from pyproject.toml in an isolated
+# environment and install it with all its extras, as `pip install` does for a user.
+# PYINF_REQUIRE_NATIVE=1: a failed C++ build is an error here, never a fallback.
 install: $(STAMP)
-	$(PIP) install --no-build-isolation --no-deps .
+	PYINF_REQUIRE_NATIVE=1 $(PIP) install ".[all,test]"
+	cd / && $(CURDIR)/$(PY) -c "import pyinf._C, pyinf.backends as b; print('pyinf installed; CPU backend:', b.describe())"
 
-# A broken C++ build must not hide behind the PyTorch fallback in tests.
+$(TRITON36_PY):
+	$(PYTHON3) -m venv $(TRITON36)
+	$(TRITON36_PY) -m pip install "$(TORCH_PIN)" "$(TRITON36_PIN)" numpy
+
+triton36: $(TRITON36_PY)
+
 test: export PYINF_REQUIRE_NATIVE = 1
-test: install
+test: export PYINF_TRITON36_PYTHON = $(CURDIR)/$(TRITON36_PY)
+test: install triton36
 	cd tests && TRITON_INTERPRET=1 ../$(PY) -m pytest -q --import-mode=importlib \
 	    -p no:cacheprovider
 
+# The installed console script: the source tree is never on its sys.path.
 demo: install
-	$(PY) -m pyinf demo
+	$(VENV)/bin/pyinf demo
 
 # Benchmarks run the kernels natively (GPU ones skip themselves without CUDA).
 bench: install
@@ -63,6 +70,10 @@ bench: install
 	    -p no:cacheprovider \
 	    --benchmark-json=results/bench-$$(date +%Y%m%d-%H%M%S).json
 
+compile-check: install triton36
+	$(PY) bench/compile_sm90.py --json bench/results/compile-sm90-triton-installed.json
+	$(TRITON36_PY) bench/compile_sm90.py --kernels kernels --json bench/results/compile-sm90-triton-3.6.0.json
+
 clean:
-	rm -rf build dist *.egg-info pyinf/_C*.so .pytest_cache .benchmarks $(VENV)
+	rm -rf build dist *.egg-info pyinf/_C*.so pyinf/_build_info.json .pytest_cache .benchmarks $(VENV) $(TRITON36)
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -11,6 +11,8 @@ Public API::
     is_available() -> bool
     load() -> module | None
     import_error() -> BaseException | None
+    build_info() -> dict                     # what the install recorded
+    unavailable_reason() -> str | None       # why pyinf._C is not usable
     num_threads() -> int
     set_num_threads(n: int) -> None          # 0 restores the OpenMP default
     norms_and_dots(G, V, *, s_out=None, dots_out=None) -> (s, dots)
@@ -39,6 +41,8 @@ __all__ = [
     "is_available",
     "load",
     "import_error",
+    "build_info",
+    "unavailable_reason",
     "num_threads",
     "set_num_threads",
     "norms_and_dots",
@@ -74,6 +78,33 @@ def _try_import() -> None:
         _loaded = True
 
 
+def build_info() -> dict:
+    """What the install recorded about building ``pyinf._C`` (``pyinf/_build_info.json``,
+    written by setup.py): ``{"native": True}``, or ``{"native": False, "reason": ...}``;
+    ``{}`` when there is no record (pyinf imported from a source tree)."""
+    import json
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build_info.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def unavailable_reason() -> str | None:
+    """Why ``pyinf._C`` cannot be used, in words (None when it can)."""
+    _try_import()
+    if _module is not None:
+        return None
+    info = build_info()
+    if info.get("native") is False:
+        return f"it was not built when pyinf was installed: {info.get('reason', 'no reason recorded')}"
+    if info.get("native") is True:
+        return f"it was built at install time but does not import: {_error}"
+    return f"it does not import ({_error}); pyinf may be imported from a source tree instead of an install"
+
+
 def load():
     """Return the ``pyinf._C`` module, or ``None`` (warning once) when missing.
 
@@ -84,16 +115,17 @@ def load():
     _try_import()
     if _module is not None:
         return _module
+    reason = unavailable_reason()
     if _require_native():
         raise ImportError(
-            f"pyinf._C could not be imported and PYINF_REQUIRE_NATIVE=1 is set: {_error}"
+            f"pyinf._C is not available and PYINF_REQUIRE_NATIVE=1 is set: {reason}"
         ) from _error
     if not _warned:
         _warned = True
         warnings.warn(
-            f"pyinf native extension pyinf._C is not available ({_error}); "
-            "pyinf falls back to PyTorch for its CPU kernels. Reinstall with a C++ "
-            "compiler (and pybind11) to build it.",
+            f"pyinf's C++ extension pyinf._C is not available: {reason}. pyinf falls back to "
+            "PyTorch for its CPU passes (slower). Fix the cause, then reinstall pyinf "
+            "(pip install --force-reinstall --no-deps ...).",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -115,7 +147,7 @@ def import_error() -> BaseException | None:
 def _required():
     mod = load()
     if mod is None:
-        raise RuntimeError(f"pyinf._C is not available: {_error}")
+        raise RuntimeError(f"pyinf._C is not available: {unavailable_reason()}")
     return mod
 
 

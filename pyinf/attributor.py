@@ -10,8 +10,8 @@ Gradients come from `pyinf.capture.GradientCapture` (the same for training
 data and queries); the method is the same object `pyinf.influence` uses, fed
 from a store (`pyinf.store`) instead of tensors, so the scores are those of
 `pyinf.influence(captured_train, captured_query, chunk_size=<the store's>)`.
-Each pass over the training gradients shows a progress bar ("datainf: fit
-pass 1", "datainf: score pass 1", ...). `score(top_k=k)` keeps a running
+Each phase (capture, "datainf: fit", "datainf: score", ...) shows one progress
+bar, or one log line when stderr is not a terminal (`pyinf.progress`). `score(top_k=k)` keeps a running
 top-k per query over the chunks of the scoring pass, never the (m, n) matrix
 (it scores through `precondition` and `score_chunks`; for "exact" with
 Woodbury blocks that path builds H, and can differ from the full matrix in the
@@ -54,6 +54,7 @@ from .blocks import Block, check_finite
 from .methods import get_method
 from .oom import HalvingCapture, is_oom, release_memory
 from .progress import bar
+from .progress import check as check_progress
 from .store import STORES, fingerprint, make_store, parse_store, resolve_grad_dtype
 
 SAVE_FORMAT = "pyinf-attributor"
@@ -116,7 +117,8 @@ class Attributor:
         batch_size: batch size when the data is a Dataset or (dataset, collate_fn).
         damping, damping_mode, backend, **options: as in `pyinf.influence`,
             validated here, at construction.
-        progress: progress bars on stderr (False: print nothing).
+        progress: None (auto: a bar per phase on a terminal, one line per phase
+            otherwise), True (bars always) or False (nothing); see `pyinf.progress`.
         chunk_size: training samples per chunk/shard (default ~256 MB of
             gradients; "none" uses one batch per chunk).
         nan_policy: "error" (a NaN/Inf training gradient is a ValueError naming
@@ -139,7 +141,7 @@ class Attributor:
         damping: float = 0.1,
         damping_mode: str = "relative",
         backend: str = "auto",
-        progress: bool = True,
+        progress: bool | None = None,
         chunk_size: int | None = None,
         nan_policy: str = "error",
         distributed: bool | None = None,
@@ -173,7 +175,9 @@ class Attributor:
         }
         self.distributed = distributed
         self.loss = loss
+        check_progress(progress)
         self.progress = progress
+        self.config["progress"] = progress
         if method == "forward":
             from .forward import attributor_options
 
@@ -341,8 +345,8 @@ class Attributor:
 
             def fit_method():
                 method = self._new_method()
-                store.begin(f"{c['method']}: fit pass")
-                return method.fit(store)
+                with store.phase(f"{c['method']}: fit"):
+                    return method.fit(store)
 
             method = self._retrying(store, fit_method)
         self._store, self._method = store, method
@@ -391,14 +395,14 @@ class Attributor:
             if top_k is None:
 
                 def run():
-                    store.begin(f"{name}: score pass")
-                    return self._method.influence(V)  # what pyinf.influence runs
+                    with store.phase(f"{name}: score"):
+                        return self._method.influence(V)  # what pyinf.influence runs
 
                 return self._finish(self._retrying(store, run).float())
 
             def run_top():
-                store.begin(f"{name}: score pass")
-                return self._top_k_streamed(self._method.precondition(V), top_k)
+                with store.phase(f"{name}: score"):
+                    return self._top_k_streamed(self._method.precondition(V), top_k)
 
             return self._retrying(store, run_top)
 
@@ -432,8 +436,8 @@ class Attributor:
         with self._capturing():
 
             def run():
-                store.begin(f"{self.config['method']}: self-influence pass")
-                return self._method.self_influence(store)
+                with store.phase(f"{self.config['method']}: self-influence"):
+                    return self._method.self_influence(store)
 
             return self._finish(self._retrying(store, run).float())
 
@@ -498,12 +502,16 @@ class Attributor:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path, model, *, loss=None, train_data=None, progress: bool = True) -> "Attributor":
-        """A fitted Attributor from `save`; `model` must be the model it was fitted on."""
+    def load(cls, path, model, *, loss=None, train_data=None, progress="saved") -> "Attributor":
+        """A fitted Attributor from `save`; `model` must be the model it was fitted on.
+
+        `progress` is the saved setting unless given (None, True or False)."""
         state = torch.load(path, map_location="cpu", weights_only=True)
         if state.get("format") != SAVE_FORMAT or state.get("version") != SAVE_VERSION:
             raise ValueError(f"{path}: not a pyinf Attributor state of version {SAVE_VERSION}")
         c = state["config"]
+        if progress == "saved":
+            progress = c.get("progress")
         keys = ("method", "blocks", "store", "grad_dtype", "batch_size", "damping", "damping_mode", "backend", "chunk_size")
         self = cls(model, loss=loss, progress=progress, nan_policy=c.get("nan_policy", "error"), distributed=False,
                    **{k: c[k] for k in keys}, **c["options"])

@@ -97,10 +97,37 @@ def _common(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--forward-lr", type=_positive_float, default=None, help="Forward-INF step size")
     p.add_argument("--out", default=out, help="output folder (default: %(default)s)")
     p.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default: %(default)s)")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("--quiet", action="store_true", help="no progress output")
+    shown.add_argument("--progress", action="store_true",
+                       help="live progress bars even when stderr is not a terminal (default: bars on a "
+                            "terminal, one line per phase otherwise)")
+
+
+def _progress(args) -> bool | None:
+    return False if args.quiet else (True if args.progress else None)
+
+
+# The optional dependencies of each command: (module, pip extra).
+NEEDS = {
+    "demo": [("transformers", "hf"), ("peft", "hf"), ("matplotlib", "eval")],
+    "eval": [("sklearn", "eval"), ("matplotlib", "eval")],
+}
+
+
+def require(command: str) -> None:
+    """Before any work: a ValueError naming the extra to install when a dependency of `command` is missing."""
+    import importlib.util
+
+    missing = [(mod, extra) for mod, extra in NEEDS[command] if importlib.util.find_spec(mod) is None]
+    if missing:
+        extras = ",".join(dict.fromkeys(extra for _, extra in missing))
+        raise ValueError(f"`pyinf {command}` needs {', '.join(m for m, _ in missing)}, which "
+                         f"{'is' if len(missing) == 1 else 'are'} not installed: pip install 'pyinf[{extras}]'")
 
 
 def demo(args) -> int:
+    require("demo")
     from .tasks.demo import DemoConfig, format_table, run_demo
     from .tasks.model import ModelConfig
 
@@ -114,7 +141,7 @@ def demo(args) -> int:
                             finetune_epochs=1)
     cfg = DemoConfig(seed=args.seed, n_train=args.n_train, n_test=args.n_test, methods=args.methods,
                      damping=args.damping, model=model, out=args.out, cache=args.cache,
-                     use_cache=not args.no_cache, progress=not args.quiet)
+                     use_cache=not args.no_cache, progress=_progress(args))
     if args.lissa_iterations:
         cfg.lissa_iterations = args.lissa_iterations
     if args.forward_lr:
@@ -130,10 +157,11 @@ def demo(args) -> int:
 
 def _run_eval(args, cfg, run, format_table, files: str) -> int:
     """What both evals share: threads, the output folder, the method options, the report."""
+    require("eval")
     _threads(args)
     _out_dir(args.out)
     cfg.steps, cfg.hidden, cfg.damping, cfg.seed = args.steps, args.hidden, args.damping, args.seed
-    cfg.methods, cfg.out, cfg.progress = args.methods, args.out, not args.quiet
+    cfg.methods, cfg.out, cfg.progress = args.methods, args.out, _progress(args)
     if args.lissa_iterations:
         cfg.lissa_iterations = args.lissa_iterations
     if args.forward_lr:

@@ -408,7 +408,7 @@ class ForwardInfluence:
 
     def __init__(self, model: nn.Module, *, lr: float, steps: int = 1, optimizer: str = "sgd", blocks="lora",
                  loss: Callable | None = None, batch_size: int = 8, queries_per_pass: int | None = None,
-                 use_triton: bool | None = None, progress: bool = True):
+                 use_triton: bool | None = None, progress: bool | None = None):
         check_forward_options(lr, steps, optimizer, queries_per_pass, batch_size)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -635,7 +635,7 @@ class ForwardInfluence:
 
 def forward_influence(model: nn.Module, train_data, query_data, *, lr: float, steps: int = 1,
                       optimizer: str = "sgd", blocks="lora", loss: Callable | None = None, batch_size: int = 8,
-                      progress: bool = True, queries_per_pass: int | None = None,
+                      progress: bool | None = None, queries_per_pass: int | None = None,
                       use_triton: bool | None = None) -> torch.Tensor:
     """Forward-INF scores `(m, n)` float32 (queries × train), positive = harmful; see the module doc.
 

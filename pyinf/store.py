@@ -5,7 +5,8 @@ Every store is a `GradientSource` (see `pyinf.blocks`): `n`, `blocks`,
 float32), `chunk_size`, `num_chunks` and `chunks()` yielding
 `(start, {name: (c, rows, cols)})`. `fill(capture, batches)` runs the capture
 over the training data once (`capture(batch) -> {name: (B, rows, cols)}`).
-Each `chunks()` call is one pass and shows a progress bar labelled by `begin()`.
+Each `chunks()` call is one pass; the passes inside `with store.phase(label):` share one
+progress bar (or log line, `pyinf.progress`).
 
 Kinds (`store=` of `pyinf.Attributor`):
 
@@ -88,6 +89,7 @@ import os
 import sys
 import warnings
 from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -95,7 +97,7 @@ import numpy as np
 import torch
 
 from .blocks import CHUNK_BYTES, Block, check_finite, compute_dtype
-from .progress import bar
+from .progress import Phase, bar
 
 Capture = Callable[[Any], dict]
 FORMAT = "pyinf-gradient-store"
@@ -208,7 +210,7 @@ class Store:
     comm = None  # pyinf.distributed.Comm when this store holds one rank's shard
     offset = 0  # global index of the first (kept) sample, with comm
 
-    def __init__(self, blocks: list[Block], device: torch.device, grad_dtype: torch.dtype, progress: bool = True):
+    def __init__(self, blocks: list[Block], device: torch.device, grad_dtype: torch.dtype, progress: bool | None = None):
         self.blocks = list(blocks)
         self.device = torch.device(device)
         self.grad_dtype = grad_dtype
@@ -216,8 +218,7 @@ class Store:
         self.progress = progress
         self.n = 0
         self.chunk_size = 1
-        self._label = "pass"
-        self._passes = 0
+        self._phase: Phase | None = None  # the progress phase of the passes being made
         self.nan_policy = "error"
         self.skipped: list[int] = []  # original indices left out (nan_policy="skip")
         self.piece: int | None = None  # samples per chunk a pass yields, after an OOM (None: whole chunks)
@@ -239,21 +240,31 @@ class Store:
     def num_chunks(self) -> int:
         return math.ceil(self.n / self.chunk_size)
 
-    def begin(self, label: str) -> None:
-        """Name the passes that follow (`label 1`, `label 2`, ... on the bars)."""
-        self._label, self._passes = label, 0
+    @contextmanager
+    def phase(self, label: str):
+        """One progress phase ("datainf: fit") over all the passes made inside the `with`."""
+        self._phase = Phase(label, self.n, self.progress)
+        try:
+            yield self._phase
+        finally:
+            self._phase.close()
+            self._phase = None
 
     def chunks(self) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-        self._passes += 1
-        with bar(f"{self._label} {self._passes}", self.n, self.progress) as b:
-            for start, chunk in self._chunks():
-                c = next(iter(chunk.values())).shape[0]
-                if c == 0:
-                    continue
-                step = self.piece or c
-                for s in range(0, c, step):
-                    yield start + s, ({k: v[s : s + step] for k, v in chunk.items()} if step < c else chunk)
-                    b.update(min(step, c - s))
+        if self._phase is None:  # a pass outside any phase: a phase of its own
+            with self.phase("pass"):
+                yield from self.chunks()
+            return
+        b = self._phase
+        b.new_pass()
+        for start, chunk in self._chunks():
+            c = next(iter(chunk.values())).shape[0]
+            if c == 0:
+                continue
+            step = self.piece or c
+            for s in range(0, c, step):
+                yield start + s, ({k: v[s : s + step] for k, v in chunk.items()} if step < c else chunk)
+                b.update(min(step, c - s))
 
     def _chunks(self) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         raise NotImplementedError
@@ -298,7 +309,7 @@ class MemoryStore(Store):
 
     kind = "memory"
 
-    def __init__(self, blocks, device, grad_dtype, storage, chunk_size=None, progress=True):
+    def __init__(self, blocks, device, grad_dtype, storage, chunk_size=None, progress=None):
         super().__init__(blocks, device, grad_dtype, progress)
         self.storage = torch.device(storage)
         self.chunk_size = int(chunk_size or default_chunk_size(self.blocks, grad_dtype))
@@ -375,7 +386,7 @@ class MemoryStore(Store):
         }
 
     @classmethod
-    def restore(cls, state, blocks, device, grad_dtype, progress=True, **_):
+    def restore(cls, state, blocks, device, grad_dtype, progress=None, **_):
         storage = device if state["storage"] == "cuda" else torch.device("cpu")
         self = cls(blocks, device, grad_dtype, storage, state["chunk_size"], progress)
         self.n = state["n"]
@@ -403,7 +414,7 @@ class DiskStore(Store):
 
     kind = "disk"
 
-    def __init__(self, path, blocks, device, grad_dtype, fingerprint, chunk_size=None, progress=True):
+    def __init__(self, path, blocks, device, grad_dtype, fingerprint, chunk_size=None, progress=None):
         super().__init__(blocks, device, grad_dtype, progress)
         if sys.byteorder != "little":
             raise RuntimeError("the disk store format is little-endian; this host is big-endian")
@@ -588,7 +599,7 @@ class DiskStore(Store):
         return {"kind": self.kind, "path": str(self.path.resolve())}
 
     @classmethod
-    def restore(cls, state, blocks, device, grad_dtype, progress=True, fingerprint=None, **_):
+    def restore(cls, state, blocks, device, grad_dtype, progress=None, fingerprint=None, **_):
         self = cls(state["path"], blocks, device, grad_dtype, fingerprint, progress=progress)
         man = self._read_manifest()
         if man is None or not man["complete"]:
@@ -603,7 +614,7 @@ class RecomputeStore(Store):
 
     kind = "none"
 
-    def __init__(self, blocks, device, grad_dtype, progress=True):
+    def __init__(self, blocks, device, grad_dtype, progress=None):
         super().__init__(blocks, device, grad_dtype, progress)
         self.capture: Capture | None = None
         self.batches: Iterable | None = None
@@ -664,7 +675,7 @@ class RecomputeStore(Store):
         return {"kind": self.kind, "hashes": self.hashes, "sizes": self.sizes, "skipped": list(self.skipped)}
 
     @classmethod
-    def restore(cls, state, blocks, device, grad_dtype, progress=True, capture=None, batches=None, **_):
+    def restore(cls, state, blocks, device, grad_dtype, progress=None, capture=None, batches=None, **_):
         if batches is None:
             raise ValueError("this Attributor was fitted with store='none': pass train_data to Attributor.load")
         self = cls(blocks, device, grad_dtype, progress)
@@ -693,7 +704,7 @@ def parse_store(spec: str, model_device: torch.device) -> tuple[str, str | None]
     raise ValueError(f"unknown store {spec!r}; choose 'auto', 'gpu', 'cpu', 'none' or 'disk:PATH'")
 
 
-def make_store(spec: str, *, blocks, device, grad_dtype, chunk_size=None, fingerprint=None, progress=True) -> Store:
+def make_store(spec: str, *, blocks, device, grad_dtype, chunk_size=None, fingerprint=None, progress=None) -> Store:
     """An empty store for `spec` (see `parse_store`); `fill` it next."""
     kind, path = parse_store(spec, device)
     if kind == "gpu":

@@ -46,4 +46,16 @@ def get_backend(name: str, device: torch.device) -> Backend:
     return BACKENDS[name]()
 
 
-__all__ = ["Backend", "TorchBackend", "CPUBackend", "BACKENDS", "get_backend"]
+def describe(device="cpu") -> str:
+    """One line: the backend "auto" picks for `device`, and why (for reports and logs)."""
+    from .. import _native
+
+    name = get_backend("auto", torch.device(device)).name
+    if name == "cpu":
+        return f"cpu (C++ extension pyinf._C, {_native.num_threads()} OpenMP threads)"
+    if name == "torch" and torch.device(device).type == "cpu":
+        return f"torch (reference; pyinf._C unavailable: {_native.unavailable_reason()})"
+    return name
+
+
+__all__ = ["Backend", "TorchBackend", "CPUBackend", "BACKENDS", "get_backend", "describe"]

@@ -28,7 +28,7 @@ class EvalConfig:
     seed: int = 0
     methods: tuple[str, ...] = METHODS
     out: str = "pyinf-out"
-    progress: bool = True
+    progress: bool | None = None
 BLOCKS = ["fc1", "fc2"]
 
 

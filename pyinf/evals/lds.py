@@ -53,12 +53,12 @@ def run_lds(cfg: LDSConfig) -> dict:
             pb.update()
     retrain_s = time.perf_counter() - t1
     methods, skipped = available_methods(cfg.methods)
-    if cfg.progress:
+    if cfg.progress is not False:
         print(f"pyinf eval lds: {cfg.n_train} train, {cfg.n_query} queries, {cfg.subsets} retrains on "
               f"{k_in}-point subsets ({retrain_s:.1f} s)", flush=True)
     results, per_query = {}, {}
     for i, method in enumerate(methods, 1):
-        if cfg.progress:
+        if cfg.progress is not False:
             print(f"  [{i}/{len(methods)}] {method} ...", flush=True)
         scores, _, info = attribute(model, method, batches(Xtr, ytr), batches(Xq, yq), damping=cfg.damping,
                                     lissa_iterations=cfg.lissa_iterations, forward_lr=cfg.forward_lr,

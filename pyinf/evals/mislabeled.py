@@ -48,12 +48,12 @@ def run_mislabeled(cfg: MislabeledConfig) -> dict:
         acc_val = (model(Xva).argmax(1) == yva).float().mean().item()
         fit_flipped = (model(Xtr[flipped]).argmax(1) == ytr[flipped]).float().mean().item()
     methods, skipped = available_methods(cfg.methods)
-    if cfg.progress:
+    if cfg.progress is not False:
         print(f"pyinf eval mislabeled: {cfg.n_train} train ({n_flip} flipped), {cfg.n_val} clean validation; "
               f"MLP val accuracy {acc_val:.3f}, fits {fit_flipped:.2f} of the flipped labels", flush=True)
     results, curves = {}, {}
     for i, method in enumerate(methods, 1):
-        if cfg.progress:
+        if cfg.progress is not False:
             print(f"  [{i}/{len(methods)}] {method} ...", flush=True)
         scores, si, info = attribute(model, method, batches(Xtr, ytr), batches(Xva, yva), damping=cfg.damping,
                                      lissa_iterations=cfg.lissa_iterations, forward_lr=cfg.forward_lr,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..backends import describe as describe_backend
 from ..metrics import recall_at_k, roc_auc
 from .math_problems import math_problems
 from .model import ModelConfig, build_model, exact_match, per_example_loss
@@ -43,11 +44,11 @@ class DemoConfig:
     out: str = "pyinf-out"
     cache: str | None = None
     use_cache: bool = True
-    progress: bool = True
+    progress: bool | None = None
 
 
 def _say(msg: str, cfg: DemoConfig):
-    if cfg.progress:
+    if cfg.progress is not False:
         print(msg, flush=True)
 
 
@@ -96,8 +97,9 @@ def _run_method(model, tok, task, method: str, cfg: DemoConfig) -> tuple[torch.T
         scores = broadcast_from_rank0(att.score(query)).float().cpu()  # rank 0's, on every rank
     seconds = time.perf_counter() - t0
     notes = list(dict.fromkeys(str(w.message) for w in caught if "pyinf" in str(w.filename) or "pyinf" in str(w.message)))
+    backend = "model forward passes" if method == "forward" else att._method.backend.name
     return scores, {"seconds": seconds, "warnings": notes, "options": {**kwargs, **_options(method, cfg)},
-                    "queries": len(rows)}
+                    "queries": len(rows), "backend": backend}
 
 
 def _figure(path: Path, report: dict, scores: dict, labels: dict):
@@ -149,7 +151,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                                    cache=cfg.cache, use_cache=cfg.use_cache, progress=cfg.progress)
     t_model = time.perf_counter() - t_start
     report = {"config": {**asdict(cfg), "model": asdict(cfg.model)}, "model": info, "model_seconds": t_model,
-              "skipped_methods": skipped, "tasks": {}}
+              "skipped_methods": skipped, "backend": describe_backend(next(model.parameters()).device), "tasks": {}}
     all_scores, labels = {}, {}
     _say(f"[2/3] attribution ({'loaded' if info['cached'] else 'trained'} the model in {t_model:.1f} s)", cfg)
     for task in tasks:
@@ -194,10 +196,13 @@ def format_table(report: dict) -> str:
     for task, tr in report["tasks"].items():
         k = next(iter(tr["methods"].values()))["k"] if tr["methods"] else 0
         lines.append(f"\n{task}  (train loss {tr['fit']['train_loss']:.3f}, test exact match {tr['fit']['test_exact_match']:.2f})")
-        lines.append(f"{'method':10s} {'ROC-AUC':>8s} {'recall@' + str(k):>10s} {'queries':>8s} {'time (s)':>9s}")
+        lines.append(f"{'method':10s} {'ROC-AUC':>8s} {'recall@' + str(k):>10s} {'queries':>8s} {'time (s)':>9s}"
+                     f"  {'backend':<8s}")
         for m, r in tr["methods"].items():
             lines.append(f"{m:10s} {r['auc']:8.3f} {r['recall_at_k']:10.3f} {r['queries']:8d} {r['seconds']:9.2f}"
+                         f"  {r['backend']:<8s}"
                          + ("  (warned: see the report)" if r["warnings"] else ""))
-    lines.append(f"\ntotal {report['seconds']:.1f} s (model {'loaded from cache' if report['model']['cached'] else 'trained'}"
+    lines.append(f"\nbackend: {report['backend']}")
+    lines.append(f"total {report['seconds']:.1f} s (model {'loaded from cache' if report['model']['cached'] else 'trained'}"
                  f" in {report['model_seconds']:.1f} s)")
     return "\n".join(lines)

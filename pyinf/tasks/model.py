@@ -208,7 +208,7 @@ def pretrain_texts(n: int, seed: int) -> list[str]:
 
 
 def _log(msg: str, progress: bool):
-    if progress:
+    if progress is not False:
         print(msg, file=sys.stderr, flush=True)
 
 
@@ -252,7 +252,7 @@ def _shuffled_batches(items, bs, make):
 
 
 def build_model(train_examples, cfg: ModelConfig = ModelConfig(), *, seed: int = 0, data_seed: int = 0,
-                cache: str | os.PathLike | None = None, use_cache: bool = True, progress: bool = True):
+                cache: str | os.PathLike | None = None, use_cache: bool = True, progress: bool | None = None):
     """(PEFT model in eval mode, tokenizer, info dict); trains or loads from the cache.
 
     Under a process group with the cache on, rank 0 trains (or loads) and writes
