@@ -11,7 +11,9 @@ c·rows in BLOCK_K steps. Φ is symmetric, so only the tiles on or above the
 diagonal are computed (half the FLOPs: at the 13B shape the GFIM is
 2·900·8·5120² ≈ 377 GFLOP per block); each off-diagonal program stores its
 tile twice, at (i, j) and transposed at (j, i), so the whole output is written
-by the kernel (no torch mirror pass, no extra cols² buffers). Precision as in
+by the kernel (no torch mirror pass, no extra cols² buffers); a diagonal tile
+stores its upper half and mirrors it, so Φ is exactly symmetric (the Cholesky
+and Schulz steps downstream assume it) whatever order the MMA sums in. Precision as in
 `gram.py`: bf16 gradients -> exact bf16 MMAs with fp32 accumulation.
 """
 from __future__ import annotations
@@ -54,10 +56,13 @@ def _gfim_kernel(
             a = tl.load(X + offs_k[None, :] * cols + offs_i[:, None], mask=mask_i[:, None] & mask_k[None, :], other=0.0)
             b = tl.load(X + offs_k[:, None] * cols + offs_j[None, :], mask=mask_k[:, None] & mask_j[None, :], other=0.0)
             acc = mma(a.to(tl.float32), b.to(tl.float32), acc, PRECISION, MODE, NATIVE_BF16)
+        # Φ[i, j] for i ≤ j from this tile, and Φ[j, i] := Φ[i, j] (the same
+        # value, so Φ is exactly symmetric whatever order the MMA summed in;
+        # a diagonal tile's lower half is the mirror of its upper half).
         mask = mask_i[:, None] & mask_j[None, :]
-        tl.store(O + offs_i[:, None] * cols + offs_j[None, :], acc, mask=mask)
-        if pid_j > pid_i:
-            tl.store(O + offs_j[None, :] * cols + offs_i[:, None], acc, mask=mask)
+        upper = offs_i[:, None] <= offs_j[None, :]
+        tl.store(O + offs_i[:, None] * cols + offs_j[None, :], acc, mask=mask & upper)
+        tl.store(O + offs_j[None, :] * cols + offs_i[:, None], acc, mask=mask & (offs_i[:, None] < offs_j[None, :]))
 
 
 def gfim(G: torch.Tensor, *, precision: str | None = None) -> torch.Tensor:

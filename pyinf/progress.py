@@ -67,7 +67,7 @@ class Phase:
         if self._bar is not None:
             if self.passes > 1:
                 self._bar.reset(total=total if total is not None else self.total)
-            self._bar.set_postfix_str(f"pass {self.passes}", refresh=False)
+            self._bar.set_postfix_str(f"pass {self.passes}")
 
     def close(self) -> None:
         if self._closed:

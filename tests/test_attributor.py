@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pathlib
 import sys
+import warnings
 
 import pytest
 import torch
@@ -179,8 +180,27 @@ def test_progress_bars(setup, capfd):
     pytest.importorskip("tqdm")
     Attributor(setup.model, blocks=setup.blocks, chunk_size=BATCH, progress=True).fit(train).score(queries)
     err = capfd.readouterr().err
-    for label in ("capture", "datainf: fit pass 1", "datainf: score pass 1", "datainf: score pass 2"):
+    for label in ("capture", "datainf: fit", "datainf: score", "pass 2"):
         assert label in err
+
+
+def test_progress_one_line_per_phase_in_logs(setup, capfd, tmp_path):
+    """stderr is not a terminal here: the default (None) prints one line per phase, however many passes
+    (LiSSA's 20 iterations are one line), and `load` keeps the saved setting."""
+    train, queries = setup.train(10, BATCH), setup.train(2, 2, seed=1)
+    att = Attributor(setup.model, method="lissa", blocks=setup.blocks, chunk_size=BATCH, iterations=20, tol=1e-30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # lissa: did not reach tol
+        att.fit(train).score(queries)
+    lines = capfd.readouterr().err.splitlines()
+    assert len(lines) == 4 and all(ln.startswith("pyinf: ") for ln in lines), lines
+    assert [ln.split(": ")[1] for ln in lines] == ["capture", "lissa", "capture queries", "lissa"], lines
+    assert "lissa: fit: " in lines[1] and "passes" in lines[1] and "lissa: score: " in lines[3]
+    quiet = Attributor(setup.model, blocks=setup.blocks, progress=False).fit(train)
+    quiet.save(tmp_path / "a.pt")
+    capfd.readouterr()
+    Attributor.load(tmp_path / "a.pt", setup.model).score(queries)
+    assert capfd.readouterr().err == ""
 
 
 def test_constructor_validates(setup):

@@ -75,7 +75,9 @@ def test_gram_and_gfim(backend, dtype, rows, cols):
     G2 = torch.randn(5, rows * cols, generator=gen).to(dtype)
     flat, G64 = G.reshape(11, -1), G.double()
     assert _rel(backend.gram(flat, G2), flat.double() @ G2.double().T) < TOL[dtype]
-    assert _rel(backend.gfim(G), torch.einsum("nri,nrj->ij", G64, G64)) < TOL[dtype]
+    F = backend.gfim(G)
+    assert _rel(F, torch.einsum("nri,nrj->ij", G64, G64)) < TOL[dtype]
+    assert torch.equal(F, F.T), "the GFIM must be exactly symmetric (Cholesky and Schulz assume it)"
 
 
 def test_results_in_compute_dtype(backend):

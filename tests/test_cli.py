@@ -1,4 +1,5 @@
 """`pyinf demo` end to end at a tiny size, and user errors: exit code 2, one line, no traceback."""
+import importlib.util
 import json
 import subprocess
 import sys
@@ -18,6 +19,8 @@ def test_demo_tiny_end_to_end_and_cache(tmp_path, capsys):
     assert "sentences" in table and "math" in table and "datainf" in table
     rep = json.loads((out / "demo_report.json").read_text())
     assert rep["model"]["cached"] is False
+    assert rep["backend"].startswith("cpu (C++ extension pyinf._C") and "backend: cpu" in table  # make test builds it
+    assert all(r["backend"] == "cpu" for m, r in rep["tasks"]["math"]["methods"].items() if m != "forward")
     assert set(rep["tasks"]) == {"sentences", "math"}
     for task in rep["tasks"].values():
         assert {"tracin", "datainf", "exact", "lissa", "hyperinf"} <= set(task["methods"])
@@ -61,3 +64,16 @@ def test_module_entry_point_no_traceback():
     r = subprocess.run([sys.executable, "-m", "pyinf", "demo", "--damping", "-1"], capture_output=True, text=True)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, missing, extra", [
+    (["demo"], "transformers", "pyinf[hf]"),
+    (["demo", "--tiny"], "matplotlib", "pyinf[eval]"),
+    (["eval", "lds"], "sklearn", "pyinf[eval]"),
+])
+def test_missing_extra_named_before_any_work(argv, missing, extra, monkeypatch, capsys):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else find_spec(name, *a))
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and missing in err[0] and f"pip install '{extra}'" in err[0], err

@@ -45,13 +45,24 @@ class TorchBackend(Backend):
     def gfim(self, G):
         G = _upcast(G)
         flat = G.reshape(-1, G.shape[-1])
-        return flat.T @ flat
+        return symmetric_from_upper(flat.T @ flat)
 
     def score(self, H, G):
         return -(H @ _upcast(G, H).T)
 
     def spd_inverse(self, A, *, iterations, tol, solver="auto"):
         return spd_inverse(A, iterations=iterations, tol=tol, solver=solver)
+
+
+def symmetric_from_upper(A: torch.Tensor) -> torch.Tensor:
+    """A with its strict lower triangle replaced by the upper one's mirror: exactly symmetric.
+
+    A BLAS GEMM computing XᵀX need not give bitwise-equal (i, j) and (j, i)
+    entries (it may sum them in different orders); the Cholesky and Schulz
+    steps downstream assume exact symmetry.
+    """
+    upper = torch.triu(A)
+    return upper + torch.triu(A, 1).transpose(-1, -2)
 
 
 SOLVERS = ("auto", "schulz", "cholesky")
