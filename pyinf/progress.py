@@ -38,6 +38,14 @@ def mode(progress: bool | None) -> str:
     return "bar" if isatty is not None and isatty() else "log"
 
 
+def _count(n: int, unit: str) -> str:
+    """`3 batches`, `1 query`, `20 passes`."""
+    if n == 1:
+        return f"1 {unit}"
+    plural = unit[:-1] + "ies" if unit.endswith("y") else unit + ("es" if unit.endswith(("s", "ch")) else "s")
+    return f"{n} {plural}"
+
+
 class Phase:
     """Progress of one phase: `update(n)` as work is done, `note(text)` for a detail, `close()` once."""
 
@@ -75,11 +83,10 @@ class Phase:
         self._closed = True
         if self._bar is not None:
             self._bar.close()
-        elif self.mode == "log":
+        elif self.mode == "log" and (self.count or self.passes):  # a phase that did no work: no line
             secs = time.perf_counter() - self._t0
-            what = f"{self.passes} pass{'es' if self.passes != 1 else ''}, " if self.passes > 1 else ""
-            print(f"pyinf: {self.desc}: {what}{self.count} {self.unit}{'s' if self.count != 1 else ''}, {secs:.1f} s",
-                  file=sys.stderr, flush=True)
+            what = f"{_count(self.passes, 'pass')}, " if self.passes > 1 else ""
+            print(f"pyinf: {self.desc}: {what}{_count(self.count, self.unit)}, {secs:.1f} s", file=sys.stderr, flush=True)
 
 
 @contextmanager

@@ -52,7 +52,8 @@ def describe(device="cpu") -> str:
 
     name = get_backend("auto", torch.device(device)).name
     if name == "cpu":
-        return f"cpu (C++ extension pyinf._C, {_native.num_threads()} OpenMP threads)"
+        n = _native.num_threads()
+        return f"cpu (C++ extension pyinf._C, {n} thread{'s' if n != 1 else ''})"
     if name == "torch" and torch.device(device).type == "cpu":
         return f"torch (reference; pyinf._C unavailable: {_native.unavailable_reason()})"
     return name
