@@ -15,6 +15,34 @@ once: the op is bandwidth-bound at LoRA ranks and never recomputes h (a grid
 over N tiles would re-read x once per N tile). R is padded to a power of two
 ≥ 16 (tl.dot's minimum on a GPU) by masking.
 
+Tiles on an H100 / H200 (`_gpu_config`; checked by `bench/compile_sm90.py`,
+which compiles this kernel for sm_90 at the Llama-2-13B shapes: M = 4096 rows
+per group, K = N = 5120, r = 8 and 64; nothing here was timed on a GPU):
+  * BLOCK_M = 64: one Hopper warpgroup MMA (wgmma) is 64 rows tall and
+    num_warps = 4 is one warpgroup; M ≤ 32 takes 32 rows (mma.sync) so that a
+    short batch does not compute half-empty tiles.
+  * BLOCK_K = 64 for r ≤ 32, 32 for r = 64: the x tiles are staged through
+    shared memory by Triton's software pipeline (cp.async, num_stages = 3),
+    30-64 KB per program.
+  * BLOCK_N = 64, every rank. Phase 2 holds per thread the fp32 accumulator
+    (BLOCK_M · BLOCK_N / 128 threads = 32 registers at 64), the base tile added
+    to it (32 more for an fp32 base), the loop-invariant h operand (twice for
+    the tf32x3 and bf16x2 splits) and 64-bit addresses. With BLOCK_N = 128 all
+    of it doubled: ptxas used 255 registers and spilled 24-44 B (fp32 operands
+    with an fp32 base, and bf16 operands with an fp32 base; Triton 3.6 and
+    3.9). At 64 the same configs use 150-160 registers and nothing spills;
+    r = 64 (already 64) stays at 230-245 registers for fp32/fp16 with tf32x3,
+    below the 255 limit but the tightest config of this kernel.
+  * Bandwidth: BLOCK_N changes no byte moved (x, base and out once, A_g and
+    B_g from L2), only the bytes in flight. Triton pipelines the B_g tile
+    (it feeds tl.dot) but not the base load, so each program has one base
+    tile outstanding: 16 KB at fp32 and BLOCK_N = 64. 160 registers × 128
+    threads let 3 programs share an SM (255 allowed 2), up to 48 KB in flight
+    per SM against the ~25-35 KB that Little's law asks of 3.35-4.8 TB/s HBM
+    over 132 SMs at ~1 µs latency; at the 4-group Forward-INF shape (256
+    programs on 132 SMs, ~2 per SM) it is ~32 KB. An estimate, to be confirmed
+    by a GPU benchmark.
+
 Precision (see `_util.dot_precision`): the first product multiplies two
 stored operands, exact in bf16 (one bf16 MMA, fp32 accumulation, MODE 2) and
 tf32x3 for fp32/fp16 by default; the second multiplies the fp32 `h` by the
@@ -85,14 +113,18 @@ def _grouped_lora_kernel(
         tl.store(OUT + offs, d.to(OUT.dtype.element_ty), mask=mask)
 
 
-def _config(M: int, K: int, N: int, R: int) -> dict:
+def _gpu_config(M: int, K: int, N: int, R: int) -> dict:
+    """The tiles on a GPU (see the module docstring for why)."""
     BLOCK_R = _util.clamp_pow2(R, 16, 1 << 20)
+    return dict(BLOCK_M=64 if M > 32 else 32, BLOCK_K=64 if BLOCK_R <= 32 else 32, BLOCK_N=64,
+                BLOCK_R=BLOCK_R, num_warps=4)
+
+
+def _config(M: int, K: int, N: int, R: int) -> dict:
     if _util.interpreting():  # ~1 ms per program whatever its size: few, big programs
         return dict(BLOCK_M=_util.clamp_pow2(M, 16, 128), BLOCK_K=_util.clamp_pow2(K, 16, 512),
-                    BLOCK_N=_util.clamp_pow2(N, 16, 512), BLOCK_R=BLOCK_R, num_warps=4)
-    BLOCK_M = 64 if M > 32 else 32
-    return dict(BLOCK_M=BLOCK_M, BLOCK_K=64 if BLOCK_R <= 32 else 32, BLOCK_N=128 if BLOCK_R <= 32 else 64,
-                BLOCK_R=BLOCK_R, num_warps=4)
+                    BLOCK_N=_util.clamp_pow2(N, 16, 512), BLOCK_R=_util.clamp_pow2(R, 16, 1 << 20), num_warps=4)
+    return _gpu_config(M, K, N, R)
 
 
 def grouped_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float = 1.0, *,

@@ -85,3 +85,20 @@ def test_bad_shapes():
         kg.grouped_lora(x, A, B.to(torch.bfloat16))
     with pytest.raises(AssertionError):
         kg.grouped_lora(x, A, B, base=base[:, :4])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M,R", [(150, 3), (150, 40), (20, 8)])
+def test_gpu_tiles(monkeypatch, M, R, dtype):
+    """The H100 tiles of `_gpu_config` (BLOCK_M 64 or 32, BLOCK_N 64, BLOCK_K 64 or 32 for r > 32), run
+    by the interpreter: several M, K and N tiles with ragged edges, r padded to 16 or 64."""
+    monkeypatch.setattr(kg, "_config", kg._gpu_config)
+    cfg = kg._gpu_config(M, 150, 130, R)
+    assert cfg["BLOCK_N"] == 64 and cfg["BLOCK_M"] == (64 if M > 32 else 32)
+    x, A, B, base = data(2, M, 150, 130, R, dtype)
+    got = kg.grouped_lora(x, A, B, 0.37, base=base)
+    ref = kg.grouped_lora_reference(x, A, B, 0.37, base=base, upcast=True)
+    assert torch.isfinite(got).all() and rel(got, ref) < (4e-3 if dtype == torch.bfloat16 else TOL[dtype])
+    base32 = base.float()
+    got = kg.grouped_lora(x, A, B, 0.37, base=base32, out=base32)  # in place, fp32 base (bf16 operands too)
+    assert got.data_ptr() == base32.data_ptr() and rel(got, ref) < TOL[torch.float32]
