@@ -72,6 +72,7 @@ and such a launcher would fail here, loudly.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import datetime
@@ -87,6 +88,8 @@ import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
@@ -97,6 +100,7 @@ os.environ.pop("PYINF_TRITON_PRECISION", None)  # "default" = no precision overr
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default of 3.6 and 3.9 (3.9 warns when unset)
 _CACHE_DIR = tempfile.mkdtemp(prefix="pyinf_sm90_cache_")
 os.environ["TRITON_CACHE_DIR"] = _CACHE_DIR     # a fresh cache: every config goes through ptxas
+atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -355,7 +359,8 @@ def recording(launches: list[Launch]):
         rec = launches[-1]
         opts = json.loads(compile["specialization_data"])["options"]  # as JITFunction.preload reads them
         rec.options = backend.parse_options({k: tuple(v) if isinstance(v, list) else v for k, v in opts.items()})
-        rec.key, rec.signature, rec.constexprs, rec.attrs = key, compile["signature"], compile["constants"], compile["configs"][0]
+        rec.key, rec.signature, rec.constexprs = key, compile["signature"], compile["constants"]
+        rec.attrs = compile["configs"][0]
         return True  # skip: no compilation, no launch
 
     saved_hook = knobs.runtime.jit_cache_hook
@@ -418,10 +423,16 @@ def _ptxas(log: str) -> dict:
 
 
 def _short_error(e: BaseException) -> str:
-    """One line: the error type and its most telling line (Triton puts the message last, ptxas first)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    tell = next((ln for ln in lines if re.search(r"\berror\b", ln, re.I)), lines[-1] if lines else "")
-    return f"{type(e).__name__}: {tell}"[:300]
+    """One line: the error and, for a Triton frontend error, the kernel source line it points at."""
+    while isinstance(e.__cause__, type(e)):  # nested CompilationErrors (inlined helpers): the innermost
+        e = e.__cause__
+    lines = [ln.rstrip() for ln in str(e).splitlines() if ln.strip()]
+    caret = next((i for i, ln in enumerate(lines) if i and set(ln.strip()) == {"^"}), None)
+    if caret is not None:  # "at L:C:", the source, a caret under the culprit, the message
+        msg = " ".join(ln.strip() for ln in lines[caret + 1:]) or lines[0]
+        return f"{type(e).__name__}: {msg} [at `{lines[caret - 1].strip()}`]"[:300]
+    tell = next((ln.strip() for ln in lines if re.search(r"\berror\s*:", ln)), lines[0].strip() if lines else "")
+    return f"{type(e).__name__}: {tell}"[:300]  # ptxas: its first "error :" line
 
 
 _SPECS: list[Spec] = []  # read by the (forked) compile workers
@@ -445,11 +456,27 @@ def compile_spec(i: int) -> dict:
                 seconds=round(time.perf_counter() - t0, 2))
 
 
+def _compile_isolated(i: int) -> dict:
+    """compile_spec(i) in a process of its own: a compiler crash (abort, segfault) is that config's result."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as ex:
+        try:
+            return ex.submit(compile_spec, i).result()
+        except BrokenProcessPool:
+            return dict(ok=False, error="the compiler crashed (its process died)", error_full="", seconds=None)
+
+
 def compile_all(n: int, jobs: int) -> list[dict]:
-    if jobs <= 1 or n <= 1:
+    """compile_spec over _SPECS[:n] in `jobs` forked processes (inline for jobs = 1)."""
+    if jobs <= 1:
         return [compile_spec(i) for i in range(n)]
-    with multiprocessing.get_context("fork").Pool(jobs) as pool:  # workers inherit _SPECS
-        return pool.map(compile_spec, range(n), chunksize=1)
+    results: list[dict | None] = [None] * n
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as ex:  # workers inherit _SPECS
+        futures = [ex.submit(compile_spec, i) for i in range(n)]
+        for i, f in enumerate(futures):
+            with contextlib.suppress(BrokenProcessPool):
+                results[i] = f.result()
+    # a crashed worker takes the pool down: redo what is missing one process each, to pin the crash down
+    return [r if r is not None else _compile_isolated(i) for i, r in enumerate(results)]
 
 
 # --------------------------------------------------------------------------- #
@@ -466,6 +493,16 @@ def _git_commit(path: Path) -> str | None:
     if out.returncode != 0:
         return None
     return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _ptxas_version() -> str:
@@ -489,8 +526,8 @@ def render_markdown(runs: list[dict]) -> str:
     lines.append("|" + "---|" * (4 + 4 * len(runs)))
     index = [{(x["kernel"], x["cases"][0]): x for x in r["results"]} for r in runs]
     for x in runs[0]["results"]:
-        cells = [f"`{x['kernel'].split('.')[-1]}`", x["cases"][0] + (f" (+{len(x['cases']) - 1})" if len(x["cases"]) > 1 else ""),
-                 x["class"], str(x["num_warps"])]
+        more = f" (+{len(x['cases']) - 1})" if len(x["cases"]) > 1 else ""
+        cells = [f"`{x['kernel'].split('.')[-1]}`", x["cases"][0] + more, x["class"], str(x["num_warps"])]
         for idx in index:
             y = idx.get((x["kernel"], x["cases"][0]))
             if y is None:
@@ -606,6 +643,9 @@ def main(argv: list[str] | None = None) -> int:
         if not r["ok"]:
             status = "FAIL"
             failures.append(f"{s.kernel} [{s.cases[0]}]: {r['error']}")
+        elif r["regs"] is None or r["spill_stores"] is None:
+            status = "FAIL"
+            failures.append(f"{s.kernel} [{s.cases[0]}]: no register / spill figures in the ptxas -v log")
         elif spills and s.kind == DEFAULT:
             status = "FAIL"
             failures.append(f"{s.kernel} [{s.cases[0]}]: spills {_spill(r)} B in a default config")
@@ -617,9 +657,9 @@ def main(argv: list[str] | None = None) -> int:
         row["status"] = status
         rows.append(row)
         if r["ok"]:
+            mma = r["mma"] + (f" ({r['mma_detail']})" if r["mma_detail"] else "")
             print(f"{status:<4} {head} nw={l.options.num_warps} regs={r['regs']} spill={_spill(r)} "
-                  f"stack={r['stack']} smem={r['smem']} mma={r['mma']}{' (' + r['mma_detail'] + ')' if r['mma_detail'] else ''}"
-                  f" {r['seconds']}s")
+                  f"stack={r['stack']} smem={r['smem']} mma={mma} {r['seconds']}s")
         else:
             print(f"{status:<4} {head} nw={l.options.num_warps} {r['error']}")
         if len(s.cases) > 1:
@@ -631,7 +671,8 @@ def main(argv: list[str] | None = None) -> int:
     rc = 1 if failures else 0
     wall = time.perf_counter() - t_start
     n_err = sum(not r["ok"] for r in results)
-    n_def_spill = sum(1 for row in rows if row["ok"] and row["class"] == DEFAULT and row["status"] == "FAIL")
+    n_def_spill = sum(row["class"] == DEFAULT and row["ok"] and bool(row["spill_stores"] or row["spill_loads"])
+                      for row in rows)
     print(f"# {len(specs) - n_err}/{len(specs)} compiled, {n_err} compile errors, {n_def_spill} default configs "
           f"spill, {len(warns)} warnings, {len(failures)} failures; compile {t_compile:.0f} s with {a.jobs} "
           f"processes, wall {wall:.0f} s; exit {rc}")
@@ -651,16 +692,6 @@ def main(argv: list[str] | None = None) -> int:
     if a.markdown:
         Path(a.markdown).write_text(render_markdown([run]))
     return rc
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,73 @@
+"""Every Triton kernel of the installed `pyinf.kernels` compiles for sm_90 (H100 / H200), without a GPU.
+
+Runs `bench/compile_sm90.py` (see its docstring) in a subprocess, with
+TRITON_INTERPRET removed from the environment (this suite sets it to 1 in
+conftest.py; the compile check needs the real JIT functions and the GPU launch
+configs):
+
+* with this interpreter, i.e. the installed Triton;
+* with the interpreter named by ``PYINF_TRITON36_PYTHON``, when set: a Python
+  with triton 3.6.0 (the GPU machines' version) and torch, e.g.
+  ``python3 -m venv /tmp/t36 && /tmp/t36/bin/pip install torch==2.13.0 triton==3.6.0 numpy``.
+  pyinf need not be installed there: the kernels folder of the installed
+  package is passed with ``--kernels``.
+
+Fails on a compile error, a kernel that no case launches, or register spills
+in a default (non-opt-in) config at the Llama-2-13B shapes. Each run takes
+one to two minutes on a 2-core machine.
+"""
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "bench" / "compile_sm90.py"
+TIMEOUT_S = 1800
+
+
+def _kernels_dir() -> str:
+    return importlib.util.find_spec("pyinf.kernels").submodule_search_locations[0]
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYINF_TRITON_PRECISION")}
+    env["PYTHONDONTWRITEBYTECODE"] = "1"  # nothing written into the installed package
+    return env
+
+
+def _pythons():
+    yield pytest.param(sys.executable, [], id="installed-triton")
+    t36 = os.environ.get("PYINF_TRITON36_PYTHON")
+    yield pytest.param(t36, ["--kernels", _kernels_dir()], id="triton-3.6",
+                       marks=pytest.mark.skipif(not t36, reason="PYINF_TRITON36_PYTHON is not set"))
+
+
+@pytest.mark.parametrize("python,extra", list(_pythons()))
+def test_kernels_compile_for_sm90(python, extra, tmp_path):
+    if python != sys.executable:
+        version = subprocess.run([python, "-c", "import triton; print(triton.__version__)"], env=_env(),
+                                 capture_output=True, text=True, timeout=300)
+        assert version.returncode == 0, f"{python}: cannot import triton:\n{version.stderr[-2000:]}"
+        assert version.stdout.strip().startswith("3.6"), f"{python} has triton {version.stdout.strip()}, not 3.6"
+    out = tmp_path / "compile-sm90.json"
+    proc = subprocess.run([python, str(SCRIPT), "--json", str(out), *extra], env=_env(), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    log = proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert out.exists(), f"no results written (exit {proc.returncode}):\n{log}"
+    run = json.loads(out.read_text())
+    assert run["failures"] == [], "\n".join(run["failures"]) + "\n" + log
+    assert proc.returncode == 0, log
+    s = run["summary"]
+    assert s["compile_errors"] == 0 and s["default_spills"] == 0
+    kernels = {r["kernel"].split(".")[-1] for r in run["results"]}
+    assert {"_gram_kernel", "_gfim_kernel", "_norms_dots_kernel", "_weighted_sum_kernel", "_schulz_gemm_kernel",
+            "_grouped_lora_kernel", "_per_sample_outer_kernel"} <= kernels
+    default = [r for r in run["results"] if r["class"] == "default"]
+    assert default and all(r["ok"] and r["spill_stores"] == 0 and r["spill_loads"] == 0 for r in default)
+    assert any(r["mma"].startswith("wgmma") for r in default), "no default config uses Hopper's wgmma"
