@@ -544,12 +544,25 @@ def render_markdown(runs: list[dict]) -> str:
     for r in runs:
         s = r["summary"]
         summary.append(
-            f"* Triton {r['triton']} (torch {r['torch']}, {r['ptxas']}), commit {r['commit']}, {r['date']}: "
+            f"* Triton {r['triton']} (torch {r['torch']}, {r['ptxas']}), commit {(r['commit'] or '?')[:12]}, {r['date']}: "
             f"{s['specialisations']} distinct specialisations from {s['cases']} launcher calls, "
             f"{s['compile_errors']} compile errors, {s['default_spills']} default configs with spills, "
             f"{s['warnings']} warnings (opt-in / edge spills), exit status {r['exit_status']}; "
             f"{r['wall_seconds']:.0f} s wall on {r['cpus']} CPUs with {r['jobs']} compile processes ({r['cpu']}).")
-    return "\n".join(summary) + "\n\n" + "\n".join(lines) + "\n"
+        summary += [f"  * {kind}: {text}" for kind, items in (("FAIL", r["failures"]), ("warning", r["warnings"]))
+                    for text in items]
+    intro = (
+        "# Triton kernels compiled for sm_90 (H100 / H200), without a GPU\n\n"
+        "Written by `bench/compile_sm90.py` (see its docstring): every launcher called at the Llama-2-13B LoRA "
+        "shapes with its launches recorded, each distinct specialisation compiled to cubin with "
+        "`triton.compile(..., target=GPUTarget(\"cuda\", 90, 32))` and the ptxas of the triton wheel. "
+        "Nothing here ran on a GPU. Class `default`: the configs the launchers pick on an H100 with no "
+        "precision override (spills fail the check); `opt-in`: `PYINF_TRITON_PRECISION` / `precision=` "
+        "overrides; `edge`: tiny shapes (spills there are warnings). \"(+n)\": n more launcher calls compiled "
+        "to the same specialisation. Spill: bytes of spill stores / loads per thread (bold: nonzero). "
+        "MMA: `wgmma` (Hopper warpgroup MMA), `mma.sync` (Ampere-style) or `none` (FMA on the CUDA cores), "
+        "with shape and input type.\n\n")
+    return intro + "\n".join(summary) + "\n\n" + "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
