@@ -9,7 +9,12 @@ By default the kernels of the installed package ``pyinf.kernels`` are compiled;
 ``--kernels DIR`` takes a folder laid out like the repository's ``kernels/``
 instead (it needs torch and triton, not pyinf). ``--merge`` renders the JSON of
 several runs (e.g. one per Triton version) as one markdown table, compiling
-nothing.
+nothing. E.g., from the repository root, for the installed Triton and for a
+second environment with Triton 3.6.0 (torch, triton, numpy; no pyinf needed):
+
+    python bench/compile_sm90.py --json /tmp/a.json
+    /venv-triton36/bin/python bench/compile_sm90.py --kernels kernels --json /tmp/b.json
+    python bench/compile_sm90.py --merge /tmp/b.json /tmp/a.json --markdown bench/results/compile-sm90.md
 
 How (no CUDA driver is touched at any point):
 
@@ -17,7 +22,9 @@ How (no CUDA driver is touched at any point):
    `cases()` on fake CUDA tensors (torch's FakeTensorMode: shape, dtype and
    device "cuda", no memory), with the two GPU queries of ``_util`` answered
    as on an H100 (tensor cores; 132 SMs). The launcher therefore picks block
-   sizes, precision and num_warps exactly as it would on the GPU.
+   sizes, precision and num_warps exactly as it would on the GPU. (Python
+   indexing of a fake CUDA tensor is routed through a meta twin,
+   `FakeCudaIndexing`: a CPU-only torch cannot open a CUDA device guard.)
 2. The launch goes through Triton's own ``JITFunction.run`` (binder,
    specialisation, cache key) with a stand-in driver whose target is sm_90;
    ``triton.knobs.runtime.jit_cache_hook`` records the specialisation and
@@ -29,7 +36,8 @@ How (no CUDA driver is touched at any point):
    compiled once, with ``triton.compile(ASTSource(...),
    target=GPUTarget("cuda", 90, 32))``: ttir -> ttgir -> llir -> ptx -> cubin,
    the last step by the ptxas shipped in the triton wheel. ``--jobs``
-   processes compile in parallel (default: min(4, CPUs)).
+   processes compile in parallel (default: min(4, CPUs)); a compiler that
+   crashes its process fails that config only.
 4. Per specialisation: registers, spill stores / loads and stack frame (the
    ``ptxas -v`` log), shared memory (Triton's metadata) and the MMA
    instruction in the PTX: ``wgmma`` (Hopper warpgroup MMA), ``mma.sync``
