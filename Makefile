@@ -70,9 +70,13 @@ bench: install
 	    -p no:cacheprovider \
 	    --benchmark-json=results/bench-$$(date +%Y%m%d-%H%M%S).json
 
+# The sm_90 compile table (bench/results/): installed Triton, Triton 3.6.0, both merged.
 compile-check: install triton36
-	$(PY) bench/compile_sm90.py --json bench/results/compile-sm90-triton-installed.json
-	$(TRITON36_PY) bench/compile_sm90.py --kernels kernels --json bench/results/compile-sm90-triton-3.6.0.json
+	v=$$($(PY) -c "import triton; print(triton.__version__)"); \
+	$(PY) bench/compile_sm90.py --json bench/results/compile-sm90-triton$$v.json && \
+	$(TRITON36_PY) bench/compile_sm90.py --kernels kernels --json bench/results/compile-sm90-triton3.6.0.json && \
+	$(PY) bench/compile_sm90.py --merge bench/results/compile-sm90-triton3.6.0.json \
+	    bench/results/compile-sm90-triton$$v.json --markdown bench/results/compile-sm90.md
 
 clean:
 	rm -rf build dist *.egg-info pyinf/_C*.so pyinf/_build_info.json .pytest_cache .benchmarks $(VENV) $(TRITON36)
