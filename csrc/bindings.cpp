@@ -2,6 +2,7 @@
 // functions (see common.h for the conventions they share).
 
 #include "common.h"
+#include "pool.h"
 
 namespace py = pybind11;
 
@@ -18,7 +19,7 @@ PYBIND11_MODULE(_C, mod) {
 
   mod.def(
       "num_threads", []() { return pyinf::effective_threads(); },
-      "Number of OpenMP threads the kernels use.");
+      "Number of threads the kernels use (the calling thread included).");
   mod.def(
       "set_num_threads",
       [](int n) {
@@ -29,7 +30,11 @@ PYBIND11_MODULE(_C, mod) {
         pyinf::thread_setting().store(n);
       },
       py::arg("n"),
-      "Set the number of threads the kernels use (0 restores the OpenMP default).");
+      "Set the number of threads the kernels use (0 restores the default:\n"
+      "omp_get_max_threads(), i.e. OMP_NUM_THREADS or the CPUs available).");
+  mod.def(
+      "_pool_workers", []() { return pyinf::pool_workers(); },
+      "Worker threads started so far by the kernels' pool (diagnostics).");
   mod.attr("has_openmp") =
 #ifdef _OPENMP
       true;

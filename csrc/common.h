@@ -29,6 +29,8 @@
 
 #ifdef _OPENMP
 #include <omp.h>
+#elif defined(__linux__)
+#include <sched.h>
 #endif
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && \
@@ -52,15 +54,23 @@ namespace pyinf {
 namespace py = pybind11;
 
 // ------------------------------------------------------------------ threads
+// The passes run on the pool of csrc/pool.h (not OpenMP parallel regions: see
+// there why); OpenMP only supplies the default thread count, so that
+// OMP_NUM_THREADS (and torch.set_num_threads, which sets it in the libgomp
+// that torch and pyinf._C share) apply to pyinf as to torch.
 
 inline std::atomic<int>& thread_setting() {
-  static std::atomic<int> n{0};  // 0 = OpenMP default
+  static std::atomic<int> n{0};  // 0 = default
   return n;
 }
 
 inline int default_threads() {
 #ifdef _OPENMP
   return omp_get_max_threads();
+#elif defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return 1;
 #else
   return 1;
 #endif
@@ -69,22 +79,6 @@ inline int default_threads() {
 inline int effective_threads() {
   int n = thread_setting().load();
   return n > 0 ? n : default_threads();
-}
-
-inline int thread_id() {
-#ifdef _OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
-
-inline int team_size() {
-#ifdef _OPENMP
-  return omp_get_num_threads();
-#else
-  return 1;
-#endif
 }
 
 // ------------------------------------------------------------- conversions

@@ -5,7 +5,8 @@
 //
 // G (c, D) is read exactly once.  The kernel is pass 1 of csrc/passes.cpp
 // (blocks of 4 rows, D tiles of 512 converted to fp32 in L1, 4 rows x 2
-// queries register blocking, dynamic OpenMP schedule over row ranges) with
+// queries register blocking, row ranges claimed dynamically by the threads of
+// the pool in csrc/pool.h) with
 // the squared norms accumulated from the same tiles; this file holds the
 // validation and the Python bindings (norms_and_dots, norms_and_dots_bf16).
 // With m = 0 it is the sq_norms pass.

@@ -15,17 +15,27 @@
 // (8 vector accumulators, each loaded query element feeds 4 FMAs, each G
 // element 2) in both sweeps.
 //
-// Threading (OpenMP): the rows are split into one contiguous range per thread
-// and each thread accumulates into its own (m, D) buffer (thread 0 straight
-// into acc), then all threads reduce the buffers into acc, each a slice of the
-// m·D entries (a static split: bitwise reproducible for a given thread
-// count; dots, with disjoint outputs, uses a dynamic schedule).  The alternative, splitting D into per-thread tiles, would need
-// every thread to read every row (the dots need the whole row before the
-// axpy) plus a barrier per row block.  The private buffers cost
-// (threads − 1)·m·D·4 bytes and one extra read of them: small next to the
-// c·D·2 bytes of G for m ≪ c (m = 8 queries vs chunks of thousands of rows);
-// above 1 GiB of buffers the pass runs on one thread.  dots splits rows too,
-// with disjoint outputs.  weighted_sum is pass 2 alone with coef = C.
+// Threading (the pool of csrc/pool.h; see there why not OpenMP): the calling
+// thread and up to threads − 1 workers claim items dynamically, so that on a
+// busy machine whichever thread runs does the work and nobody waits for a
+// thread that is not scheduled (issue 11).  Items hold at least kItemWork
+// multiply-adds; a call with less runs on the caller alone.
+//  * dots (and norms_and_dots) have disjoint outputs: items are ranges of rows,
+//    up to one per block of 4 rows;
+//  * rank_one_accumulate and weighted_sum accumulate into one (m, D) output:
+//    the rows are cut into S stripes (S ≤ 4 per thread), stripe 0 adds into
+//    acc and stripe s > 0 into its own zeroed (m, D) buffer, which the caller
+//    adds to acc in stripe order once all stripes are done.  S depends on the
+//    shape and the thread count, not on which thread ran which stripe: the
+//    result is bitwise reproducible for a given thread count, and one thread
+//    is the plain sequential pass.  Several stripes per thread let a running
+//    thread take over the stripes of a preempted one; the buffers cost
+//    (S − 1)·m·D·4 bytes (kept per calling thread up to 64 MiB, to spare the
+//    page faults), one write and one read each: small next to the c·D·2
+//    bytes of G for m ≪ c; they are capped at 1 GiB.  The alternative,
+//    splitting D into per-thread tiles, would need every thread to read every
+//    row (the dots need the whole row before the axpy) plus a barrier per row
+//    block.  weighted_sum is pass 2 alone with coef = C.
 //
 // When D is so large that 4 rows do not fit in L2 (D > ~64 K bf16), pass 2
 // re-reads the rows from L3/DRAM.
@@ -34,6 +44,7 @@
 // rows accumulated from the same L1 tiles (pyinf_norms_dots_pass).
 
 #include "common.h"
+#include "pool.h"
 
 #include <memory>
 #include <vector>
@@ -285,61 +296,90 @@ void add_into(float* __restrict dst, const float* __restrict src, int64_t n) {
   for (int64_t k = 0; k < n; ++k) dst[k] += src[k];
 }
 
+// Work sizes (in multiply-adds; one thread does ~15-20 G/s here):
+//  * a job is split into items of at least kItemWork, so that a call too small
+//    to gain from a second thread (the test suite's) runs on the caller alone
+//    and never waits for a wake-up;
+//  * accumulating passes use at most kStripesPerThread stripes per thread:
+//    enough that, on a busy machine, the caller (or any thread that runs)
+//    takes over the stripes of a thread that is not running, and few enough
+//    that the stripe accumulators stay small next to G.
+constexpr int64_t kItemWork = int64_t(1) << 22;
+constexpr int64_t kStripesPerThread = 4;
 constexpr int64_t kMaxPrivateBytes = int64_t(1) << 30;
+// A caller's stripe accumulators are kept between calls up to this size (no
+// page faults on every call of a chunked pass).
+constexpr size_t kKeepScratchFloats = size_t(64) << 20 >> 2;
+
+float* scratch(size_t n) {
+  thread_local std::unique_ptr<float[]> buf;
+  thread_local size_t cap = 0;
+  if (n > cap) {
+    buf.reset();
+    buf.reset(new float[n]);
+    cap = n;
+  }
+  return buf.get();
+}
 
 void run(Op op, Kind kind, const Args& a, float* out) {
   auto rows = kind == Kind::F32 ? rows_f32 : rows_bf16;
-  const int64_t nblocks = (a.c + kR - 1) / kR;
-  int nt = effective_threads();
-  if (nt > nblocks) nt = static_cast<int>(std::max<int64_t>(1, nblocks));
-  const bool private_acc = op != Op::Dots;
-  const int64_t acc_n = a.m * a.D;
-  if (private_acc && nt > 1 && (nt - 1) * acc_n * 4 > kMaxPrivateBytes) nt = 1;
-  if (nt <= 1) {
-    rows(op, a, 0, a.c, out);
+  const int64_t c = a.c, nblocks = (c + kR - 1) / kR;
+  const int nt = effective_threads();
+  // multiply-adds per row of G
+  const int64_t per_row =
+      a.D * std::max<int64_t>(1, op == Op::RankOne ? 2 * a.m
+                                                   : a.m + (a.norms_out ? 1 : 0));
+  const int64_t work = c * per_row;
+  const int64_t max_items =
+      std::max<int64_t>(1, std::min<int64_t>(nblocks, work / kItemWork));
+
+  if (op == Op::Dots) {
+    // Disjoint outputs: items of `step` rows, claimed in any order.
+    const int64_t items = nt > 1 ? max_items : 1;
+    const int64_t step = kR * ((nblocks + items - 1) / items);
+    const int64_t n = (c + step - 1) / step;
+    auto item = [&](int64_t s) {
+      const int64_t r0 = s * step;
+      rows(op, a, r0, std::min(c, r0 + step), nullptr);
+    };
+    parallel_for(n, nt, item);
     return;
   }
-  // Work items of `step` rows: ~8 per thread, at least 16 rows.
-  const int64_t step = kR * std::max<int64_t>(4, nblocks / (8 * nt));
-  const int64_t nsteps = (a.c + step - 1) / step;
-  std::unique_ptr<float[]> priv(
-      private_acc ? new float[static_cast<size_t>((nt - 1) * acc_n)] : nullptr);
-#ifdef _OPENMP
-#pragma omp parallel num_threads(nt)
-#endif
-  {
-    const int t = thread_id(), P = team_size();
-    float* dst = out;
-    if (private_acc && t > 0) {
-      dst = priv.get() + (t - 1) * acc_n;
-      std::fill(dst, dst + acc_n, 0.0f);  // first touch by its thread
-    }
-    if (!private_acc) {
-      // Disjoint outputs: a dynamic schedule, so that on a shared machine a
-      // descheduled thread does not hold the others up.
-#ifdef _OPENMP
-#pragma omp for schedule(dynamic, 1) nowait
-#endif
-      for (int64_t s = 0; s < nsteps; ++s) {
-        const int64_t r0 = s * step, r1 = std::min(a.c, r0 + step);
-        rows(op, a, r0, r1, dst);
-      }
-    } else {
-      // Accumulating: one fixed contiguous range per thread, so that the
-      // result is bitwise reproducible for a given thread count.
-      const int64_t b0 = nblocks * t / P, b1 = nblocks * (t + 1) / P;
-      const int64_t r0 = b0 * kR, r1 = std::min(a.c, b1 * kR);
-      if (r0 < r1) rows(op, a, r0, r1, dst);
-    }
-    if (private_acc && P > 1) {
-#ifdef _OPENMP
-#pragma omp barrier
-#endif
-      const int64_t lo = acc_n * t / P, hi = acc_n * (t + 1) / P;
-      for (int u = 1; u < P; ++u)
-        add_into(out + lo, priv.get() + (u - 1) * acc_n + lo, hi - lo);
-    }
+
+  // Accumulating into out (m, D): S stripes of contiguous rows; stripe 0 adds
+  // into out, stripe s > 0 into its own zeroed accumulator, and the caller
+  // adds those to out in stripe order.  S depends on the shape and the thread
+  // count only, never on which thread ran what: bitwise reproducible for a
+  // given thread count (and one thread is the plain sequential pass).
+  const int64_t acc_n = a.m * a.D;
+  int64_t S = nt > 1 ? std::min<int64_t>(max_items, kStripesPerThread * nt) : 1;
+  S = std::min<int64_t>(S, 1 + kMaxPrivateBytes / (acc_n * 4));
+  if (S <= 1) {
+    rows(op, a, 0, c, out);
+    return;
   }
+  const size_t priv_n = static_cast<size_t>((S - 1) * acc_n);
+  std::unique_ptr<float[]> own;
+  float* priv;
+  if (priv_n <= kKeepScratchFloats) {
+    priv = scratch(priv_n);
+  } else {
+    own.reset(new float[priv_n]);
+    priv = own.get();
+  }
+  auto stripe = [&](int64_t s) {
+    const int64_t r0 = nblocks * s / S * kR;
+    const int64_t r1 = std::min(c, nblocks * (s + 1) / S * kR);
+    float* dst = out;
+    if (s > 0) {
+      dst = priv + (s - 1) * acc_n;
+      std::fill(dst, dst + acc_n, 0.0f);
+    }
+    rows(op, a, r0, r1, dst);
+  };
+  parallel_for(S, nt, stripe);
+  for (int64_t s = 1; s < S; ++s) add_into(out, priv + (s - 1) * acc_n, acc_n);
 }
 
 struct Checked {
