@@ -23,13 +23,14 @@
 //  * dots (and norms_and_dots) have disjoint outputs: items are ranges of rows,
 //    up to one per block of 4 rows;
 //  * rank_one_accumulate and weighted_sum accumulate into one (m, D) output:
-//    the rows are cut into S stripes (S ≤ 4 per thread), stripe 0 adds into
-//    acc and stripe s > 0 into its own zeroed (m, D) buffer, which the caller
-//    adds to acc in stripe order once all stripes are done.  S depends on the
-//    shape and the thread count, not on which thread ran which stripe: the
-//    result is bitwise reproducible for a given thread count, and one thread
-//    is the plain sequential pass.  Several stripes per thread let a running
-//    thread take over the stripes of a preempted one; the buffers cost
+//    the rows are cut into S stripes (S ≤ 4 per thread, ≥ 128 rows each),
+//    stripe 0 adds into acc and stripe s > 0 into its own (m, D) buffer, which
+//    the caller adds to acc in stripe order (as they become ready, between its
+//    own stripes, and the rest after the join).  S depends on the shape and
+//    the thread count, not on which thread ran which stripe: the result is
+//    bitwise reproducible for a given thread count, and one thread is the
+//    plain sequential pass.  Several stripes per thread let a running thread
+//    take over the stripes of a preempted one; the buffers cost
 //    (S − 1)·m·D·4 bytes (kept per calling thread up to 64 MiB, to spare the
 //    page faults), one write and one read each: small next to the c·D·2
 //    bytes of G for m ≪ c; they are capped at 1 GiB.  The alternative,
@@ -46,7 +47,9 @@
 #include "common.h"
 #include "pool.h"
 
+#include <atomic>
 #include <memory>
+#include <thread>
 #include <vector>
 
 // -std=c++17 turns GCC's default FP contraction off: allow a*b+c -> FMA here.
@@ -160,7 +163,10 @@ PYINF_INLINE void norms_tile(const float* const* g, int64_t L, float* nacc) {
   }
 }
 
-// Pass 2 for one tile: out[j, k0 + k] += Σ_r coef[r*m + j] g_r[k].
+// Pass 2 for one tile: out[j, k0 + k] += Σ_r coef[r*m + j] g_r[k]; with
+// kFresh, out is not read: it is taken as zeros (the first block of a stripe
+// buffer; 0 + x rounds as the zero-filled buffer would: the same bits).
+template <bool kFresh>
 PYINF_INLINE void axpy_tile(const float* const* g, const float* coef,
                             float* out, int64_t D, int64_t m, int64_t k0,
                             int64_t L) {
@@ -183,7 +189,8 @@ PYINF_INLINE void axpy_tile(const float* const* g, const float* coef,
     for (int64_t k = 0; k < L8; k += 8) {
       const vf8 y0 = load8(g0 + k), y1 = load8(g1 + k);
       const vf8 y2 = load8(g2 + k), y3 = load8(g3 + k);
-      vf8 z0 = load8(o0 + k), z1 = load8(o1 + k);
+      vf8 z0 = kFresh ? vf8{} : load8(o0 + k);
+      vf8 z1 = kFresh ? vf8{} : load8(o1 + k);
       z0 += c00 * y0; z1 += c01 * y0;
       z0 += c10 * y1; z1 += c11 * y1;
       z0 += c20 * y2; z1 += c21 * y2;
@@ -192,8 +199,8 @@ PYINF_INLINE void axpy_tile(const float* const* g, const float* coef,
       store8(o1 + k, z1);
     }
     for (int64_t k = L8; k < L; ++k) {
-      o0[k] += s00 * g0[k] + s10 * g1[k] + s20 * g2[k] + s30 * g3[k];
-      o1[k] += s01 * g0[k] + s11 * g1[k] + s21 * g2[k] + s31 * g3[k];
+      o0[k] = (kFresh ? 0.0f : o0[k]) + (s00 * g0[k] + s10 * g1[k] + s20 * g2[k] + s30 * g3[k]);
+      o1[k] = (kFresh ? 0.0f : o1[k]) + (s01 * g0[k] + s11 * g1[k] + s21 * g2[k] + s31 * g3[k]);
     }
   }
   for (; j < m; ++j) {
@@ -203,7 +210,7 @@ PYINF_INLINE void axpy_tile(const float* const* g, const float* coef,
     const vf8 c0 = splat8(s0), c1 = splat8(s1), c2 = splat8(s2),
               c3 = splat8(s3);
     for (int64_t k = 0; k < L8; k += 8) {
-      vf8 z0 = load8(o0 + k);
+      vf8 z0 = kFresh ? vf8{} : load8(o0 + k);
       z0 += c0 * load8(g0 + k);
       z0 += c1 * load8(g1 + k);
       z0 += c2 * load8(g2 + k);
@@ -211,7 +218,7 @@ PYINF_INLINE void axpy_tile(const float* const* g, const float* coef,
       store8(o0 + k, z0);
     }
     for (int64_t k = L8; k < L; ++k)
-      o0[k] += s0 * g0[k] + s1 * g1[k] + s2 * g2[k] + s3 * g3[k];
+      o0[k] = (kFresh ? 0.0f : o0[k]) + (s0 * g0[k] + s1 * g1[k] + s2 * g2[k] + s3 * g3[k]);
   }
 }
 
@@ -228,10 +235,11 @@ struct Args {
   float* norms_out;    // (c,) or nullptr: Dots also writes ||g_i||^2
 };
 
-// Rows [r0, r1) of G; `out` (m, D) is the accumulator (RankOne, WeightedSum).
+// Rows [r0, r1) of G; `out` (m, D) is the accumulator (RankOne, WeightedSum);
+// `fresh`: out holds garbage, to be taken as zeros (a stripe buffer).
 template <typename TG>
 PYINF_INLINE void rows_impl(Op op, const Args& a, int64_t r0, int64_t r1,
-                            float* out) {
+                            float* out, bool fresh) {
   const TG* G = static_cast<const TG*>(a.G);
   const int64_t D = a.D, m = a.m, c = a.c;
   alignas(64) float buf[kR * kT];
@@ -275,19 +283,24 @@ PYINF_INLINE void rows_impl(Op op, const Args& a, int64_t r0, int64_t r1,
     for (int64_t k0 = 0; k0 < D; k0 += kT) {
       const int64_t L = std::min<int64_t>(kT, D - k0);
       tile_rows<TG>(G, D, i0, Rn, k0, L, buf, zeros, g);
-      axpy_tile(g, coef.data(), out, D, m, k0, L);
+      if (fresh && i0 == r0)
+        axpy_tile<true>(g, coef.data(), out, D, m, k0, L);
+      else
+        axpy_tile<false>(g, coef.data(), out, D, m, k0, L);
     }
   }
 }
 
 PYINF_CLONES
-void rows_f32(Op op, const Args& a, int64_t r0, int64_t r1, float* out) {
-  rows_impl<float>(op, a, r0, r1, out);
+void rows_f32(Op op, const Args& a, int64_t r0, int64_t r1, float* out,
+              bool fresh) {
+  rows_impl<float>(op, a, r0, r1, out, fresh);
 }
 
 PYINF_CLONES
-void rows_bf16(Op op, const Args& a, int64_t r0, int64_t r1, float* out) {
-  rows_impl<uint16_t>(op, a, r0, r1, out);
+void rows_bf16(Op op, const Args& a, int64_t r0, int64_t r1, float* out,
+               bool fresh) {
+  rows_impl<uint16_t>(op, a, r0, r1, out, fresh);
 }
 
 PYINF_CLONES
@@ -303,9 +316,20 @@ void add_into(float* __restrict dst, const float* __restrict src, int64_t n) {
 //  * accumulating passes use at most kStripesPerThread stripes per thread:
 //    enough that, on a busy machine, the caller (or any thread that runs)
 //    takes over the stripes of a thread that is not running, and few enough
-//    that the stripe accumulators stay small next to G.
-constexpr int64_t kItemWork = int64_t(1) << 22;
-constexpr int64_t kStripesPerThread = 4;
+//    that the stripe accumulators stay small next to G; and stripes of at
+//    least kMinStripeRows rows (see run()).
+#ifndef PYINF_ITEM_WORK_SHIFT  // (a build-time knob for experiments)
+#define PYINF_ITEM_WORK_SHIFT 22
+#endif
+constexpr int64_t kItemWork = int64_t(1) << PYINF_ITEM_WORK_SHIFT;
+#ifndef PYINF_STRIPES_PER_THREAD
+#define PYINF_STRIPES_PER_THREAD 4
+#endif
+constexpr int64_t kStripesPerThread = PYINF_STRIPES_PER_THREAD;
+#ifndef PYINF_MIN_STRIPE_ROWS
+#define PYINF_MIN_STRIPE_ROWS 128
+#endif
+constexpr int64_t kMinStripeRows = PYINF_MIN_STRIPE_ROWS;
 constexpr int64_t kMaxPrivateBytes = int64_t(1) << 30;
 // A caller's stripe accumulators are kept between calls up to this size (no
 // page faults on every call of a chunked pass).
@@ -341,22 +365,30 @@ void run(Op op, Kind kind, const Args& a, float* out) {
     const int64_t n = (c + step - 1) / step;
     auto item = [&](int64_t s) {
       const int64_t r0 = s * step;
-      rows(op, a, r0, std::min(c, r0 + step), nullptr);
+      rows(op, a, r0, std::min(c, r0 + step), nullptr, false);
     };
     parallel_for(n, nt, item);
     return;
   }
 
   // Accumulating into out (m, D): S stripes of contiguous rows; stripe 0 adds
-  // into out, stripe s > 0 into its own zeroed accumulator, and the caller
-  // adds those to out in stripe order.  S depends on the shape and the thread
-  // count only, never on which thread ran what: bitwise reproducible for a
-  // given thread count (and one thread is the plain sequential pass).
+  // into out, stripe s > 0 into its own (m, D) buffer (its first row block
+  // stores instead of adding: no zero fill), and the buffers are added to out
+  // in stripe order: out = ((out + stripe 0) + buf 1) + buf 2 ...  S depends
+  // on the shape and the thread count only, never on which thread ran what:
+  // bitwise reproducible for a given thread count (one thread: the plain
+  // sequential pass).  The caller folds the buffers that are ready after each
+  // of its stripes, so the reduction overlaps the workers' stripes (the
+  // workers never fold: the caller never waits for a preempted folder), and
+  // folds the rest after the join.  Folding a buffer moves ~3·m·D·4 bytes
+  // through L2/L3, ~2.4 / rows of the time of a stripe of `rows` rows (2·m·D
+  // multiply-adds a row): stripes have at least kMinStripeRows rows (~2 %).
   const int64_t acc_n = a.m * a.D;
   int64_t S = nt > 1 ? std::min<int64_t>(max_items, kStripesPerThread * nt) : 1;
+  S = std::min<int64_t>(S, std::max<int64_t>(1, c / kMinStripeRows));
   S = std::min<int64_t>(S, 1 + kMaxPrivateBytes / (acc_n * 4));
   if (S <= 1) {
-    rows(op, a, 0, c, out);
+    rows(op, a, 0, c, out, false);
     return;
   }
   const size_t priv_n = static_cast<size_t>((S - 1) * acc_n);
@@ -368,18 +400,24 @@ void run(Op op, Kind kind, const Args& a, float* out) {
     own.reset(new float[priv_n]);
     priv = own.get();
   }
+  std::unique_ptr<std::atomic<bool>[]> finished(new std::atomic<bool>[S]);
+  for (int64_t s = 0; s < S; ++s) finished[s].store(false, std::memory_order_relaxed);
+  const std::thread::id caller = std::this_thread::get_id();
+  int64_t folded = 1;  // the next buffer to add to out; the caller's only
+  auto fold_ready = [&] {
+    if (!finished[0].load(std::memory_order_acquire)) return;
+    for (; folded < S && finished[folded].load(std::memory_order_acquire); ++folded)
+      add_into(out, priv + (folded - 1) * acc_n, acc_n);
+  };
   auto stripe = [&](int64_t s) {
     const int64_t r0 = nblocks * s / S * kR;
     const int64_t r1 = std::min(c, nblocks * (s + 1) / S * kR);
-    float* dst = out;
-    if (s > 0) {
-      dst = priv + (s - 1) * acc_n;
-      std::fill(dst, dst + acc_n, 0.0f);
-    }
-    rows(op, a, r0, r1, dst);
+    rows(op, a, r0, r1, s == 0 ? out : priv + (s - 1) * acc_n, s > 0);
+    finished[s].store(true, std::memory_order_release);
+    if (std::this_thread::get_id() == caller) fold_ready();
   };
   parallel_for(S, nt, stripe);
-  for (int64_t s = 1; s < S; ++s) add_into(out, priv + (s - 1) * acc_n, acc_n);
+  fold_ready();  // everything has finished
 }
 
 struct Checked {

@@ -14,7 +14,7 @@ Public API::
     build_info() -> dict                     # what the install recorded
     unavailable_reason() -> str | None       # why pyinf._C is not usable
     num_threads() -> int
-    set_num_threads(n: int) -> None          # 0 restores the OpenMP default
+    set_num_threads(n: int) -> None          # 0 restores the default (OMP_NUM_THREADS / CPUs)
     norms_and_dots(G, V, *, s_out=None, dots_out=None) -> (s, dots)
 
 The raw module functions (``pyinf._C``) work on buffers (numpy arrays)::
@@ -158,7 +158,14 @@ def num_threads() -> int:
 
 
 def set_num_threads(n: int) -> None:
-    """Set the native kernels' thread count (0 = OpenMP default)."""
+    """Set the native kernels' thread count, the calling thread included.
+
+    0 restores the default, ``omp_get_max_threads()`` (OMP_NUM_THREADS, or the
+    CPUs available).  The kernels run on their own worker pool (csrc/pool.h),
+    whose idle threads sleep instead of spinning, so that on a busy machine
+    more threads degrade gracefully; results are bitwise reproducible for a
+    given thread count.
+    """
     _required().set_num_threads(int(n))
 
 

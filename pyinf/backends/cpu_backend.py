@@ -37,6 +37,15 @@ tensor made by `torch.from_numpy(np.memmap(...))` is read straight from the
 page cache; a non-contiguous input is made contiguous once. Outputs are
 allocated with torch and filled in place through their numpy views.
 
+Threads: `pyinf._native.set_num_threads` (default: OMP_NUM_THREADS or the
+CPUs available). The passes run on the extension's own worker pool, not
+OpenMP regions: the calling thread works too and claims pieces of the pass
+dynamically, idle workers sleep instead of spinning, and calls too small to
+gain from a second thread stay on the caller, so a busy machine slows the
+passes down about as much as it takes CPU away (see csrc/pool.h and
+bench/test_bench_cpu_load.py). Results are bitwise reproducible for a given
+thread count.
+
 The extension is required: `CPUBackend()` raises RuntimeError when
 `pyinf._C` is not importable (``backend="auto"`` then picks "torch" with the
 one warning of `pyinf._native.load`).
