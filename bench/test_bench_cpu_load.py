@@ -53,7 +53,9 @@ Run (after `make install`), from the repository root:
 
 or as a script: `.venv/bin/python bench/test_bench_cpu_load.py` (exit status 1
 if an assertion fails).  PYINF_BENCH_NATIVE_SO=/path/to/_C.so measures another
-build of the extension (e.g. the one before the fix) in the same harness.
+build of the extension (e.g. the one before the fix) in the same harness
+(PYINF_BENCH_NATIVE_LABEL describes it in the JSON).  bench/cpu_ab.py
+compares builds pass by pass in one process (paired, less noisy).
 
 Summary JSON: `bench/results/cpu-load-<time>.json` (machine info, commit,
 date, load averages, every sample with its other-load figure, the clean and
@@ -87,6 +89,7 @@ LOAD_FACTOR = float(os.environ.get("PYINF_BENCH_LOAD_FACTOR", "2"))
 CHUNK = int(os.environ.get("PYINF_BENCH_LOAD_CHUNK", "256"))
 BUSY_SECONDS = int(os.environ.get("PYINF_BENCH_BUSY_SECONDS", "1200"))
 NATIVE_SO = os.environ.get("PYINF_BENCH_NATIVE_SO", "")
+NATIVE_LABEL = os.environ.get("PYINF_BENCH_NATIVE_LABEL", "")  # what NATIVE_SO is, for the JSON
 # A sample is "clean" when the machine's other work (other users' jobs) used at
 # most CLEAN_MAX cores during it; the quiet/loaded ratio is judged on clean
 # samples only, and the C++ passes are re-measured (up to MAX_SECONDS) until
@@ -384,7 +387,7 @@ def run_all(log=print) -> dict:
         "machine": machine.machine_info(),
         "cpu_count": os.cpu_count(),
         "git_commit": machine.git_commit(),
-        "native_module": _so_info(C),
+        "native_module": dict(_so_info(C), label=NATIVE_LABEL or ("pyinf._C as installed" if not NATIVE_SO else "")),
         "native_default_threads": C.num_threads(),
         "torch_threads": torch.get_num_threads(),
         "shape": dict(n=N, blocks=BLOCKS, rows=ROWS, cols=COLS, m=M, dtype="bf16", chunk=CHUNK),
