@@ -84,8 +84,8 @@ class CPUBackend(TorchBackend):
     def __init__(self):
         if not _native.is_available():
             raise RuntimeError(
-                "backend='cpu' needs the C++ extension pyinf._C, which could not be imported "
-                f"({_native.import_error()}); reinstall pyinf with a C++ compiler and pybind11, "
+                "backend='cpu' needs the C++ extension pyinf._C, which is not available: "
+                f"{_native.unavailable_reason()}; reinstall pyinf with a C++ compiler, "
                 "or use backend='torch' (or 'auto', which falls back to it)"
             )
         self._C = _native.load()
