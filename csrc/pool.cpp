@@ -57,10 +57,12 @@ class Pool {
   void run(int64_t n, int nt, ItemFn fn, void* ctx) {
     const int want = static_cast<int>(std::min<int64_t>(nt - 1, n - 1));
     grow(want);
+    uint64_t job;
     uint32_t g;
     {
       std::lock_guard<std::mutex> lk(mu_);
-      g = static_cast<uint32_t>(++gen_);
+      job = ++gen_;
+      g = static_cast<uint32_t>(job);
       fn_ = fn;
       ctx_ = ctx;
       n_ = n;
@@ -68,8 +70,11 @@ class Pool {
       error_ = nullptr;
       done_.store(0, std::memory_order_relaxed);
       next_.store(static_cast<uint64_t>(g) << 32, std::memory_order_release);
-      gen_pub_.store(gen_, std::memory_order_release);
     }
+    // Published to the polling workers only once mu_ is free: a worker that
+    // saw the job while mu_ is still held would block on it and pay the
+    // futex wake-up that polling is there to avoid.
+    gen_pub_.store(job, std::memory_order_release);
     if (want > 0) wake_.notify_all();
     work(g, n, fn, ctx);
     if (done_.load(std::memory_order_acquire) != n && !spin_until_done(n)) {
