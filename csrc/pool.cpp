@@ -180,9 +180,10 @@ class Pool {
   // a busy machine a preemption ends it (the deadline has passed when the
   // worker runs again), so a job costs the other processes at most ~kPollNs
   // of CPU, where libgomp spins ~3 ms at every barrier and between regions.
-  // Measured (bench/cpu_ab.py, 256-row calls, 2 threads): quiet, polling this
-  // way matches the OpenMP build (sleeping at once: +13 %; polling with
-  // sched_yield instead of pause: +10 %); loaded, it makes no difference.
+  // Measured (bench/cpu_ab.py, 256-row calls, 2 threads, quiet): sleeping at
+  // once cost +13 % vs the OpenMP build, this poll ~+1 %; under load no
+  // measurable difference.  (sched_yield instead of pause would hand the core
+  // away at once under load, but costs a syscall per poll when quiet.)
   void poll_for_job(uint64_t seen) {
     if (gen_pub_.load(std::memory_order_acquire) != seen) return;
     const auto t0 = std::chrono::steady_clock::now();
