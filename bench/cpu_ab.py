@@ -35,7 +35,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from test_bench_cpu_load import BusyLoops, _machine_busy_seconds  # noqa: E402
+import machine  # noqa: E402
+from test_bench_cpu_load import BusyLoops, _machine_busy_seconds, _so_info  # noqa: E402
 
 N, BLOCKS, D, M = 4000, 20, 8192, 8
 
@@ -101,7 +102,9 @@ def main(argv=None):
             for k, t in trial.items():
                 res[k].append(t)
             others.append(worst)
-    out = {"time": datetime.datetime.now().isoformat(timespec="seconds"), "builds": args.builds,
+    out = {"time": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine.machine_info(),
+           "cpu_count": os.cpu_count(), "git_commit": machine.git_commit(),
+           "builds": [_so_info(m) for m in mods], "threads": nts, "gate_cores": args.gate,
            "loaded": args.loaded, "chunk": args.chunk, "trials": len(res[cfgs[0]]), "tried": tried,
            "other_load_cores_max_per_trial": others, "loadavg": os.getloadavg(), "results": {}}
     print(f"[ab] {'loaded' if args.loaded else 'quiet'}, chunk {args.chunk or 'block'}: {out['trials']} trials"

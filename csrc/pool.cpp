@@ -35,6 +35,14 @@ constexpr int64_t kSpinNs = PYINF_POOL_SPIN_NS;
 #endif
 constexpr int64_t kPollNs = PYINF_POOL_POLL_NS;
 
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
 thread_local bool t_in_job = false;  // items must not start jobs: run those inline
 
 void run_serial(int64_t n, ItemFn fn, void* ctx) {
@@ -49,10 +57,12 @@ class Pool {
   void run(int64_t n, int nt, ItemFn fn, void* ctx) {
     const int want = static_cast<int>(std::min<int64_t>(nt - 1, n - 1));
     grow(want);
+    uint64_t job;
     uint32_t g;
     {
       std::lock_guard<std::mutex> lk(mu_);
-      g = static_cast<uint32_t>(++gen_);
+      job = ++gen_;
+      g = static_cast<uint32_t>(job);
       fn_ = fn;
       ctx_ = ctx;
       n_ = n;
@@ -60,8 +70,11 @@ class Pool {
       error_ = nullptr;
       done_.store(0, std::memory_order_relaxed);
       next_.store(static_cast<uint64_t>(g) << 32, std::memory_order_release);
-      gen_pub_.store(gen_, std::memory_order_release);
     }
+    // Published to the polling workers only once mu_ is free: a worker that
+    // saw the job while mu_ is still held would block on it and pay the
+    // futex wake-up that polling is there to avoid.
+    gen_pub_.store(job, std::memory_order_release);
     if (want > 0) wake_.notify_all();
     work(g, n, fn, ctx);
     if (done_.load(std::memory_order_acquire) != n && !spin_until_done(n)) {
@@ -104,9 +117,7 @@ class Pool {
     const auto t0 = std::chrono::steady_clock::now();
     for (int k = 1;; ++k) {
       if (done_.load(std::memory_order_acquire) == n) return true;
-#if defined(__x86_64__) || defined(__i386__)
-      __builtin_ia32_pause();
-#endif
+      cpu_relax();
       if (k % 64 == 0 &&
           std::chrono::steady_clock::now() - t0 > std::chrono::nanoseconds(kSpinNs))
         return false;
@@ -162,19 +173,26 @@ class Pool {
   }
 
   // A pass is often a loop of calls (one per block or chunk) with a few tens
-  // of microseconds of Python between them; a worker asleep on a futex takes
-  // ~50-100 us to wake on this VM, each call (measured: +20 % on calls of
-  // ~1 ms).  So a worker that just finished polls for the next job for up to
-  // kPollNs first, yielding the CPU at every poll: on a busy machine the
-  // first sched_yield hands the core to whatever else wants it (so the poll
-  // costs others nothing, unlike libgomp's spinning), on an idle one it
-  // returns at once.
+  // of microseconds of Python between them, and a worker asleep on a futex
+  // takes ~50-100 us to wake on this VM, each call.  So a worker that just
+  // finished polls for the next job for at most kPollNs (pause loop, clock
+  // read every 64 polls), then sleeps.  The poll is bounded in wall time: on
+  // a busy machine a preemption ends it (the deadline has passed when the
+  // worker runs again), so a job costs the other processes at most ~kPollNs
+  // of CPU, where libgomp spins ~3 ms at every barrier and between regions.
+  // Measured (bench/cpu_ab.py, 256-row calls, 2 threads, quiet): sleeping at
+  // once cost +13 % vs the OpenMP build, this poll ~+1 %; under load no
+  // measurable difference.  (sched_yield instead of pause would hand the core
+  // away at once under load, but costs a syscall per poll when quiet.)
   void poll_for_job(uint64_t seen) {
     if (gen_pub_.load(std::memory_order_acquire) != seen) return;
     const auto t0 = std::chrono::steady_clock::now();
-    while (gen_pub_.load(std::memory_order_acquire) == seen &&
-           std::chrono::steady_clock::now() - t0 < std::chrono::nanoseconds(kPollNs))
-      std::this_thread::yield();
+    for (int k = 1; gen_pub_.load(std::memory_order_acquire) == seen; ++k) {
+      cpu_relax();
+      if (k % 64 == 0 &&
+          std::chrono::steady_clock::now() - t0 > std::chrono::nanoseconds(kPollNs))
+        return;
+    }
   }
 
   std::mutex mu_;

@@ -19,13 +19,11 @@
 //    time from an atomic counter, so a worker that wakes late finds nothing
 //    left and never holds the caller up (no team barrier: the caller waits
 //    only for items that a worker has actually started);
-//  * does not spin against other processes: a worker that finished polls for
-//    the next job for at most 200 us, calling sched_yield at every poll (on a
-//    busy machine the first yield hands the core to whoever wants it; on an
-//    idle one it catches the next call of a loop without a ~50-100 us futex
-//    wake-up), then sleeps on a condition variable; the caller, waiting for
-//    an item that another thread has started, spins at most 100 us, then
-//    sleeps;
+//  * spins little: a worker that finished polls for the next job for at most
+//    200 us of wall time (catching the next call of a loop without a ~50-100
+//    us futex wake-up; a preemption ends the poll), then sleeps on a
+//    condition variable; the caller, waiting for an item that another thread
+//    has started, spins at most 100 us, then sleeps;
 //  * runs jobs of one item on the caller, without waking anyone (the tiny
 //    calls of the test suite paid a wake-up and a barrier each).
 //
