@@ -163,12 +163,17 @@ class Method:
         out = torch.zeros(m, train.n, dtype=dtype, device=train.device)
         for start, cols in self.score_chunks(train, H):
             out[:, start : start + cols.shape[1]] = cols
-        if not self.needs_damping and not bool(torch.isfinite(out).all()):
-            # tracin skips the norms pass; locate the bad sample only on this error path.
-            for start, chunk in train.chunks():
-                for name, G in chunk.items():
-                    check_finite(name, G, "train gradient", offset=start)
+        self._refuse_non_finite(train, out)
         return out
+
+    def _refuse_non_finite(self, train: GradientSource, result: torch.Tensor) -> None:
+        """The NaN/Inf check of methods without the norms pass (tracin), which refuses them there:
+        a non-finite gradient makes `result` non-finite; only then pass again to name the sample."""
+        if self.needs_damping or bool(torch.isfinite(result).all()):
+            return
+        for start, chunk in train.chunks():
+            for name, G in chunk.items():
+                check_finite(name, G, "train gradient", offset=start)
 
     def score_chunks(self, train: GradientSource, H: dict[str, torch.Tensor]):
         """One pass: yield `(start, (m, c) scores)` per chunk (lets a caller keep a top-k, not (m, n))."""
@@ -191,6 +196,7 @@ class Method:
             for name, G in chunk.items():
                 total = total - (H[name] * G.reshape(G.shape[0], -1).to(H[name].dtype)).sum(dim=1)
             out[start : start + total.shape[0]] = total
+        self._refuse_non_finite(train, out)
         return out
 
     def _self_influence_sharded(self, train: GradientSource, out: torch.Tensor) -> torch.Tensor:
