@@ -141,6 +141,7 @@ class OptionalBuildExt(build_ext):
                     "-O3",
                     "-g0",
                     "-fopenmp",
+                    "-pthread",  # csrc/pool.cpp's std::thread (-fopenmp implies it, but may be dropped)
                     "-fvisibility=hidden",
                     "-Wall",
                     "-Wno-unknown-pragmas",
@@ -149,7 +150,7 @@ class OptionalBuildExt(build_ext):
                     # portable baseline; hot loops are also cloned for
                     # x86-64-v3/v4 and dispatched at load time (see csrc/).
                     ext.extra_compile_args.append("-march=x86-64-v2")
-                ext.extra_link_args = ["-fopenmp"]
+                ext.extra_link_args = ["-fopenmp", "-pthread"]
             elif ct == "msvc":
                 ext.extra_compile_args = ["/std:c++17", "/O2", "/openmp"]
         super().build_extensions()
