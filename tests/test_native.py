@@ -338,16 +338,23 @@ def test_passes_thread_counts(c, D, m, dtype):
     assert C._pool_workers() >= 1  # the threaded path ran
 
 
+def _pooled_rank_one(dtype, seed):
+    """Buffers of a rank-one pass big enough to use the pool (3000 x 8 x 1024), and its answer at the
+    current thread count: (G buffer, V, w, acc)."""
+    G, V = _make(3000, 8, 1024, dtype, seed=seed)
+    w = torch.rand(3000, generator=torch.Generator().manual_seed(seed))
+    gb, Vn, wn = _gbuf(G), V.numpy(), w.numpy()
+    expected = np.zeros((8, 1024), np.float32)
+    C.rank_one_accumulate(expected, gb, Vn, wn)
+    return gb, Vn, wn, expected
+
+
 def test_passes_concurrent_callers():
     """Python threads calling the kernels at once (the GIL is released): a call
     that finds the pool busy runs its stripes itself, in order: the same bits."""
-    G, V = _make(3000, 8, 1024, torch.bfloat16, seed=5)
-    w = torch.rand(3000)
-    gb, Vn, wn = _gbuf(G), V.numpy(), w.numpy()
     C.set_num_threads(2)
     try:
-        expected = np.zeros((8, 1024), np.float32)
-        C.rank_one_accumulate(expected, gb, Vn, wn)
+        gb, Vn, wn, expected = _pooled_rank_one(torch.bfloat16, seed=5)
         out, errors = [], []
 
         def work():
@@ -375,13 +382,9 @@ def test_passes_concurrent_callers():
 def test_pool_in_forked_child():
     """A child forked after the pool started has none of its threads: the pool
     is rebuilt there, and the answer is the same."""
-    G, V = _make(3000, 8, 1024, torch.float32, seed=6)
-    w = torch.rand(3000)
-    gb, Vn, wn = _gbuf(G), V.numpy(), w.numpy()
     C.set_num_threads(2)
     try:
-        expected = np.zeros((8, 1024), np.float32)
-        C.rank_one_accumulate(expected, gb, Vn, wn)
+        gb, Vn, wn, expected = _pooled_rank_one(torch.float32, seed=6)
         assert C._pool_workers() >= 1
         pid = os.fork()
         if pid == 0:  # the child: no pytest, no torch; exit status is the verdict
