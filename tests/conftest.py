@@ -5,7 +5,9 @@
 * The tests must exercise the INSTALLED package (``make test`` builds and
   installs it, then runs pytest from ``tests/`` with ``--import-mode=importlib``):
   importing ``pyinf`` from the source tree would skip the C++ build and the
-  packaging of ``kernels/`` as ``pyinf.kernels``.
+  packaging of ``kernels/`` as ``pyinf.kernels``. For quick iterations on a
+  checkout, ``pip install -e .`` and ``PYINF_TEST_EDITABLE=1`` allow an editable
+  install (never in CI).
 """
 
 import os
@@ -25,7 +27,7 @@ import pyinf  # noqa: E402
 _pyinf_dirs = [pathlib.Path(p).resolve() for p in getattr(pyinf, "__path__", [])]
 if pyinf.__file__:
     _pyinf_dirs.append(pathlib.Path(pyinf.__file__).resolve().parent)
-if any(d == _SOURCE_PKG or _SOURCE_PKG in d.parents for d in _pyinf_dirs):
+if os.environ.get("PYINF_TEST_EDITABLE") != "1" and any(d == _SOURCE_PKG or _SOURCE_PKG in d.parents for d in _pyinf_dirs):
     raise pytest.UsageError(
         "run `make test`: tests must import the installed pyinf, but pyinf was "
         f"imported from the source tree ({pyinf.__file__ or _pyinf_dirs})"

@@ -15,8 +15,9 @@ Reproduced as the original has them (quirks included):
 * ``lambda = mean_i mean(g_i**2) / lambda_const_param`` per parameter.
 * ``'LiSSA'``: 10 iterations of ``h <- v + h - ((1/n) sum_i <g_i, h> g_i - lambda h)``,
   i.e. the damping enters with the wrong sign and there is no scaling.
-* ``IFEngine.compute_IF`` negates (``-<h, g_i>``); ``IFEngineGeneration.compute_IF``
-  does NOT (``+<h_j, g_i>``).
+* Both ``compute_IF`` negate (``-<h, g_i>``), as the original does since its commit
+  c685ca29 (January 2024); ``LoopIFEngineGeneration(sign="2023")`` drops the minus of
+  ``IFEngineGeneration`` as the code did before it.
 
 Inputs: nested dicts ``{sample index 0..n-1: {param name: tensor}}``.
 """
@@ -135,7 +136,8 @@ class LoopIFEngine:
 class LoopIFEngineGeneration:
     """Loop version of DataInf's ``IFEngineGeneration`` (one score per query)."""
 
-    def __init__(self):
+    def __init__(self, sign="current"):
+        self.sign = sign
         self.time_dict = defaultdict(list)
         self.hvp_dict = defaultdict(list)
         self.IF_dict = defaultdict(list)
@@ -170,5 +172,5 @@ class LoopIFEngineGeneration:
                     s = 0
                     for w in self.val_grad_dict[0]:
                         s += torch.sum(hvps[val_id][w] * self.tr_grad_dict[tr_id][w])
-                    table[tr_id][val_id] = float(s)  # no minus sign, as in the original
+                    table[tr_id][val_id] = -float(s) if self.sign == "current" else float(s)
             self.IF_dict[method] = pd.DataFrame(table, dtype=float)

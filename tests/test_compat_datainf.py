@@ -62,8 +62,8 @@ def run_classification(cls, tr, val, **kw):
     return eng
 
 
-def run_generation(cls, tr, val, param=10):
-    eng = cls()
+def run_generation(cls, tr, val, param=10, **kw):
+    eng = cls(**kw)
     eng.preprocess_gradients(tr, val)
     eng.compute_hvps(lambda_const_param=param)
     eng.compute_IF()
@@ -209,8 +209,9 @@ def test_generation_key_order(data):
         assert relerr(got.to_numpy(), exp.to_numpy()) < RTOL, key
 
 
-def test_generation_equals_minus_pyinf_influence(data):
-    """The original does not negate in IFEngineGeneration: its table is -pyinf.influence (m, n)."""
+def test_generation_equals_pyinf_influence(data):
+    """Since DataInf commit c685ca29 (January 2024) IFEngineGeneration negates, as IFEngine does:
+    its table is pyinf.influence (m, n), most helpful = most negative."""
     tr, val = data
     param = 7
     ours = run_generation(IFEngineGeneration, tr, val, param=param)
@@ -218,7 +219,28 @@ def test_generation_equals_minus_pyinf_influence(data):
     for key, method in [("identity", "tracin"), ("proposed", "datainf")]:
         expected = pyinf.influence(G, V, method=method, damping=1 / param, aggregate=False)
         assert tuple(expected.shape) == (M, N)
-        assert relerr(ours.IF_dict[key].to_numpy(), -expected) < RTOL, key
+        assert relerr(ours.IF_dict[key].to_numpy(), expected) < RTOL, key
+
+
+def test_generation_self_is_most_helpful():
+    """The sign in a case with a known answer: a validation point equal to a training point
+    finds that point most helpful (the smallest entry of its row) under the default sign,
+    and most harmful under sign="2023" (the pre-2024 code, reversed rankings)."""
+    gen = torch.Generator().manual_seed(2)
+    tr = make_grads(N, gen)
+    val = {j: {w: t.clone() for w, t in tr[i].items()} for j, i in enumerate([4, 11, 17])}
+    for sign, pick in [("current", "idxmin"), ("2023", "idxmax")]:
+        ours = run_generation(IFEngineGeneration, tr, val, sign=sign)
+        ref = run_generation(LoopIFEngineGeneration, tr, val, sign=sign)
+        for key in ["identity", "proposed"]:
+            table = ours.IF_dict[key]
+            assert list(getattr(table, pick)(axis=1)) == [4, 11, 17], (sign, key)
+            assert relerr(table.to_numpy(), ref.IF_dict[key].to_numpy()) < RTOL, (sign, key)
+
+
+def test_generation_bad_sign():
+    with pytest.raises(ValueError, match="sign must be one of"):
+        IFEngineGeneration(sign="+")
 
 
 def test_generation_save_result(data, tmp_path, monkeypatch):

@@ -41,9 +41,12 @@ Kept as the original has them, so that numbers compare with published results:
   (typical gradient scales) ``h_10 ~ 11 v``, so its ranking collapses to the
   identity method's (and with large ``F`` it diverges). Use
   ``pyinf.influence(..., method="lissa")`` for a convergent LiSSA.
-* Signs: ``IFEngine.compute_IF`` returns ``-<h, g_i>`` (pyinf's convention), but
-  ``IFEngineGeneration.compute_IF`` returns ``+<h_j, g_i>``: the original does not
-  negate there, so its DataFrame is ``-pyinf.influence(..., aggregate=False)``.
+* Signs: both ``IFEngine.compute_IF`` and ``IFEngineGeneration.compute_IF`` return
+  ``-<h, g_i>``, pyinf's convention (negative = helpful), as the DataInf code has
+  since its commit c685ca29 (pull request #3, January 2024: "add negative sign for
+  influence values from IFEngineGeneration"). Until then ``IFEngineGeneration``
+  returned ``+<h_j, g_i>``, which reverses every ranking; results produced with that
+  2023 code are reproduced with ``IFEngineGeneration(sign="2023")``.
 
 Other small differences: weight names are taken from the first validation
 sample (the original requires a key ``0``); sample keys may be any hashable
@@ -290,15 +293,25 @@ class IFEngineGeneration:
 
     ``hvp_dict['identity']`` is (a shallow copy of) ``val_grad_dict``; ``hvp_dict['proposed']``
     is ``{val id: {param name: tensor of the param's shape}}``. ``IF_dict[key]`` is a float64
-    DataFrame whose entry ``[j, i]`` is ``+<h_j, g_i>``: the original does NOT negate here
-    (unlike ``IFEngine``), so it equals ``-pyinf.influence(..., aggregate=False)[j, i]``.
+    DataFrame whose entry ``[j, i]`` is ``-<h_j, g_i>`` = ``pyinf.influence(..., aggregate=False)[j, i]``,
+    as the DataInf code computes it since January 2024 (module docstring).
     Needs pandas (``pip install pyinf[compat]``), for ``compute_IF`` only.
 
-    ``backend`` (extra, keyword): the pyinf backend, ``"auto"`` by default.
+    Extras (keyword): ``backend``, the pyinf backend (``"auto"``); ``sign``: ``"current"``
+    (default, ``-<h_j, g_i>``) or ``"2023"`` (``+<h_j, g_i>``, the sign of the DataInf code
+    before its commit c685ca29, to reproduce results made with it; rankings are reversed).
     """
 
-    def __init__(self, *, backend: str = "auto"):
+    SIGNS = ("current", "2023")
+
+    def __init__(self, *, backend: str = "auto", sign: str = "current"):
+        if sign not in self.SIGNS:
+            raise ValueError(
+                f"sign must be one of {self.SIGNS} ('current': -<h_j, g_i> as DataInf computes it since "
+                f"January 2024; '2023': the earlier +<h_j, g_i>), got {sign!r}"
+            )
         self.backend = backend
+        self.sign = sign
         self.time_dict = defaultdict(list)
         self.hvp_dict = defaultdict(list)
         self.IF_dict = defaultdict(list)
@@ -337,7 +350,7 @@ class IFEngineGeneration:
 
     def compute_IF(self) -> None:
         """``IF_dict[key]`` = float64 DataFrame ``(m, n)``, index = validation ids, columns =
-        train ids, entry ``+sum_w <hvp_dict[key][j][w], g_iw>`` (the original's sign)."""
+        train ids, entry ``-sum_w <hvp_dict[key][j][w], g_iw>`` (``+`` with ``sign="2023"``)."""
         try:
             import pandas as pd
         except ImportError as exc:
@@ -354,7 +367,7 @@ class IFEngineGeneration:
         columns = pd.DataFrame(dict.fromkeys(p.tr_ids, ()), dtype=float).columns
         index = list(p.val_ids)
         for key, scores in zip(keys, p.score(Hs)):
-            values = -scores.numpy()  # the original does not negate in IFEngineGeneration
+            values = scores.numpy() if self.sign == "current" else -scores.numpy()
             self.IF_dict[key] = pd.DataFrame(values, index=index, columns=columns, dtype=float)
 
     def save_result(self, run_id: int = 0) -> None:
