@@ -26,12 +26,21 @@ original training order (the other ranks return None). `save`/`load` are
 single-process.
 
 Faults:
-- `nan_policy="error"` (default): a NaN/Inf training gradient is a ValueError
-  naming the sample and the block. `nan_policy="skip"`: those samples are left
+- `nan_policy="error"` (default): a NaN/Inf training loss or gradient is a
+  ValueError naming the sample (its index in the training data; under
+  torchrun, in the rank's shard) and, for a gradient, the block.
+  `nan_policy="skip"`: those samples are left
   out of the store and of every statistic (the other samples' scores are those
   of a run without them), `att.skipped` lists their indices, and their columns
   of `score`/`self_influence` are NaN (the matrix keeps the data's indexing;
-  `score(top_k=k)` never returns them). Query gradients are always checked.
+  `score(top_k=k)` never returns them). A NaN/Inf loss is zeroed before the
+  backward, so the capture of the rest of its batch goes on. Query losses and
+  gradients are always checked; a query with an all-zero gradient (no target
+  tokens) is a RuntimeWarning (its scores are 0). NaN/Inf model weights are a
+  ValueError naming the parameter, under either policy.
+- A model that changed since `fit` (weights or LoRA scaling: the fingerprint
+  of `pyinf.store.fingerprint`) is refused by `score`/`self_influence`, and a
+  saved state by `load` on another model; `check_model=False` overrides both.
 - Out of memory (`pyinf.oom`): a capture retries the batch in halves (kept for
   the next batches); a pass (fit statistics, scoring, self-influence) is
   retried with half the samples per chunk; each warns once. On one process
@@ -108,7 +117,8 @@ def _in_dataset_order(loader: DataLoader) -> DataLoader:
 
 
 def _is_example(item) -> bool:
-    """One training example (not a batch): 1-D `input_ids`, or a 0-d tensor / number among its values."""
+    """One example, not a batch: 1-D (or flat list) `input_ids`; without them, tensors of at most
+    one dimension, one of them a scalar (a batch holds no 0-d tensor)."""
     if not isinstance(item, Mapping):
         return False
     ids = item.get("input_ids")
@@ -116,7 +126,8 @@ def _is_example(item) -> bool:
         return ids.dim() == 1
     if isinstance(ids, (list, tuple)):
         return not ids or not isinstance(ids[0], (list, tuple, torch.Tensor))
-    return any(isinstance(v, (int, float)) or isinstance(v, torch.Tensor) and v.dim() == 0 for v in item.values())
+    dims = [v.dim() for v in item.values() if isinstance(v, torch.Tensor)]
+    return bool(dims) and max(dims) <= 1 and min(dims) == 0
 
 
 def _collate_examples(examples: list) -> dict:
@@ -127,8 +138,8 @@ def _collate_examples(examples: list) -> dict:
         raise ValueError(
             f"per-example dicts are stacked into batches with torch's default_collate, which needs the examples "
             f"of a batch to have equal shapes and numeric values ({err}); pass (examples, collate_fn) with a "
-            f"padding collator, e.g. transformers.DataCollatorWithPadding(tokenizer) (class labels) or DataCollatorForSeq2Seq(tokenizer) "
-            f"(token labels), or padded batches"
+            f"padding collator, e.g. transformers.DataCollatorWithPadding(tokenizer) (class labels) or "
+            f"DataCollatorForSeq2Seq(tokenizer) (token labels), or padded batches"
         ) from None
 
 
@@ -310,11 +321,12 @@ class Attributor:
         losses = self._losses
         if losses is None:  # a capture that did not call the loss (a test double): nothing to add
             return g
-        if not bool(torch.isfinite(losses).all()):
+        if not bool(torch.isfinite(losses).all()):  # bad data, or bad weights: name the weights
             bad = [n for n, p in self.model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
             if bad:
-                raise ValueError(f"the model's parameter {bad[0]!r}{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''} "
-                                 f"contains NaN or Inf: every loss and gradient would; load finite weights")
+                more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+                raise ValueError(f"the model's parameter {bad[0]!r}{more} contains NaN or Inf: every loss and "
+                                 f"gradient would; load finite weights")
         return {**g, LOSS_KEY: losses}
 
     @contextmanager
@@ -454,14 +466,14 @@ class Attributor:
             spec = "disk:" + str(Path(spec[len("disk:") :]) / f"rank{comm.rank}-of-{comm.world}")
         self.blocks = None  # a new fit takes the blocks the capture finds now
         with self._capturing():
-            self._fingerprint = self._model_fingerprint()
+            fp = self._model_fingerprint()
             store = make_store(
                 spec,
                 blocks=self.blocks,
                 device=self.device,
                 grad_dtype=c["grad_dtype"],
                 chunk_size=c["chunk_size"],
-                fingerprint=self._fingerprint,
+                fingerprint=fp,
                 progress=self.progress,
             )
             store.nan_policy = c["nan_policy"]
@@ -474,7 +486,7 @@ class Attributor:
                     return method.fit(store)
 
             method = self._retrying(store, fit_method)
-        self._store, self._method = store, method
+        self._store, self._method, self._fingerprint = store, method, fp
         return self
 
     def query_grads(self, query_data) -> dict[str, torch.Tensor]:
@@ -658,8 +670,9 @@ class Attributor:
         if progress == "saved":
             progress = c.get("progress")
         keys = ("method", "blocks", "store", "grad_dtype", "batch_size", "damping", "damping_mode", "backend", "chunk_size")
-        self = cls(model, loss=loss, progress=progress, nan_policy=c["nan_policy"], distributed=False,
-                   mask_padding=c["mask_padding"], check_model=check_model, **{k: c[k] for k in keys}, **c["options"])
+        keys += ("nan_policy", "mask_padding")
+        self = cls(model, loss=loss, progress=progress, distributed=False, check_model=check_model,
+                   **{k: c[k] for k in keys}, **c["options"])
         self.blocks = [Block(*b) for b in state["blocks"]]
         self._fingerprint = state["fingerprint"]
         if check_model and self._model_fingerprint() != self._fingerprint:

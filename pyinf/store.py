@@ -27,7 +27,8 @@ when the model is on CUDA (half the memory and bandwidth; the passes are
 bandwidth-bound) and float32 on the CPU (no speed to gain there). Compute is
 float32 whatever the storage. Captured gradients with NaN/Inf are refused at
 capture time, naming the sample and block, for every method
-(`nan_policy="error"`, the default). With `nan_policy="skip"` such samples
+(`nan_policy="error"`, the default), and so are NaN/Inf losses when the
+capture reports them (`LOSS_KEY`). With `nan_policy="skip"` such samples
 are left out of the store instead: `n` counts the kept samples, chunk starts
 index them, `skipped` lists the original indices left out (sample i of the
 data given to `fill`, counting every sample) and `n_orig` counts all.
@@ -168,8 +169,8 @@ def batch_len(batch) -> int:
     for v in values:
         if isinstance(v, torch.Tensor) and v.dim() > 0:
             return int(v.shape[0])
-    what = f"a {type(batch).__name__} without tensors" if isinstance(batch, (Mapping, list, tuple)) else f"a {type(batch).__name__}"
-    raise TypeError(f"cannot tell the batch size of {what}: {ACCEPTED}")
+    what = type(batch).__name__ + (" without tensors" if isinstance(batch, (Mapping, list, tuple)) else "")
+    raise TypeError(f"cannot tell the batch size of a {what}: {ACCEPTED}")
 
 
 def _tensor_bytes(t: torch.Tensor) -> np.ndarray:
@@ -212,7 +213,8 @@ def _digest(t: torch.Tensor) -> bytes:
     return str(int(bits.sum(dtype=torch.int64))).encode()
 
 
-def fingerprint(model: torch.nn.Module, blocks: list[Block], grad_dtype: torch.dtype, options: dict | None = None) -> str:
+def fingerprint(model: torch.nn.Module, blocks: list[Block], grad_dtype: torch.dtype,
+                options: dict | None = None) -> str:
     """What captured gradients depend on, apart from the data and the loss function.
 
     Hashes the blocks, grad_dtype, the capture `options` (e.g. mask_padding),
