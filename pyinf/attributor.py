@@ -26,12 +26,21 @@ original training order (the other ranks return None). `save`/`load` are
 single-process.
 
 Faults:
-- `nan_policy="error"` (default): a NaN/Inf training gradient is a ValueError
-  naming the sample and the block. `nan_policy="skip"`: those samples are left
+- `nan_policy="error"` (default): a NaN/Inf training loss or gradient is a
+  ValueError naming the sample (its index in the training data; under
+  torchrun, in the rank's shard) and, for a gradient, the block.
+  `nan_policy="skip"`: those samples are left
   out of the store and of every statistic (the other samples' scores are those
   of a run without them), `att.skipped` lists their indices, and their columns
   of `score`/`self_influence` are NaN (the matrix keeps the data's indexing;
-  `score(top_k=k)` never returns them). Query gradients are always checked.
+  `score(top_k=k)` never returns them). A NaN/Inf loss is zeroed before the
+  backward, so the capture of the rest of its batch goes on. Query losses and
+  gradients are always checked; a query with an all-zero gradient (no target
+  tokens) is a RuntimeWarning (its scores are 0). NaN/Inf model weights are a
+  ValueError naming the parameter, under either policy.
+- A model that changed since `fit` (weights or LoRA scaling: the fingerprint
+  of `pyinf.store.fingerprint`) is refused by `score`/`self_influence`, and a
+  saved state by `load` on another model; `check_model=False` overrides both.
 - Out of memory (`pyinf.oom`): a capture retries the batch in halves (kept for
   the next batches); a pass (fit statistics, scoring, self-influence) is
   retried with half the samples per chunk; each warns once. On one process
@@ -47,7 +56,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler
+from torch.utils.data import default_collate
 
 from .backends import get_backend
 from .blocks import Block, check_finite
@@ -55,11 +65,14 @@ from .methods import get_method
 from .oom import HalvingCapture, is_oom, release_memory
 from .progress import bar
 from .progress import check as check_progress
-from .store import STORES, fingerprint, make_store, parse_store, resolve_grad_dtype
+from .store import ACCEPTED, LOSS_KEY, STORES, fingerprint, make_store, parse_store, resolve_grad_dtype
 
 SAVE_FORMAT = "pyinf-attributor"
-SAVE_VERSION = 1
+SAVE_VERSION = 2
 NAN_POLICIES = ("error", "skip")
+# What a rebuilt DataLoader keeps of the user's (`_in_dataset_order`); the newer ones only where they exist.
+_LOADER_KEYS = ("num_workers", "collate_fn", "pin_memory", "drop_last", "timeout", "worker_init_fn",
+                "multiprocessing_context", "prefetch_factor", "persistent_workers", "pin_memory_device", "in_order")
 
 
 class TopK(NamedTuple):
@@ -75,6 +88,59 @@ def _make_capture(model, blocks, loss):
     from .capture import GradientCapture  # the capture module is heavy (transformers); import on use
 
     return GradientCapture(model, blocks=blocks, loss=loss)
+
+
+def _in_dataset_order(loader: DataLoader) -> DataLoader:
+    """`loader`, read in its dataset's order: score columns (query rows) are dataset indices.
+
+    A shuffled loader (shuffle=True) is rebuilt with shuffle=False, everything
+    else kept (per-sample gradients do not depend on which samples share a
+    batch); a sampler whose order pyinf cannot map back is refused.
+    """
+    sampler, batches = loader.sampler, loader.batch_sampler
+    if isinstance(loader.dataset, IterableDataset) or (
+        type(sampler) is SequentialSampler and (batches is None or type(batches) is BatchSampler)
+    ):
+        return loader
+    shuffled = (type(sampler) is RandomSampler and not sampler.replacement
+                and sampler.num_samples == len(loader.dataset) and type(batches) is BatchSampler)
+    if not shuffled:
+        custom = type(batches).__name__ if batches is not None and type(batches) is not BatchSampler else None
+        raise ValueError(
+            f"a DataLoader with a {custom or type(sampler).__name__}: pyinf returns scores in the dataset's "
+            f"order and cannot map this {'batch sampler' if custom else 'sampler'}'s order back; pass "
+            f"DataLoader(dataset, batch_size=..., shuffle=False, collate_fn=...) (a torch.utils.data.Subset for "
+            f"part of it), the dataset itself, or a list of batches (scored in the list's order)"
+        )
+    kept = {k: getattr(loader, k) for k in _LOADER_KEYS if hasattr(loader, k)}
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False, **kept)
+
+
+def _is_example(item) -> bool:
+    """One example, not a batch: 1-D (or flat list) `input_ids`; without them, tensors of at most
+    one dimension, one of them a scalar (a batch holds no 0-d tensor)."""
+    if not isinstance(item, Mapping):
+        return False
+    ids = item.get("input_ids")
+    if isinstance(ids, torch.Tensor):
+        return ids.dim() == 1
+    if isinstance(ids, (list, tuple)):
+        return not ids or not isinstance(ids[0], (list, tuple, torch.Tensor))
+    dims = [v.dim() for v in item.values() if isinstance(v, torch.Tensor)]
+    return bool(dims) and max(dims) <= 1 and min(dims) == 0
+
+
+def _collate_examples(examples: list) -> dict:
+    """Per-example dicts -> one batch, stacked by torch's default_collate (equal shapes only)."""
+    try:
+        return default_collate([{k: torch.as_tensor(v) for k, v in ex.items()} for ex in examples])
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(
+            f"per-example dicts are stacked into batches with torch's default_collate, which needs the examples "
+            f"of a batch to have equal shapes and numeric values ({err}); pass (examples, collate_fn) with a "
+            f"padding collator, e.g. transformers.DataCollatorWithPadding(tokenizer) (class labels) or "
+            f"DataCollatorForSeq2Seq(tokenizer) (token labels), or padded batches"
+        ) from None
 
 
 def _to_device(batch, device: torch.device):
@@ -121,11 +187,24 @@ class Attributor:
             otherwise), True (bars always) or False (nothing); see `pyinf.progress`.
         chunk_size: training samples per chunk/shard (default ~256 MB of
             gradients; "none" uses one batch per chunk).
-        nan_policy: "error" (a NaN/Inf training gradient is a ValueError naming
-            the sample and block) or "skip" (such samples are left out; their
-            indices in `self.skipped`, their score columns NaN). Not for "forward".
+        nan_policy: "error" (a NaN/Inf training loss or gradient is a ValueError
+            naming the sample, and the block) or "skip" (such samples are left
+            out; their indices in `self.skipped`, their score columns NaN). Not
+            for "forward".
         distributed: None (default): data parallel when a torch.distributed
             process group is initialised; False: never; True: require one.
+        mask_padding: as in `pyinf.capture.GradientCapture` (default False).
+        check_model: True (default): `score`/`self_influence` refuse a model
+            whose weights (or LoRA scaling) changed since `fit` (a fingerprint,
+            `pyinf.store.fingerprint`); False scores anyway.
+
+    Data: one batch (a dict of tensors, e.g. `tokenizer(..., return_tensors="pt")`
+    with labels), a list of batches, a list of per-example dicts (stacked
+    `batch_size` at a time by `default_collate`), a Dataset, (dataset,
+    collate_fn) or a DataLoader. Score columns (query rows) follow the data's
+    order, and a DataLoader's dataset order: a shuffled loader (shuffle=True)
+    is read as with shuffle=False; a loader with another non-sequential
+    sampler (weighted, subset, distributed, a custom batch sampler) is refused.
     """
 
     def __init__(
@@ -145,6 +224,8 @@ class Attributor:
         chunk_size: int | None = None,
         nan_policy: str = "error",
         distributed: bool | None = None,
+        mask_padding: bool = False,
+        check_model: bool = True,
         **options,
     ):
         self.model = model
@@ -171,8 +252,10 @@ class Attributor:
             "backend": backend,
             "chunk_size": chunk_size,
             "nan_policy": nan_policy,
+            "mask_padding": bool(mask_padding),
             "options": dict(options),
         }
+        self.check_model = bool(check_model)
         self.distributed = distributed
         self.loss = loss
         check_progress(progress)
@@ -189,7 +272,9 @@ class Attributor:
         self._method = None
         self._cap = None
         self._comm = None  # pyinf.distributed.Comm while data parallel
-        self._halving = HalvingCapture(lambda b: self._cap(b))  # OOM: smaller micro-batches
+        self._halving = HalvingCapture(self._capture_one)  # OOM: smaller micro-batches
+        self._losses: torch.Tensor | None = None  # the per-sample losses of the last capture call
+        self._fingerprint: str | None = None  # of the model at fit (`pyinf.store.fingerprint`)
         self._warned_oom = False
         self.skipped: list[int] = []  # training samples left out (nan_policy="skip"), global indices
         self._kept_index: torch.Tensor | None = None  # original index of each kept sample, when some are skipped
@@ -202,10 +287,53 @@ class Attributor:
         backend = get_backend(c["backend"], self.device)
         return cls(backend, damping=c["damping"], damping_mode=c["damping_mode"], **c["options"])
 
+    def _model_fingerprint(self) -> str:
+        return fingerprint(self.model, self.blocks, self.config["grad_dtype"],
+                           {"mask_padding": self.config["mask_padding"]})
+
+    def _check_model(self) -> None:
+        if self.check_model and self._model_fingerprint() != self._fingerprint:
+            raise ValueError(
+                "the model changed since fit (its weights or LoRA scaling differ): the scores would mix "
+                "gradients of two models; fit again, or pass check_model=False to the Attributor to score anyway"
+            )
+
+    def _recording_loss(self, model, batch) -> torch.Tensor:
+        """The loss, with non-finite per-sample values kept aside (`_losses`) and zeroed for the backward.
+
+        The capture then never stops at a NaN loss: the store refuses or skips
+        the sample by its global index (`pyinf.store.LOSS_KEY`).
+        """
+        from .losses import default_loss
+
+        losses = (self.loss if self.loss is not None else default_loss)(model, batch)
+        self._losses = None
+        if isinstance(losses, torch.Tensor) and losses.dim() == 1:
+            self._losses = losses.detach()
+            finite = torch.isfinite(self._losses)
+            losses = torch.where(finite, losses, torch.zeros((), dtype=losses.dtype, device=losses.device))
+        return losses
+
+    def _capture_one(self, batch) -> dict[str, torch.Tensor]:
+        """Gradients and losses (`LOSS_KEY`) of one (micro-)batch; NaN weights are named as such."""
+        self._losses = None
+        g = self._cap(batch)
+        losses = self._losses
+        if losses is None:  # a capture that did not call the loss (a test double): nothing to add
+            return g
+        if not bool(torch.isfinite(losses).all()):  # bad data, or bad weights: name the weights
+            bad = [n for n, p in self.model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
+            if bad:
+                more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+                raise ValueError(f"the model's parameter {bad[0]!r}{more} contains NaN or Inf: every loss and "
+                                 f"gradient would; load finite weights")
+        return {**g, LOSS_KEY: losses}
+
     @contextmanager
     def _capturing(self):
         """Hooks on the model for the duration of one public call."""
-        cap = _make_capture(self.model, self.config["blocks"], self.loss)
+        cap = _make_capture(self.model, self.config["blocks"], self._recording_loss)
+        cap.mask_padding = self.config["mask_padding"]  # GradientCapture reads it on every call
         self._cap = cap
         try:
             got = list(cap.blocks)
@@ -299,10 +427,18 @@ class Attributor:
         return S
 
     def _batches(self, data):
-        """Data as an iterable of batches: a DataLoader, a list of dicts, a Dataset, or (dataset, collate_fn)."""
+        """Data as an iterable of batches, in the data's order (the forms in the class docstring)."""
         bs = self.config["batch_size"]
+        if isinstance(data, Mapping):  # one batch (a dict, a tokenizer's BatchEncoding)
+            return [data]
+        if isinstance(data, (str, bytes, torch.Tensor)):
+            raise TypeError(f"cannot score a {type(data).__name__}: {ACCEPTED}")
         if isinstance(data, tuple) and len(data) == 2 and callable(data[1]):
             return DataLoader(data[0], batch_size=bs, shuffle=False, collate_fn=data[1])
+        if isinstance(data, (list, tuple)) and data and _is_example(data[0]):
+            return DataLoader(list(data), batch_size=bs, shuffle=False, collate_fn=_collate_examples)
+        if isinstance(data, DataLoader):
+            return _in_dataset_order(data)
         if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
             return DataLoader(data, batch_size=bs, shuffle=False)
         return data
@@ -330,13 +466,14 @@ class Attributor:
             spec = "disk:" + str(Path(spec[len("disk:") :]) / f"rank{comm.rank}-of-{comm.world}")
         self.blocks = None  # a new fit takes the blocks the capture finds now
         with self._capturing():
+            fp = self._model_fingerprint()
             store = make_store(
                 spec,
                 blocks=self.blocks,
                 device=self.device,
                 grad_dtype=c["grad_dtype"],
                 chunk_size=c["chunk_size"],
-                fingerprint=fingerprint(self.model, self.blocks, c["grad_dtype"]) if c["store"].startswith("disk:") else None,
+                fingerprint=fp,
                 progress=self.progress,
             )
             store.nan_policy = c["nan_policy"]
@@ -349,23 +486,36 @@ class Attributor:
                     return method.fit(store)
 
             method = self._retrying(store, fit_method)
-        self._store, self._method = store, method
+        self._store, self._method, self._fingerprint = store, method, fp
         return self
 
     def query_grads(self, query_data) -> dict[str, torch.Tensor]:
         """Captured query gradients {name: (m, rows, cols)} float32 on the model's device."""
-        parts = []
+        parts, zero = [], []
         with self._capturing(), bar("capture queries", None, self.progress, unit="batch") as pb:
             m = 0
             for batch in self._batches(query_data):
                 g = self._capture_batch(batch)
+                losses = g.get(LOSS_KEY)
+                if losses is not None and not bool(torch.isfinite(losses).all()):
+                    i = m + int((~torch.isfinite(losses)).nonzero()[0, 0])
+                    raise ValueError(f"the loss of query sample {i} is NaN or Inf")
                 for b in self.blocks:
                     check_finite(b.name, g[b.name], "query gradient", m)
                 parts.append({b.name: g[b.name].detach().reshape(-1, b.rows, b.cols) for b in self.blocks})
+                nonzero = sum(parts[-1][b.name].flatten(1).ne(0).any(dim=1) for b in self.blocks)
+                zero += (m + (nonzero == 0).nonzero().flatten()).tolist()
                 m += parts[-1][self.blocks[0].name].shape[0]
                 pb.update()
         if not parts:
             raise ValueError("the query data is empty")
+        if zero:
+            warnings.warn(
+                f"query samples {zero[:10]}{'...' if len(zero) > 10 else ''} have an all-zero gradient (no target "
+                f"tokens, e.g. every label -100?): their scores are all 0",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         return {b.name: torch.cat([p[b.name] for p in parts]) for b in self.blocks}
 
     def _shared_query_grads(self, query_data) -> dict[str, torch.Tensor]:
@@ -384,6 +534,7 @@ class Attributor:
         self._check_fitted()
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+        self._check_model()
         if self.config["method"] == "forward":
             S = self._finish(self._method.score(self._batches(query_data)))
             if S is None:
@@ -432,6 +583,7 @@ class Attributor:
         """`(n,)` float32: −g_iᵀ H⁻¹ g_i (≤ 0; rank by magnitude). Data parallel: rank 0 (None elsewhere)."""
         self._check_fitted()
         self._refuse_forward("self_influence")
+        self._check_model()
         store = self._store
         with self._capturing():
 
@@ -463,6 +615,7 @@ class Attributor:
                                   progress=self.progress, **attributor_options(c["options"], c["batch_size"]))
         self._everywhere(lambda: engine.fit(data), what)
         self.blocks, self._store, self._method = list(engine.blocks), None, engine
+        self._fingerprint = self._model_fingerprint()
         self.skipped, self._kept_index = [], None
         self._n_orig = engine.n if self._comm is None else sum(self._comm.all_ints(engine.n))
         return self
@@ -489,6 +642,7 @@ class Attributor:
             "version": SAVE_VERSION,
             "config": self.config,
             "blocks": [(b.name, b.rows, b.cols) for b in self.blocks],
+            "fingerprint": self._fingerprint,
             # Every statistic the method fitted (λ, norms, factors, inverses, ...), whatever the method.
             "method": _map_tensors(
                 {k: v for k, v in vars(self._method).items() if k not in ("backend", "train", "blocks", "comm")},
@@ -502,9 +656,12 @@ class Attributor:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path, model, *, loss=None, train_data=None, progress="saved") -> "Attributor":
+    def load(cls, path, model, *, loss=None, train_data=None, progress="saved", check_model=True) -> "Attributor":
         """A fitted Attributor from `save`; `model` must be the model it was fitted on.
 
+        A model whose fingerprint (`pyinf.store.fingerprint`: weights, LoRA
+        scaling, blocks) differs from the saved one is a ValueError;
+        `check_model=False` loads anyway (and sets it on the Attributor).
         `progress` is the saved setting unless given (None, True or False)."""
         state = torch.load(path, map_location="cpu", weights_only=True)
         if state.get("format") != SAVE_FORMAT or state.get("version") != SAVE_VERSION:
@@ -513,9 +670,16 @@ class Attributor:
         if progress == "saved":
             progress = c.get("progress")
         keys = ("method", "blocks", "store", "grad_dtype", "batch_size", "damping", "damping_mode", "backend", "chunk_size")
-        self = cls(model, loss=loss, progress=progress, nan_policy=c.get("nan_policy", "error"), distributed=False,
+        keys += ("nan_policy", "mask_padding")
+        self = cls(model, loss=loss, progress=progress, distributed=False, check_model=check_model,
                    **{k: c[k] for k in keys}, **c["options"])
         self.blocks = [Block(*b) for b in state["blocks"]]
+        self._fingerprint = state["fingerprint"]
+        if check_model and self._model_fingerprint() != self._fingerprint:
+            raise ValueError(
+                f"{path} was fitted on another model (its weights, LoRA scaling or blocks differ from this one's); "
+                f"pass the model it was fitted on, or check_model=False to load anyway"
+            )
         st = state["store"]
         self._store = STORES[st["kind"]].restore(
             st,
@@ -523,7 +687,7 @@ class Attributor:
             self.device,
             c["grad_dtype"],
             progress=progress,
-            fingerprint=fingerprint(model, self.blocks, c["grad_dtype"]),
+            fingerprint=self._fingerprint if check_model else None,
             capture=self._capture_batch,
             batches=None if train_data is None else self._batches(train_data),
         )

@@ -27,7 +27,8 @@ when the model is on CUDA (half the memory and bandwidth; the passes are
 bandwidth-bound) and float32 on the CPU (no speed to gain there). Compute is
 float32 whatever the storage. Captured gradients with NaN/Inf are refused at
 capture time, naming the sample and block, for every method
-(`nan_policy="error"`, the default). With `nan_policy="skip"` such samples
+(`nan_policy="error"`, the default), and so are NaN/Inf losses when the
+capture reports them (`LOSS_KEY`). With `nan_policy="skip"` such samples
 are left out of the store instead: `n` counts the kept samples, chunk starts
 index them, `skipped` lists the original indices left out (sample i of the
 data given to `fill`, counting every sample) and `n_orig` counts all.
@@ -40,15 +41,14 @@ Data parallel: `comm` (a `pyinf.distributed.Comm`, None on one process) and
 `offset` (the global index of this store's first kept sample) are set by the
 `Attributor` after `fill`; the methods read them (`pyinf.methods.base`).
 
-On-disk format (version 1) of "disk:PATH"
+On-disk format (version 2) of "disk:PATH"
 -----------------------------------------
 - `PATH/manifest.json`:
-  `{"format": "pyinf-gradient-store", "version": 1, "byteorder": "little",
+  `{"format": "pyinf-gradient-store", "version": 2, "byteorder": "little",
     "grad_dtype": "float32" | "bfloat16",
     "blocks": [{"name", "rows", "cols"}, ...],        # in storage order
-    "fingerprint": hex sha256 of the blocks, grad_dtype and the model (parameter
-                   names/shapes/dtypes, every value of the captured blocks'
-                   weights, the first 4096 values of every other parameter),
+    "fingerprint": hex sha256 of the blocks, grad_dtype, the capture options
+                   and the model (see `fingerprint`),
     "batches_per_shard": k, "samples_per_shard": k * (first batch size),
     "shards": [{"index", "file", "start", "count", "batches", "bytes",
                 "sha256": hex of the file, "data_sha256": hex of the batches' inputs,
@@ -66,13 +66,27 @@ On-disk format (version 1) of "disk:PATH"
 - Writes are atomic: a shard is written to `*.tmp`, fsynced and renamed (and
   the directory fsynced); the manifest is rewritten the same way after each
   finished shard. A `*.tmp` left by a killed write is removed by the next `fill`.
+- PATH (`~` expanded) is created if missing; an existing directory holding
+  anything but a store's own files (`manifest.json`, `shard-NNNNNN.bin`,
+  their `*.tmp`) is refused, never written into.
 - An interrupted fit resumes: a new `fill` over the same data keeps every
   shard whose checksum holds and whose batches hash the same, skips those
   batches without capturing them, and recomputes the rest (a corrupted or
-  missing shard is recomputed, with a warning). A manifest from a different
-  model, block list or grad_dtype, or shards whose batches differ from the
-  data given now, are refused with a ValueError (nothing is deleted: remove
-  the directory or choose another path).
+  missing shard is recomputed, with a warning); it says how many shards it
+  reused (one line on stderr unless progress=False). A manifest from a
+  different model, block list, grad_dtype or capture options (a fingerprint
+  mismatch), shards whose batches differ from the data given now, or
+  gradients that changed (below) are refused with a ValueError (nothing is
+  deleted: remove the directory or choose another path).
+- What the fingerprint cannot see, the loss function above all, is checked
+  by recomputing: the first batch of the first reused shard is captured again
+  and must match the stored gradients within the storage precision
+  (normwise, per block: 2^-6 in bfloat16, two bf16 ulps; 1e-3 in float32,
+  room for a different summation order on other hardware or thread counts).
+  A 3x loss, another LoRA scaling or another `mask_padding` is refused; a
+  change of the gradients below that tolerance is not seen here.
+- A complete store whose shards are all reused is only read (no manifest
+  rewrite, no temp files): it can be scored from read-only storage.
 - Checksums are verified the first time a process opens a shard, and the
   size on every open (a truncated shard is never read as data): a corrupted
   or truncated shard found while scoring is a ValueError that says to re-run
@@ -86,6 +100,7 @@ import itertools
 import json
 import math
 import os
+import re
 import sys
 import warnings
 from collections.abc import Mapping
@@ -97,16 +112,29 @@ import numpy as np
 import torch
 
 from .blocks import CHUNK_BYTES, Block, check_finite, compute_dtype
-from .progress import Phase, bar
+from .progress import Phase, bar, mode
 
 Capture = Callable[[Any], dict]
 FORMAT = "pyinf-gradient-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 GRAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 ORDER_ERROR = (
     "the training data changed order between passes; use a non-shuffled loader or a store "
     "(store='cpu', 'gpu' or 'disk:PATH')"
 )
+# A capture may add the per-sample losses (B,) under this key (not a module path) to its
+# gradients: a non-finite loss is then refused or skipped by name, like a non-finite gradient.
+LOSS_KEY = "<per-sample loss>"
+ACCEPTED = (
+    "a batch is a dict of tensors with the samples in dimension 0 (what a DataLoader, a collate_fn or "
+    "tokenizer(..., return_tensors='pt') gives); pass one batch, a list of batches, a list of per-example "
+    "dicts, a Dataset, (dataset, collate_fn) or a DataLoader"
+)
+# Normwise per-block tolerance of the first-batch recompute check (module docstring).
+RECOMPUTE_TOL = {torch.float32: 1e-3, torch.bfloat16: 2.0**-6}
+_STORE_FILE = re.compile(r"(manifest\.json|shard-\d{6}\.bin)(\.tmp)?")
+# Tensors up to this many elements are hashed in full; larger ones by an integer checksum.
+FULL_HASH_NUMEL = 1 << 22
 
 
 # -- helpers -------------------------------------------------------------
@@ -141,7 +169,8 @@ def batch_len(batch) -> int:
     for v in values:
         if isinstance(v, torch.Tensor) and v.dim() > 0:
             return int(v.shape[0])
-    raise TypeError(f"cannot tell the batch size of a {type(batch).__name__}: it holds no tensor")
+    what = type(batch).__name__ + (" without tensors" if isinstance(batch, (Mapping, list, tuple)) else "")
+    raise TypeError(f"cannot tell the batch size of a {what}: {ACCEPTED}")
 
 
 def _tensor_bytes(t: torch.Tensor) -> np.ndarray:
@@ -164,18 +193,48 @@ def hash_batch(batch) -> str:
     return h.hexdigest()
 
 
-def fingerprint(model: torch.nn.Module, blocks: list[Block], grad_dtype: torch.dtype) -> str:
-    """What a disk store's gradients depend on, cheaply: blocks, grad_dtype, the model.
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
-    The captured blocks' weights (the adapters) are hashed in full; every other
-    parameter by name, shape, dtype and its first 4096 values (hashing a 13B
-    base model in full would cost more than the capture it guards).
+
+def _digest(t: torch.Tensor) -> bytes:
+    """Every value of `t`: its bytes, or for a large tensor the int64 sum of its bit patterns.
+
+    The sum is computed where the tensor lives (one read, no copy to the host),
+    is exact and so independent of the device, thread count or summation
+    order, and changes with any single changed value; only changes that keep
+    the sum (a permutation of the values) go unseen.
     """
-    h = hashlib.sha256(json.dumps([[b.name, b.rows, b.cols] for b in blocks] + [dtype_name(grad_dtype)]).encode())
-    captured = {f"{b.name}.weight" for b in blocks}
-    for name, p in model.named_parameters():
-        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
-        h.update(_tensor_bytes(p if name in captured else p.detach().reshape(-1)[:4096]))
+    t = t.detach()
+    if t.device.type == "meta":
+        return b"meta"
+    if t.numel() <= FULL_HASH_NUMEL:
+        return hashlib.sha256(_tensor_bytes(t)).digest()
+    bits = t.view(_INT_OF_SIZE.get(t.element_size(), torch.uint8))
+    return str(int(bits.sum(dtype=torch.int64))).encode()
+
+
+def fingerprint(model: torch.nn.Module, blocks: list[Block], grad_dtype: torch.dtype,
+                options: dict | None = None) -> str:
+    """What captured gradients depend on, apart from the data and the loss function.
+
+    Hashes the blocks, grad_dtype, the capture `options` (e.g. mask_padding),
+    every parameter and buffer (name, shape, dtype and every value, see
+    `_digest`) and every module's `scaling` (PEFT LoRA's alpha / r, not a
+    parameter). Cost: one read of the weights where they are, plus a host copy
+    of the tensors of at most `FULL_HASH_NUMEL` elements (the adapters, norms,
+    biases); for a 13B model on a GPU well under a second, on a CPU a few
+    seconds. The loss function cannot be hashed: a disk store checks it by
+    recomputing a batch (module docstring).
+    """
+    head = [[b.name, b.rows, b.cols] for b in blocks] + [dtype_name(grad_dtype), sorted((options or {}).items())]
+    h = hashlib.sha256(json.dumps(head).encode())
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(_digest(t))
+    for name, mod in model.named_modules():
+        scaling = getattr(mod, "scaling", None)
+        if isinstance(scaling, (dict, int, float)):
+            h.update(f"{name}.scaling={sorted(scaling.items()) if isinstance(scaling, dict) else scaling}".encode())
     return h.hexdigest()
 
 
@@ -275,11 +334,17 @@ class Store:
     def _capture(self, capture: Capture, batch, offset: int) -> tuple[dict[str, torch.Tensor], list[int]]:
         """One batch's gradients in storage dtype and the skipped sample indices (offset + position).
 
-        NaN/Inf is refused (for every method, tracin too), or with
-        nan_policy="skip" the samples holding it are dropped from the batch.
+        NaN/Inf in a gradient or in the loss (`LOSS_KEY`) is refused (for every
+        method, tracin too), or with nan_policy="skip" the samples holding it are
+        dropped from the batch.
         """
-        grads = capture(batch)
+        grads = dict(capture(batch))
+        losses = grads.pop(LOSS_KEY, None)
         out, bad = {}, None
+        if losses is not None:
+            bad = ~torch.isfinite(losses.detach().reshape(-1))
+            if self.nan_policy != "skip" and bool(bad.any()):
+                raise ValueError(f"the loss of training sample {offset + int(bad.nonzero()[0, 0])} is NaN or Inf")
         for b in self.blocks:
             g = grads[b.name]
             if self.nan_policy == "skip":
@@ -418,8 +483,8 @@ class DiskStore(Store):
         super().__init__(blocks, device, grad_dtype, progress)
         if sys.byteorder != "little":
             raise RuntimeError("the disk store format is little-endian; this host is big-endian")
-        self.path = Path(path)
-        self.fingerprint = fingerprint
+        self.path = Path(path).expanduser()
+        self.fingerprint = fingerprint  # None: not checked (a restore the caller vouches for)
         self.target = int(chunk_size or default_chunk_size(self.blocks, grad_dtype))  # samples per shard
         self.shards: list[dict] = []
 
@@ -458,10 +523,10 @@ class DiskStore(Store):
             )
         expected = self._new_manifest()
         for key in ("grad_dtype", "blocks", "fingerprint"):
-            if man[key] != expected[key]:
+            if man[key] != expected[key] and not (key == "fingerprint" and self.fingerprint is None):
                 raise ValueError(
-                    f"the gradient store at {self.path} was built from a different model, block list or "
-                    f"grad_dtype ({key} differs); delete the directory or choose another path"
+                    f"the gradient store at {self.path} was built from a different model, block list, "
+                    f"grad_dtype or capture options ({key} differs); delete the directory or choose another path"
                 )
         return man
 
@@ -520,13 +585,45 @@ class DiskStore(Store):
         _VERIFIED.add(_file_key(p, e["sha256"]))
         return e
 
+    def _check_directory(self) -> None:
+        """Refuse a directory that holds anything but this store's own files."""
+        if not self.path.exists():
+            return
+        if not self.path.is_dir():
+            raise ValueError(f"the gradient store path {self.path} is a file, not a directory")
+        other = sorted(p.name for p in self.path.iterdir() if not _STORE_FILE.fullmatch(p.name))
+        if other:
+            raise ValueError(
+                f"{self.path} is not empty and is not a pyinf gradient store (it holds {other[:3]}"
+                f"{'...' if len(other) > 3 else ''}); choose an empty or new directory"
+            )
+
+    def _check_recomputed(self, capture: Capture, batch, e: dict, offset: int) -> None:
+        """Capture `batch` (the first of shard `e`) again: its gradients must be the stored ones."""
+        g, skipped = self._capture(capture, batch, offset)
+        stored, end = self._open(e), offset + batch_len(batch)
+        same = skipped == [i for i in e.get("skipped", []) if i < end]
+        for b in self.blocks if same else ():
+            new = g[b.name].float().cpu()
+            old = stored[b.name][: new.shape[0]].float()
+            same = same and float((new - old).norm()) <= RECOMPUTE_TOL[self.grad_dtype] * float(old.norm())
+        if not same:
+            raise ValueError(
+                f"the gradients differ from those in the gradient store at {self.path} (training samples "
+                f"{offset}..{end - 1}, recomputed): a different loss function, LoRA scaling, mask_padding or "
+                f"model; delete the directory or choose another path"
+            )
+
     def fill(self, capture, batches):
+        self._check_directory()
         self.path.mkdir(parents=True, exist_ok=True)
         man = self._read_manifest() or self._new_manifest()
         for stale in self.path.glob("*.tmp"):  # a write killed before its rename
             stale.unlink(missing_ok=True)
         good = {e["index"]: e for e in man["shards"] if self._valid(e)}
+        changed = not man["complete"] or len(good) != len(man["shards"])  # else: nothing to write
         man["shards"], man["complete"], man["n"] = list(good.values()), False, None
+        reused, checked = 0, False
         it = iter(batches)
         first = next(it, None)
         if first is None:
@@ -558,6 +655,10 @@ class DiskStore(Store):
                             f"train gradient of sample {skipped[0]} contains NaN or Inf (the gradient store at "
                             f"{self.path} was built with nan_policy='skip')"
                         )
+                    if not checked:
+                        self._check_recomputed(capture, group[0], e, orig)
+                        checked = True
+                    reused += 1
                 else:
                     grads, skipped, offset = [], [], orig
                     for b in group:
@@ -568,6 +669,7 @@ class DiskStore(Store):
                     good[index] = e = self._write_shard(index, start, grads, data_sha, skipped)
                     man["shards"].append(e)
                     self._write_manifest(man)  # after each finished shard: a kill loses one shard at most
+                    changed = True
                 start += e["count"]
                 orig += count
                 pb.update(len(group))
@@ -580,7 +682,11 @@ class DiskStore(Store):
         if start == 0:
             raise ValueError(f"every training sample ({orig}) was skipped for NaN/Inf gradients")
         man["complete"], man["n"] = True, start
-        self._write_manifest(man)
+        if changed:
+            self._write_manifest(man)
+        if reused and mode(self.progress) != "off":
+            print(f"pyinf: gradient store {self.path}: reused {reused} of {n_shards} shards from an earlier fit, "
+                  f"captured {n_shards - reused}", file=sys.stderr, flush=True)
         self._load(man)
         return self
 
@@ -657,11 +763,23 @@ class RecomputeStore(Store):
             raise ValueError(f"every training sample ({orig}) was skipped for NaN/Inf gradients")
         return self
 
+    def _check_batch(self, i: int, batch) -> None:
+        """Batch i of this pass must be batch i of the data given to fill: same data, same order."""
+        if i >= len(self.hashes):
+            raise ValueError(f"the training data has more batches ({i + 1} or more) than when it was fitted "
+                             f"({len(self.hashes)}); pass the same data")
+        h = hash_batch(batch)
+        if h == self.hashes[i]:
+            return
+        if h in self.hashes:
+            raise ValueError(ORDER_ERROR)
+        raise ValueError(f"batch {i} of the training data is not one it was fitted on: pass the same "
+                         f"training data (store='none' reads it again on every pass)")
+
     def _chunks(self):
         start, orig, count = 0, 0, 0
         for i, batch in enumerate(self.batches):
-            if i >= len(self.hashes) or hash_batch(batch) != self.hashes[i]:
-                raise ValueError(ORDER_ERROR)
+            self._check_batch(i, batch)
             g, _ = self._capture(self.capture, batch, orig)
             c = next(iter(g.values())).shape[0]
             if c != self.sizes[i]:
@@ -669,7 +787,8 @@ class RecomputeStore(Store):
             yield start, g
             start, orig, count = start + c, orig + batch_len(batch), i + 1
         if count != len(self.hashes):
-            raise ValueError(ORDER_ERROR)
+            raise ValueError(f"the training data has fewer batches ({count}) than when it was fitted "
+                             f"({len(self.hashes)}); pass the same data")
 
     def state(self):
         return {"kind": self.kind, "hashes": self.hashes, "sizes": self.sizes, "skipped": list(self.skipped)}

@@ -230,3 +230,75 @@ def test_bf16_storage(setup):
     tg = {k: v.to(torch.bfloat16) for k, v in setup.grads(train).items()}
     ref = pyinf.influence(tg, setup.grads(queries), method="datainf", chunk_size=BATCH)
     assert torch.equal(got, ref)
+
+
+# -- data as users hold it (issue 12, items 8, 10, 12) -------------------------
+def _examples(setup, n=12):
+    """n per-example dicts of equal length (so that default_collate stacks them)."""
+    batch = make_batch("llama", B=n, T=8, seed=3, lengths=[8] * n)
+    return [{k: v[i] for k, v in batch.items()} for i in range(n)]
+
+
+@pytest.mark.parametrize("store", ["cpu", "disk", "none"])
+def test_shuffled_loader_scores_in_dataset_order(setup, store, tmp_path):
+    """fit(DataLoader(ds, shuffle=True)) returned columns in the shuffled order, silently."""
+    from torch.utils.data import DataLoader
+
+    ex, queries = _examples(setup), setup.train(3, 3, seed=1)
+    ref = Attributor(setup.model, blocks=setup.blocks, chunk_size=BATCH, progress=False).fit(
+        DataLoader(ex, batch_size=BATCH)).score(queries)
+    shuffled = DataLoader(ex, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(0))
+    att = Attributor(setup.model, blocks=setup.blocks, store=_store(store, tmp_path), chunk_size=BATCH, progress=False)
+    assert torch.equal(att.fit(shuffled).score(queries), ref)
+    assert torch.equal(att.score(shuffled), att.score(DataLoader(ex, batch_size=BATCH)))  # query rows too
+
+
+def test_loader_with_an_unmappable_sampler_is_refused(setup):
+    from torch.utils.data import DataLoader, WeightedRandomSampler
+
+    ex = _examples(setup)
+    loader = DataLoader(ex, batch_size=BATCH, sampler=WeightedRandomSampler([1.0] * len(ex), len(ex)))
+    with pytest.raises(ValueError, match="WeightedRandomSampler.*shuffle=False"):
+        Attributor(setup.model, blocks=setup.blocks, progress=False).fit(loader)
+
+
+def test_batches_as_users_hold_them(setup):
+    """One batch dict, a tokenizer's BatchEncoding and a list of per-example dicts score like a list of
+    batches (a dict failed with 'cannot tell the batch size of a str')."""
+    from transformers import BatchEncoding
+
+    att = Attributor(setup.model, blocks=setup.blocks, chunk_size=BATCH, progress=False).fit(setup.train(10, BATCH))
+    ex = _examples(setup, 6)
+    batch = {k: torch.stack([e[k] for e in ex]) for k in ex[0]}
+    ref = att.score([batch])
+    assert torch.equal(att.score(batch), ref) and torch.equal(att.score(BatchEncoding(batch)), ref)
+    assert torch.allclose(att.score(ex), ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))  # batches of 6 vs 4 + 2
+    ragged = [{k: v[: 5 + i] for k, v in e.items()} for i, e in enumerate(ex)]
+    with pytest.raises(ValueError, match="equal shapes.*DataCollatorWithPadding"):
+        att.score(ragged)
+    with pytest.raises(TypeError, match="return_tensors='pt'.*list of per-example dicts"):
+        att.score({k: v.tolist() for k, v in batch.items()})  # a tokenizer's output without return_tensors
+    with pytest.raises(TypeError, match="cannot score a str"):
+        att.score("a query")
+
+
+def test_model_changed_since_fit_is_refused(setup, tmp_path):
+    """load(path, other_model) and score() after more training returned scores without a word."""
+    from tiny_models import tiny_llama_lora
+
+    model, train, queries = tiny_llama_lora(seed=0), setup.train(10, BATCH), setup.train(3, 3, seed=1)
+    att = Attributor(model, blocks=setup.blocks, chunk_size=BATCH, progress=False).fit(train)
+    ref = att.score(queries)
+    att.save(tmp_path / "a.pt")
+    other = tiny_llama_lora(seed=1)
+    with pytest.raises(ValueError, match="fitted on another model.*check_model=False"):
+        Attributor.load(tmp_path / "a.pt", other)
+    assert Attributor.load(tmp_path / "a.pt", other, check_model=False).score(queries).shape == (3, 10)
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_A" in n).add_(0.01)  # "trained further"
+    with pytest.raises(ValueError, match="model changed since fit.*check_model=False"):
+        att.score(queries)
+    with pytest.raises(ValueError, match="model changed since fit"):
+        att.self_influence()
+    att.check_model = False
+    assert not torch.equal(att.score(queries), ref)

@@ -233,7 +233,7 @@ def test_truncated_shard_detected_and_recomputed(tmp_path):
     cap = CountingCapture()
     with pytest.warns(RuntimeWarning, match="truncated.*recomputing"):
         st = disk(tmp_path).fill(cap, batches)
-    assert cap.seen == [4, 6]
+    assert cap.seen == [0, 4, 6]  # batch 0: the check of the reused shard 0
     got, _ = read_all(st)
     assert all(torch.equal(got[k], v) for k, v in full(batches).items())
 
@@ -288,7 +288,7 @@ def test_fit_killed_while_writing_a_shard_resumes_with_identical_scores(setup, t
     resumed = Attributor(setup.model, blocks=setup.blocks, store=spec, chunk_size=4, progress=False)
     resumed._capture_batch = lambda b: calls.append(1) or real(resumed, b)
     resumed.fit(train)
-    assert len(calls) == 2  # 6 batches in shards of 2: shards 0 and 1 were finished
+    assert len(calls) == 3  # 6 batches in shards of 2: shards 0 and 1 were finished (+ batch 0 to check them)
     assert not list(root.glob("*.tmp"))
     fresh = Attributor(setup.model, blocks=setup.blocks, store="cpu", chunk_size=4, progress=False).fit(train)
     assert torch.equal(resumed.score(queries), fresh.score(queries))
@@ -309,3 +309,62 @@ def test_flipped_byte_and_truncated_shard_recomputed_with_identical_scores(setup
     msgs = " ".join(str(w.message) for w in record)
     assert "shard-000000.bin is corrupt" in msgs and "shard-000002.bin is missing or truncated" in msgs
     assert torch.equal(att.score(queries), ref)
+
+
+# -- NaN losses, NaN weights, queries without targets (issue 12, item 11) -----
+def _weighted_examples(n=12, bad=None):
+    """Per-example dicts with a loss weight `w` (NaN/Inf where `bad` says), and the loss that applies it."""
+    from tiny_models import make_batch
+
+    batch = make_batch("llama", B=n, T=8, seed=4, lengths=[8] * n)
+    w = torch.ones(n)
+    for i, v in (bad or {}).items():
+        w[i] = v
+    ex = [dict({k: v[i] for k, v in batch.items()}, w=w[i]) for i in range(n)]
+
+    def loss(model, b):
+        return pyinf.losses.default_loss(model, {k: v for k, v in b.items() if k != "w"}) * b["w"]
+
+    return ex, loss
+
+
+@pytest.mark.parametrize("store", ["cpu", "none"])
+def test_nan_loss_skipped_or_named_by_global_index(setup, store):
+    """A NaN/Inf loss stopped the capture even under nan_policy='skip', with a batch-local index."""
+    ex, loss = _weighted_examples(bad={6: float("nan"), 9: float("inf")})
+    queries = ex[:3]  # the loss reads `w`
+    with pytest.raises(ValueError, match="the loss of training sample 6 is NaN or Inf"):
+        Attributor(setup.model, loss=loss, store=store, batch_size=4, progress=False).fit(ex)
+    att = Attributor(setup.model, loss=loss, store=store, batch_size=4, progress=False, nan_policy="skip").fit(ex)
+    assert att.skipped == [6, 9]
+    keep = [i for i in range(12) if i not in (6, 9)]
+    ref = Attributor(setup.model, loss=loss, batch_size=4, progress=False).fit([ex[i] for i in keep]).score(queries)
+    S = att.score(queries)
+    assert torch.isnan(S[:, [6, 9]]).all()
+    _close(S[:, keep], ref)  # the same kept gradients, in other batches and chunks: float rounding only
+
+
+def test_nan_weights_are_named_as_such(setup):
+    from tiny_models import tiny_llama_lora
+
+    model = tiny_llama_lora(seed=0)
+    name, p = next((n, p) for n, p in model.named_parameters() if "lora_A" in n)
+    with torch.no_grad():
+        p[0, 0] = float("nan")
+    for policy in ("error", "skip"):  # skip would leave out every sample
+        with pytest.raises(ValueError, match=f"parameter '{name}' contains NaN or Inf.*load finite weights"):
+            Attributor(model, progress=False, nan_policy=policy).fit(setup.train(4, 4))
+
+
+def test_query_without_targets_warns_and_nan_query_loss_is_named(setup):
+    train, queries = setup.train(10, BATCH), setup.train(4, 4, seed=1)
+    att = Attributor(setup.model, chunk_size=BATCH, progress=False).fit(train)
+    blank = dict(queries[0], labels=queries[0]["labels"].clone())
+    blank["labels"][2] = -100
+    with pytest.warns(RuntimeWarning, match=r"query samples \[2\] have an all-zero gradient .*every label -100"):
+        S = att.score([blank])
+    assert torch.equal(S[2], torch.zeros(10))
+    ex, loss = _weighted_examples(n=6, bad={5: float("nan")})
+    att = Attributor(setup.model, loss=loss, batch_size=4, progress=False).fit(ex[:4])
+    with pytest.raises(ValueError, match="the loss of query sample 5 is NaN or Inf"):
+        att.score(ex)

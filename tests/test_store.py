@@ -82,7 +82,7 @@ def test_disk_format(tmp_path, dtype):
     batches = make_batches(n=10, batch_size=2)
     st = disk(tmp_path, dtype).fill(CountingCapture(), batches)
     man = json.loads((tmp_path / "manifest.json").read_text())
-    assert man["format"] == "pyinf-gradient-store" and man["version"] == 1 and man["complete"]
+    assert man["format"] == "pyinf-gradient-store" and man["version"] == 2 and man["complete"]
     assert man["n"] == 10 and man["batches_per_shard"] == 2 and man["samples_per_shard"] == 4
     assert man["grad_dtype"] == str(dtype).removeprefix("torch.")
     assert [e["count"] for e in man["shards"]] == [4, 4, 2]
@@ -110,12 +110,13 @@ def test_disk_resume_after_interruption(tmp_path):
     assert len(json.loads((tmp_path / "manifest.json").read_text())["shards"]) == 1
     cap = CountingCapture()
     st = disk(tmp_path).fill(cap, batches)
-    assert cap.seen == [4, 6, 8]  # shard 0 (samples 0-3) is not recomputed
+    # shard 0 (samples 0-3) is not recomputed; its first batch is captured again to check it
+    assert cap.seen == [0, 4, 6, 8]
     got, _ = read_all(st)
     assert all(torch.equal(got[k], v) for k, v in full(batches).items())
     cap = CountingCapture()
-    disk(tmp_path).fill(cap, batches)  # a complete store: nothing to capture
-    assert cap.seen == []
+    disk(tmp_path).fill(cap, batches)  # a complete store: nothing to capture but the check
+    assert cap.seen == [0]
 
 
 def test_disk_corrupted_shard_detected_and_recomputed(tmp_path):
@@ -132,7 +133,7 @@ def test_disk_corrupted_shard_detected_and_recomputed(tmp_path):
     cap = CountingCapture()
     with pytest.warns(RuntimeWarning, match="recomputing"):
         st = disk(tmp_path).fill(cap, batches)
-    assert cap.seen == [4, 6]
+    assert cap.seen == [0, 4, 6]  # batch 0: the check of the reused shard 0
     got, _ = read_all(st)
     assert all(torch.equal(got[k], v) for k, v in full(batches).items())
 
@@ -170,7 +171,7 @@ def test_disk_resume_after_sigkill(tmp_path):
     cap = CountingCapture()
     batches = make_batches(n=10, batch_size=2)
     st = disk(tmp_path).fill(cap, batches)
-    assert cap.seen == [4, 6, 8]
+    assert cap.seen == [0, 4, 6, 8]  # batch 0: the check of the reused shard 0
     got, _ = read_all(st)
     assert all(torch.equal(got[k], v) for k, v in full(batches).items())
 
@@ -187,7 +188,7 @@ def test_recompute_store_order_check():
         read_all(st)
     batches.reverse()
     batches.pop()
-    with pytest.raises(ValueError, match="changed order between passes"):
+    with pytest.raises(ValueError, match=r"fewer batches \(2\) than when it was fitted \(3\)"):
         read_all(st)
 
 
@@ -222,7 +223,7 @@ def test_attributor_disk_interrupted_fit_gives_identical_scores(monkeypatch, tmp
     real = Attributor._capture_batch
     monkeypatch.setattr(Attributor, "_capture_batch", lambda self, b: calls.append(1) or real(self, b))
     resumed = Attributor(setup.model, blocks=setup.blocks, store=spec, chunk_size=4, progress=False).fit(train)
-    assert len(calls) == 2  # 6 batches, shards of 2: shards 0 and 1 were finished
+    assert len(calls) == 3  # 6 batches, shards of 2: shards 0 and 1 were finished (+ batch 0 to check them)
     fresh = Attributor(setup.model, blocks=setup.blocks, store="cpu", chunk_size=4, progress=False).fit(train)
     assert torch.equal(resumed.score(queries), fresh.score(queries))
     # A different model (other adapter weights) is refused.
@@ -230,3 +231,135 @@ def test_attributor_disk_interrupted_fit_gives_identical_scores(monkeypatch, tmp
         next(p for n, p in setup.model.named_parameters() if "lora_B" in n).add_(1.0)
     with pytest.raises(ValueError, match="different model"):
         Attributor(setup.model, blocks=setup.blocks, store=spec, chunk_size=4, progress=False).fit(train)
+
+
+# -- what a disk store may reuse (issue 12, item 9) ---------------------------
+def test_disk_refuses_gradients_that_changed(tmp_path):
+    """What the fingerprint cannot see (the loss: here a 3x capture) is caught by recomputing batch 0."""
+    batches = make_batches(n=10, batch_size=2)
+    disk(tmp_path).fill(CountingCapture(), batches)
+
+    def tripled(batch):
+        return {"a": 3 * batch["ga"], "b": 3 * batch["gb"]}
+
+    with pytest.raises(ValueError, match=r"gradients differ .*training samples 0\.\.1, recomputed.*loss function"):
+        disk(tmp_path).fill(tripled, batches)
+    # within the storage precision it is the same store: 1 + 2^-9 is below bf16's tolerance of 2^-6
+    disk(tmp_path / "bf16", dtype=torch.bfloat16).fill(CountingCapture(), batches)
+    near = lambda b: {"a": b["ga"] * (1 + 2**-9), "b": b["gb"] * (1 + 2**-9)}  # noqa: E731
+    disk(tmp_path / "bf16", dtype=torch.bfloat16).fill(near, batches)
+
+
+def _fresh_llama():
+    from tiny_models import tiny_llama_lora
+
+    return tiny_llama_lora(seed=0)
+
+
+def _llama_train():
+    from tiny_models import make_batch
+
+    return [make_batch("llama", B=2, T=8, seed=i) for i in range(3)]
+
+
+@pytest.mark.parametrize("change", ["loss x3", "lora scaling x4", "mask_padding"])
+def test_attributor_refit_on_a_disk_store_refuses_other_gradients(tmp_path, change):
+    """Refitting after the loss, the LoRA scaling or mask_padding changed reused the old gradients
+    (a 3x loss gave 3x the scores instead of 9x); now it is an error."""
+    from pyinf.losses import default_loss
+
+    model, train, spec = _fresh_llama(), _llama_train(), f"disk:{tmp_path / 'g'}"
+    Attributor(model, store=spec, chunk_size=4, progress=False).fit(train)
+    kw = {}
+    if change == "loss x3":
+        kw["loss"] = lambda m, b: 3 * default_loss(m, b)
+    elif change == "mask_padding":
+        kw["mask_padding"] = True
+    else:
+        for m in model.modules():
+            if isinstance(getattr(m, "scaling", None), dict):
+                m.scaling["default"] *= 4
+    match = "loss function" if change == "loss x3" else "fingerprint differs"
+    with pytest.raises(ValueError, match=match):
+        Attributor(model, store=spec, chunk_size=4, progress=False, **kw).fit(train)
+
+
+def test_fingerprint_sees_every_value():
+    """Every value of every parameter and buffer, LoRA scaling and the capture options count
+    (it used to see only the first 4096 values of a base weight)."""
+    model = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.Linear(128, 4), torch.nn.BatchNorm1d(4))
+    model.big = torch.nn.Parameter(torch.zeros(store_mod.FULL_HASH_NUMEL + 1))  # the checksum path
+    blocks = [Block("1", 4, 128)]
+
+    def fp(**options):
+        return store_mod.fingerprint(model, blocks, torch.float32, options)
+
+    base = fp()
+    assert fp() == base and fp(mask_padding=True) != base
+    for t, i in ((model[0].weight, 5000), (model.big, store_mod.FULL_HASH_NUMEL), (model[2].running_var, 3)):
+        with torch.no_grad():
+            old = t.view(-1)[i].clone()
+            t.view(-1)[i] = torch.nextafter(old, old + 1)  # the smallest change there is
+        assert fp() != base, (tuple(t.shape), i)
+        with torch.no_grad():
+            t.view(-1)[i] = old
+        assert fp() == base
+    model[0].scaling = {"default": 2.0}
+    assert fp() != base
+
+
+def test_disk_tilde_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    st = make_store("disk:~/grads", blocks=BLOCKS, device=CPU, grad_dtype=torch.float32, fingerprint="x", progress=False)
+    st.fill(CountingCapture(), make_batches())
+    assert (tmp_path / "grads" / "manifest.json").exists() and not Path("~").exists()
+
+
+def test_disk_refuses_a_directory_that_is_not_a_store(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"not empty and is not a pyinf gradient store \(it holds \['notes.txt'\]\)"):
+        disk(tmp_path).fill(CountingCapture(), make_batches())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_complete_store_on_read_only_storage(tmp_path, monkeypatch):
+    """A complete store is only read when refitted and scored: no manifest rewrite, no write at all."""
+    root = tmp_path / "g"
+    batches = make_batches(n=10, batch_size=2)
+    disk(root).fill(CountingCapture(), batches)
+    before = {p.name: p.stat().st_mtime_ns for p in root.iterdir()}
+    for p in [root, *root.iterdir()]:
+        p.chmod(p.stat().st_mode & ~0o222)  # read-only (root ignores it: hence the patch below)
+
+    def no_write(path, chunks):
+        raise AssertionError(f"wrote {path}")
+
+    monkeypatch.setattr(store_mod, "_write_atomic", no_write)
+    try:
+        st = disk(root).fill(CountingCapture(), batches)
+        got, _ = read_all(st)
+    finally:
+        for p in [root, *root.iterdir()]:
+            p.chmod(p.stat().st_mode | 0o200)
+    assert all(torch.equal(got[k], v) for k, v in full(batches).items())
+    assert {p.name: p.stat().st_mtime_ns for p in root.iterdir()} == before
+
+
+def test_resumed_fill_says_how_many_shards_it_reused(tmp_path, capfd):
+    batches = make_batches(n=10, batch_size=2)  # shards of 2 batches: [0, 1] [2, 3] [4]
+    disk(tmp_path).fill(CountingCapture(), batches[:4])
+    capfd.readouterr()
+    DiskStore(tmp_path, BLOCKS, CPU, torch.float32, "model-1", chunk_size=4, progress=None).fill(CountingCapture(), batches)
+    assert f"gradient store {tmp_path}: reused 2 of 3 shards from an earlier fit, captured 1" in capfd.readouterr().err
+
+
+def test_other_data_is_named_as_such():
+    """store='none' given other data (e.g. Attributor.load(train_data=...)) said 'changed order'."""
+    batches, cap = make_batches(), CountingCapture()
+    st = RecomputeStore(BLOCKS, CPU, torch.float32, progress=False).fill(cap, batches)
+    st.attach(cap, [batches[0], make_batches(seed=1)[1], batches[2]])
+    with pytest.raises(ValueError, match="batch 1 of the training data is not one it was fitted on"):
+        read_all(st)
+    st.attach(cap, batches + batches[:1])
+    with pytest.raises(ValueError, match=r"more batches \(4 or more\) than when it was fitted \(3\)"):
+        read_all(st)
