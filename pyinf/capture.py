@@ -81,6 +81,7 @@ class _Use:
     module: nn.Module
     kind: str  # "linear" | "conv1d" | "bias" | "embedding" | "lora_emb_A" | "lora_emb_B"
     adapter: str = ""  # LoRA embedding: the adapter
+    scale: float = 1.0  # a scaled word embedding's output factor
 
 
 @dataclass(frozen=True, eq=False)
@@ -113,6 +114,19 @@ def _is_modules_to_save(mod: nn.Module) -> bool:
 def _is_conv1d(mod: nn.Module) -> bool:
     """transformers' Conv1D (GPT-2's linear layers): y = x W + b with W of shape (in, out)."""
     return type(mod).__name__ == "Conv1D" and hasattr(mod, "nf")
+
+
+def _embedding_scale(m: nn.Embedding) -> float | None:
+    """The factor on F.embedding's output: 1 for nn.Embedding's own forward, `embed_scale` for
+    transformers' *ScaledWordEmbedding (`super().forward(ids) * embed_scale`), None for any other forward."""
+    if type(m).forward is nn.Embedding.forward:
+        return 1.0
+    scale = getattr(m, "embed_scale", None)
+    if type(m).__name__.endswith("ScaledWordEmbedding") and (
+        isinstance(scale, (int, float)) or (isinstance(scale, torch.Tensor) and scale.numel() == 1)
+    ):
+        return float(scale)
+    return None
 
 
 def _adapters(mod: nn.Module) -> list[str]:
@@ -189,10 +203,9 @@ class _ModelIndex:
             return _Use(m, "bias")
         if attr == "weight" and (linear or _is_conv1d(m)):
             return _Use(m, "linear" if linear else "conv1d")
-        # an nn.Embedding whose forward is F.embedding of the ids (not a subclass that rescales its output)
-        if attr == "weight" and isinstance(m, nn.Embedding) and type(m).forward is nn.Embedding.forward \
-                and m.max_norm is None and not m.scale_grad_by_freq:
-            return _Use(m, "embedding")
+        if attr == "weight" and isinstance(m, nn.Embedding) and m.max_norm is None and not m.scale_grad_by_freq:
+            scale = _embedding_scale(m)
+            return None if scale is None else _Use(m, "embedding", scale=scale)
         return None
 
     def capturable(self, p: torch.Tensor) -> bool:
@@ -507,7 +520,8 @@ class GradientCapture:
             return keep.float().sum(dim=1)[:, None, :], None
         if u.kind == "embedding":
             m = u.module
-            return _scatter_rows(a, e, m.num_embeddings, m.padding_idx, mask), None
+            rows = _scatter_rows(a, e, m.num_embeddings, m.padding_idx, mask)
+            return (rows if u.scale == 1.0 else rows * u.scale), None
         # PEFT LoRA embedding: out = base(ids) + s · A.T[ids] @ B.T (A (r, V), B (d, r))
         layer, ad = u.module, u.adapter
         base = layer.get_base_layer()
