@@ -1,16 +1,27 @@
-"""Per-sample gradients of LoRA adapter matrices from one batched backward.
+"""Per-sample gradients of the parameters a LoRA fine-tune trains, from one batched backward.
 
-    with GradientCapture(model) as cap:          # blocks="lora": every PEFT adapter
+    with GradientCapture(model) as cap:          # blocks="lora": what the PEFT adapter trains
         grads = cap(batch)                       # {block: (B, rows, cols)} float32
 
-How: a forward hook on every captured `nn.Linear` keeps its input `a`
-`(B, T, d_in)` and registers a hook on its output tensor that receives
-`e = dL/d(output)` `(B, T, d_out)` during the backward of
-`loss(model, batch).sum()`. The per-sample losses are independent, so row i
-of e belongs to sample i alone and the per-sample weight gradient is
-`g_i = Σ_t e[i,t]ᵀ ⊗ a[i,t]`. One forward and one backward per batch, never a batch-size-1 backward. The
+How: a forward hook on every module that reads a captured parameter keeps
+its input `a` `(B, T, d_in)` (token ids `(B, T)` for an embedding) and
+registers a hook on its output tensor that receives `e = dL/d(output)`
+`(B, T, d_out)` during the backward of `loss(model, batch).sum()`. The
+per-sample losses are independent, so row i of e belongs to sample i alone:
+an `nn.Linear` weight's per-sample gradient is `g_i = Σ_t e[i,t]ᵀ ⊗ a[i,t]`,
+a bias's `Σ_t e[i,t]`, an embedding's row v `Σ_{t: ids[i,t]=v} e[i,t]`.
+One forward and one backward per batch, never a batch-size-1 backward. The
 LoRA scaling s is inside e (`result + lora_B(lora_A(x)) * s`), so
 `g_A = s Σ_t (Bᵀδ) ⊗ x` and `g_Bᵀ = s Σ_t (A x) ⊗ δ` come out as in DESIGN.md §4.
+
+Tied weights: a parameter held by several modules (GPT-2's and Llama's
+`lm_head` tied to the input embedding, T5's and BART's shared embedding) is
+captured through every one of them and the shares are summed: its block is
+the parameter's whole gradient. If one of its holders reads it in a way
+pyinf cannot capture (any module not listed below), the block is refused
+with a ValueError naming the holder. A parameter read outside its modules'
+forward (e.g. `F.linear(h, self.embed.weight)` in a model's own code) cannot
+be seen by hooks, and its gradient would miss that use.
 
 Padding: the result is the exact gradient of each sample's loss. Where the
 loss never reads a padded position (causal LM with right or left padding,
@@ -22,16 +33,29 @@ return something that is not the gradient. `mask_padding=True` drops
 positions with attention_mask == 0 from the sums (a no-op in the first case;
 the kernel then skips their loads).
 
-Blocks (names are module paths, in `model.named_modules()` order):
+Blocks (in the order of the `blocks` entries, one per parameter):
 
 * LoRA A `...lora_A.<adapter>`: `(r, d_in)`, the weight's gradient.
 * LoRA B `...lora_B.<adapter>`: stored TRANSPOSED, `(r, d_out)`.
-* a plain `nn.Linear` `...name`: `(out, in)`, the weight's gradient only (a
-  bias is not captured).
+* LoRA on an embedding (`...lora_embedding_A.<adapter>` `(r, V)`,
+  `...lora_embedding_B.<adapter>` stored transposed `(r, d)`), from the token ids.
+* an `nn.Linear` weight `...name`: `(out, in)`; transformers' `Conv1D`
+  (GPT-2) `...name`: `(in, out)`, its weight's own layout; an `nn.Embedding`
+  `...name` (or a transformers `*ScaledWordEmbedding`): `(V, d)`, no gradient
+  at `padding_idx`; a bias `...name.bias`: `(1, out)`.
 
-`blocks` is "lora" (every active adapter of every PEFT LoRA layer), or a list
-of names: "lora", a LoRA layer (e.g. `...q_proj`, expands to its A and B),
-a LoRA A/B linear, or any `nn.Linear` (a trailing ".weight" is accepted).
+`blocks` is "lora" or a list of names. "lora" is what the PEFT adapter
+trains: the A and B of every active adapter of every LoRA layer (on
+`nn.Linear`s, GPT-2's Conv1D and embeddings), every weight and bias of the
+active `modules_to_save` copies (a `SEQ_CLS` classifier, a saved `lm_head`),
+and any other trainable (`requires_grad`) weight or bias of the kinds above
+(e.g. biases under `bias="all"`); it needs a PEFT model. Every trainable (or
+active-adapter) parameter it leaves out (a LayerNorm, a LoRA on a Conv2d,
+trainable tokens, ...) is named in a UserWarning with its module type.
+A list entry is "lora", a LoRA layer (e.g. `...q_proj`, expands to its A and
+B), a LoRA A/B linear, an `nn.Linear`, `Conv1D` or `nn.Embedding` module (a
+trailing ".weight" is accepted), or a parameter name (`...dense.bias`,
+`...lora_embedding_A.default`).
 
 During a call the model is in eval mode (dropout off, LoRA dropout included;
 layers with gradient checkpointing enabled keep `training=True` because
@@ -46,11 +70,11 @@ recomputed forward (reentrant: the first forward runs without grad and
 registers nothing; non-reentrant: the recomputed outputs are never
 back-propagated) is never counted twice. With non-reentrant checkpointing
 the captured inputs of the first forward stay alive until the backward (one
-`(B, T, d_in)` tensor per adapted input).
+`(B, T, d_in)` tensor per captured module's input).
 
 On CUDA (when triton is importable) the outer products and the per-sample
 squared norms come from one Triton kernel (`pyinf.kernels.per_sample_outer`);
-elsewhere from a batched fp32 matmul. `last_sq_norms` holds `{block: (B,)}`
+elsewhere from a batched fp32 matmul; embedding rows from a scatter-add. `last_sq_norms` holds `{block: (B,)}`
 squared Frobenius norms of the last call's gradients.
 """
 from __future__ import annotations
@@ -384,13 +408,13 @@ def _scatter_rows(ids: torch.Tensor, u: torch.Tensor, rows: int, padding_idx: in
 # the capture
 # --------------------------------------------------------------------------- #
 class GradientCapture:
-    """Per-sample gradients `{block: (B, rows, cols)}` of a model's LoRA matrices.
+    """Per-sample gradients `{block: (B, rows, cols)}` of a model's trained parameters.
 
     Args:
         model: a torch model, typically a PEFT `PeftModel` of a transformers model.
-        blocks: "lora" (every active PEFT LoRA adapter matrix) or a list of
-            module names (see the module doc). Unknown names: ValueError with
-            close matches.
+        blocks: "lora" (what the PEFT adapter trains: LoRA matrices, modules_to_save
+            heads; see the module doc) or a list of module or parameter names.
+            Unknown names: ValueError with close matches.
         loss: `loss(model, batch) -> (B,)` per-sample losses; default
             `pyinf.losses.default_loss` (needs `labels` in the batch).
         mask_padding: drop positions with `attention_mask == 0` from the
