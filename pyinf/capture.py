@@ -184,7 +184,9 @@ def _lora_params(name: str, mod: nn.Module, adapters: list[str] | None = None) -
             out += [(f"{name}.lora_A.{ad}.weight", False), (f"{name}.lora_B.{ad}.weight", True)]
         elif isinstance(emb, nn.ParameterDict) and ad in emb:
             if ad in (getattr(mod, "input_fns", None) or {}) or ad in (getattr(mod, "output_fns", None) or {}):
-                raise ValueError(f"LoRA layer '{name}', adapter '{ad}': tensor-parallel embedding hooks are not supported")
+                raise ValueError(
+                    f"LoRA layer '{name}', adapter '{ad}': tensor-parallel embedding hooks are not supported"
+                )
             out += [(f"{name}.lora_embedding_A.{ad}", False), (f"{name}.lora_embedding_B.{ad}", True)]
     return out
 
@@ -540,8 +542,10 @@ class GradientCapture:
             # nn.Linear's weight (out, in) is Σ e ⊗ a, Conv1D's (in, out) is Σ a ⊗ e; LoRA B is stored transposed
             return self._outer(*((e, a) if (u.kind == "linear") != t.transpose else (a, e)), mask)
         if u.kind == "bias":
-            keep = e if mask is None else torch.where((mask != 0)[:, :, None], e, torch.zeros((), dtype=e.dtype, device=e.device))
-            return keep.float().sum(dim=1)[:, None, :], None
+            e = e.float()
+            if mask is not None:
+                e = torch.where((mask != 0)[:, :, None], e, torch.zeros((), dtype=e.dtype, device=e.device))
+            return e.sum(dim=1)[:, None, :], None
         if u.kind == "embedding":
             m = u.module
             rows = _scatter_rows(a, e, m.num_embeddings, m.padding_idx, mask)
@@ -558,7 +562,7 @@ class GradientCapture:
             g, sq = self._outer(A.t()[a], e, mask)
             return g * s, (None if sq is None else sq * (s * s))
         rows = _scatter_rows(a, torch.matmul(e.float(), Bw.float()), A.shape[1], base.padding_idx, mask)
-        return (rows * s).transpose(1, 2), None  # (r, V), A's layout
+X
 
     def _outer(self, u, v, mask):
         if self._kernel is not None:

@@ -16,7 +16,8 @@ each sample's own loss, and the samples must be independent):
   the decoder's targets, unshifted; the mean over labels that are not -100
   (the `attention_mask` is the encoder's and is not applied). Without
   `decoder_input_ids` in the batch they are made from the labels by the
-  model's own `prepare_decoder_input_ids_from_labels`, as the model does.
+  model's own `prepare_decoder_input_ids_from_labels`, as the model does
+  (a model without it, e.g. BartForSequenceClassification, makes its own).
 * masked LM (`*ForMaskedLM`) and token classification
   (`*ForTokenClassification`), logits `(B, T, C)`, labels `(B, T)`: the mean
   over labels that are not -100 (and real tokens), unshifted.
@@ -166,14 +167,10 @@ def default_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
     family = _family(model)
     if family in ("causal", "seq2seq"):
         inputs.setdefault("use_cache", False)
-    if family == "seq2seq" and inputs.get("decoder_input_ids") is None and inputs.get("decoder_inputs_embeds") is None:
-        prepare = getattr(_unwrap(model), "prepare_decoder_input_ids_from_labels", None)
-        if not callable(prepare):
-            raise ValueError(
-                f"default_loss: {type(_unwrap(model)).__name__} cannot make decoder_input_ids from the labels; "
-                "add decoder_input_ids to the batch"
-            )
-        inputs["decoder_input_ids"] = prepare(labels=labels)
+    prepare = getattr(_unwrap(model), "prepare_decoder_input_ids_from_labels", None)
+    if family == "seq2seq" and callable(prepare) and inputs.get("decoder_input_ids") is None \
+            and inputs.get("decoder_inputs_embeds") is None:
+        inputs["decoder_input_ids"] = prepare(labels=labels)  # what the model does when given labels
     logits = _logits(model(**inputs))
     mask = batch.get("attention_mask")
     if not isinstance(mask, torch.Tensor) or mask.shape != labels.shape[:2] or family == "seq2seq":
