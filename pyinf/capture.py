@@ -562,7 +562,7 @@ class GradientCapture:
             g, sq = self._outer(A.t()[a], e, mask)
             return g * s, (None if sq is None else sq * (s * s))
         rows = _scatter_rows(a, torch.matmul(e.float(), Bw.float()), A.shape[1], base.padding_idx, mask)
-X
+        return (rows * s).transpose(1, 2).contiguous(), None  # (r, V), A's layout
 
     def _outer(self, u, v, mask):
         if self._kernel is not None:
