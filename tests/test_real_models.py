@@ -69,12 +69,12 @@ def llama(tie: bool = True):
     return _quiet(lambda: LlamaForCausalLM(cfg))
 
 
-def peft_llama(**lora):
-    """A tied Llama with PEFT LoRA (`lora`: LoraConfig options); every LoRA matrix made nonzero (PEFT zeroes
-    a linear layer's B and an embedding's A, which would zero the other's gradient)."""
+def peft_llama(base=None, **lora):
+    """A tied Llama (or `base`) with PEFT LoRA (`lora`: LoraConfig options); every LoRA matrix made nonzero
+    (PEFT zeroes a linear layer's B and an embedding's A, which would zero the other's gradient)."""
     from peft import LoraConfig, get_peft_model
 
-    base = llama()
+    base = llama() if base is None else base
     model = _quiet(lambda: get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, **lora)))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -246,10 +246,13 @@ def _trainable(model):
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("case", ["lm_head_saved", "embedding_lora"])
+@pytest.mark.parametrize("case", ["lm_head_saved", "embedding_lora", "gpt2_conv1d_lora_bias"])
 def test_peft_trainable_parameters_all_attributed(case):
     if case == "lm_head_saved":
         model = peft_llama(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"], task_type="CAUSAL_LM")
+    elif case == "gpt2_conv1d_lora_bias":  # LoRA on Conv1D layers; bias="lora_only" trains their Conv1D biases
+        model = peft_llama(gpt2(), target_modules=["c_attn"], fan_in_fan_out=True, bias="lora_only",
+                           task_type="CAUSAL_LM")
     else:
         model = peft_llama(target_modules=["embed_tokens", "q_proj"], task_type="CAUSAL_LM")
     batch = causal_batch(pad=5)  # a pad that is not padding_idx: its LoRA-embedding row gets a gradient too
@@ -258,7 +261,9 @@ def test_peft_trainable_parameters_all_attributed(case):
     assert {id(t.param) for t in cap._targets} == {id(p) for p in trainable.values()}
     params = {t.name: (t.param, t.transpose) for t in cap._targets}
     shapes = {t.name: (t.block.rows, t.block.cols) for t in cap._targets}
-    if case == "embedding_lora":
+    if case == "gpt2_conv1d_lora_bias":
+        assert shapes["base_model.model.transformer.h.0.attn.c_attn.base_layer.bias"] == (1, 96)
+    elif case == "embedding_lora":
         e = "base_model.model.model.embed_tokens."
         assert shapes[e + "lora_embedding_A.default"] == (4, V)  # A (r, V)
         assert shapes[e + "lora_embedding_B.default"] == (4, 32)  # B (d, r), stored transposed like LoRA B
