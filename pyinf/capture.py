@@ -1,16 +1,27 @@
-"""Per-sample gradients of LoRA adapter matrices from one batched backward.
+"""Per-sample gradients of the parameters a LoRA fine-tune trains, from one batched backward.
 
-    with GradientCapture(model) as cap:          # blocks="lora": every PEFT adapter
+    with GradientCapture(model) as cap:          # blocks="lora": what the PEFT adapter trains
         grads = cap(batch)                       # {block: (B, rows, cols)} float32
 
-How: a forward hook on every captured `nn.Linear` keeps its input `a`
-`(B, T, d_in)` and registers a hook on its output tensor that receives
-`e = dL/d(output)` `(B, T, d_out)` during the backward of
-`loss(model, batch).sum()`. The per-sample losses are independent, so row i
-of e belongs to sample i alone and the per-sample weight gradient is
-`g_i = Σ_t e[i,t]ᵀ ⊗ a[i,t]`. One forward and one backward per batch, never a batch-size-1 backward. The
+How: a forward hook on every module that reads a captured parameter keeps
+its input `a` `(B, T, d_in)` (token ids `(B, T)` for an embedding) and
+registers a hook on its output tensor that receives `e = dL/d(output)`
+`(B, T, d_out)` during the backward of `loss(model, batch).sum()`. The
+per-sample losses are independent, so row i of e belongs to sample i alone:
+an `nn.Linear` weight's per-sample gradient is `g_i = Σ_t e[i,t]ᵀ ⊗ a[i,t]`,
+a bias's `Σ_t e[i,t]`, an embedding's row v `Σ_{t: ids[i,t]=v} e[i,t]`.
+One forward and one backward per batch, never a batch-size-1 backward. The
 LoRA scaling s is inside e (`result + lora_B(lora_A(x)) * s`), so
 `g_A = s Σ_t (Bᵀδ) ⊗ x` and `g_Bᵀ = s Σ_t (A x) ⊗ δ` come out as in DESIGN.md §4.
+
+Tied weights: a parameter held by several modules (GPT-2's and Llama's
+`lm_head` tied to the input embedding, T5's and BART's shared embedding) is
+captured through every one of them and the shares are summed: its block is
+the parameter's whole gradient. If one of its holders reads it in a way
+pyinf cannot capture (any module not listed below), the block is refused
+with a ValueError naming the holder. A parameter read outside its modules'
+forward (e.g. `F.linear(h, self.embed.weight)` in a model's own code) cannot
+be seen by hooks, and its gradient would miss that use.
 
 Padding: the result is the exact gradient of each sample's loss. Where the
 loss never reads a padded position (causal LM with right or left padding,
@@ -22,16 +33,29 @@ return something that is not the gradient. `mask_padding=True` drops
 positions with attention_mask == 0 from the sums (a no-op in the first case;
 the kernel then skips their loads).
 
-Blocks (names are module paths, in `model.named_modules()` order):
+Blocks (in the order of the `blocks` entries, one per parameter):
 
 * LoRA A `...lora_A.<adapter>`: `(r, d_in)`, the weight's gradient.
 * LoRA B `...lora_B.<adapter>`: stored TRANSPOSED, `(r, d_out)`.
-* a plain `nn.Linear` `...name`: `(out, in)`, the weight's gradient only (a
-  bias is not captured).
+* LoRA on an embedding (`...lora_embedding_A.<adapter>` `(r, V)`,
+  `...lora_embedding_B.<adapter>` stored transposed `(r, d)`), from the token ids.
+* an `nn.Linear` weight `...name`: `(out, in)`; transformers' `Conv1D`
+  (GPT-2) `...name`: `(in, out)`, its weight's own layout; an `nn.Embedding`
+  `...name` (or a transformers `*ScaledWordEmbedding`): `(V, d)`, no gradient
+  at `padding_idx`; a bias `...name.bias`: `(1, out)`.
 
-`blocks` is "lora" (every active adapter of every PEFT LoRA layer), or a list
-of names: "lora", a LoRA layer (e.g. `...q_proj`, expands to its A and B),
-a LoRA A/B linear, or any `nn.Linear` (a trailing ".weight" is accepted).
+`blocks` is "lora" or a list of names. "lora" is what the PEFT adapter
+trains: the A and B of every active adapter of every LoRA layer (on
+`nn.Linear`s, GPT-2's Conv1D and embeddings), every weight and bias of the
+active `modules_to_save` copies (a `SEQ_CLS` classifier, a saved `lm_head`),
+and any other trainable (`requires_grad`) weight or bias of the kinds above
+(e.g. biases under `bias="all"`); it needs a PEFT model. Every trainable (or
+active-adapter) parameter it leaves out (a LayerNorm, a LoRA on a Conv2d,
+trainable tokens, ...) is named in a UserWarning with its module type.
+A list entry is "lora", a LoRA layer (e.g. `...q_proj`, expands to its A and
+B), a LoRA A/B linear, an `nn.Linear`, `Conv1D` or `nn.Embedding` module (a
+trailing ".weight" is accepted), or a parameter name (`...dense.bias`,
+`...lora_embedding_A.default`).
 
 During a call the model is in eval mode (dropout off, LoRA dropout included;
 layers with gradient checkpointing enabled keep `training=True` because
@@ -46,11 +70,11 @@ recomputed forward (reentrant: the first forward runs without grad and
 registers nothing; non-reentrant: the recomputed outputs are never
 back-propagated) is never counted twice. With non-reentrant checkpointing
 the captured inputs of the first forward stay alive until the backward (one
-`(B, T, d_in)` tensor per adapted input).
+`(B, T, d_in)` tensor per captured module's input).
 
 On CUDA (when triton is importable) the outer products and the per-sample
 squared norms come from one Triton kernel (`pyinf.kernels.per_sample_outer`);
-elsewhere from a batched fp32 matmul. `last_sq_norms` holds `{block: (B,)}`
+elsewhere from a batched fp32 matmul; embedding rows from a scatter-add. `last_sq_norms` holds `{block: (B,)}`
 squared Frobenius norms of the last call's gradients.
 """
 from __future__ import annotations
@@ -75,16 +99,30 @@ BlockSpec = Union[str, Sequence[str]]
 
 
 @dataclass(frozen=True, eq=False)
+class _Use:
+    """A module whose forward reads a captured parameter (a tied weight has several)."""
+
+    module: nn.Module
+    kind: str  # "linear" | "conv1d" | "bias" | "embedding" | "lora_emb_A" | "lora_emb_B"
+    adapter: str = ""  # LoRA embedding: the adapter
+    scale: float = 1.0  # a scaled word embedding's output factor
+
+
+@dataclass(frozen=True, eq=False)
 class _Target:
     name: str
-    module: nn.Linear
-    transpose: bool  # LoRA B: store (r, d_out)
+    param: nn.Parameter
+    uses: tuple[_Use, ...]
+    transpose: bool  # LoRA B: the parameter's transpose, (r, d_out)
     block: Block
 
 
 # --------------------------------------------------------------------------- #
 # finding the blocks
 # --------------------------------------------------------------------------- #
+CAPTURABLE = "weights and biases of nn.Linear and Conv1D layers, nn.Embedding weights and PEFT LoRA matrices"
+
+
 def _is_lora_layer(mod: nn.Module) -> bool:
     """A PEFT LoraLayer (duck-typed, so that importing peft is never needed)."""
     return isinstance(getattr(mod, "lora_A", None), nn.ModuleDict) and isinstance(
@@ -92,40 +130,176 @@ def _is_lora_layer(mod: nn.Module) -> bool:
     )
 
 
-def _active_adapters(mod: nn.Module) -> list[str]:
+def _is_modules_to_save(mod: nn.Module) -> bool:
+    """A PEFT ModulesToSaveWrapper: one trainable copy of a module per adapter."""
+    return isinstance(getattr(mod, "modules_to_save", None), nn.ModuleDict) and hasattr(mod, "original_module")
+
+
+def _is_conv1d(mod: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2's linear layers): y = x W + b with W of shape (in, out)."""
+    return type(mod).__name__ == "Conv1D" and hasattr(mod, "nf")
+
+
+def _embedding_scale(m: nn.Embedding) -> float | None:
+    """The factor on F.embedding's output: 1 for nn.Embedding's own forward, `embed_scale` for
+    transformers' *ScaledWordEmbedding (`super().forward(ids) * embed_scale`), None for any other forward."""
+    if type(m).forward is nn.Embedding.forward:
+        return 1.0
+    scale = getattr(m, "embed_scale", None)
+    if type(m).__name__.endswith("ScaledWordEmbedding") and (
+        isinstance(scale, (int, float)) or (isinstance(scale, torch.Tensor) and scale.numel() == 1)
+    ):
+        return float(scale)
+    return None
+
+
+def _adapters(mod: nn.Module) -> list[str]:
     act = getattr(mod, "active_adapters", None)
     if act is None:
         act = getattr(mod, "active_adapter", "default")
-    if isinstance(act, str):
-        act = [act]
-    return [a for a in act if a in mod.lora_A]
+    return [act] if isinstance(act, str) else list(act)
 
 
-def _lora_targets(name: str, mod: nn.Module, adapters: list[str] | None = None) -> list[_Target]:
+def _active_adapters(mod: nn.Module) -> list[str]:
+    """The active adapters of a LoRA layer that have nn.Module A/B (lora.Linear's)."""
+    return [a for a in _adapters(mod) if a in mod.lora_A]
+
+
+def _lora_params(name: str, mod: nn.Module, adapters: list[str] | None = None) -> list[tuple[str, bool]]:
+    """(parameter name, transpose) of A and B of the layer's active (or given) adapters."""
     if getattr(mod, "merged", False) or getattr(mod, "merged_adapters", None):
         raise ValueError(
             f"LoRA layer '{name}' has its adapter merged into the base weight; "
             "call model.unmerge_adapter() before capturing gradients"
         )
+    emb = getattr(mod, "lora_embedding_A", None)
     out = []
-    for ad in adapters if adapters is not None else _active_adapters(mod):
+    for ad in adapters if adapters is not None else _adapters(mod):
         if ad in (getattr(mod, "lora_variant", None) or {}):
             raise ValueError(
                 f"LoRA layer '{name}', adapter '{ad}': LoRA variants (DoRA, ...) are not supported; "
                 "pass blocks=[module names] of plain nn.Linear weights instead"
             )
-        A, B = mod.lora_A[ad], mod.lora_B[ad]
-        if not (isinstance(A, nn.Linear) and isinstance(B, nn.Linear)):
-            warnings.warn(
-                f"pyinf: skipping LoRA layer '{name}' (adapter '{ad}'): only nn.Linear adapters are "
-                f"supported, got {type(A).__name__}",
-                stacklevel=3,
-            )
-            continue
-        r = A.weight.shape[0]
-        out.append(_Target(f"{name}.lora_A.{ad}", A, False, Block(f"{name}.lora_A.{ad}", r, A.weight.shape[1])))
-        out.append(_Target(f"{name}.lora_B.{ad}", B, True, Block(f"{name}.lora_B.{ad}", r, B.weight.shape[0])))
+        if ad in mod.lora_A and isinstance(mod.lora_A[ad], nn.Linear) and isinstance(mod.lora_B[ad], nn.Linear):
+            out += [(f"{name}.lora_A.{ad}.weight", False), (f"{name}.lora_B.{ad}.weight", True)]
+        elif isinstance(emb, nn.ParameterDict) and ad in emb:
+            if ad in (getattr(mod, "input_fns", None) or {}) or ad in (getattr(mod, "output_fns", None) or {}):
+                raise ValueError(
+                    f"LoRA layer '{name}', adapter '{ad}': tensor-parallel embedding hooks are not supported"
+                )
+            out += [(f"{name}.lora_embedding_A.{ad}", False), (f"{name}.lora_embedding_B.{ad}", True)]
     return out
+
+
+class _ModelIndex:
+    """A model's parameters, the modules that hold each (a tied weight: several) and PEFT's adapters."""
+
+    def __init__(self, model: nn.Module):
+        self.modules = dict(model.named_modules())
+        self.params = dict(model.named_parameters())
+        self.holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
+        for mn, m in self.modules.items():
+            for attr, p in m._parameters.items():
+                if p is not None:
+                    self.holders.setdefault(id(p), []).append((mn, m, attr))
+        self.lora_layers = {n: m for n, m in self.modules.items() if _is_lora_layer(m)}
+        self.saved = {n: m for n, m in self.modules.items() if _is_modules_to_save(m)}
+        # id(param) -> (owner layer name, owner, adapter) for every adapter's parameters
+        self.owner: dict[int, tuple[str, nn.Module, str]] = {}
+        self.lora_emb: dict[int, tuple[nn.Module, str, str]] = {}  # id(param) -> (layer, adapter, "A"/"B")
+        for ln, lm in self.lora_layers.items():
+            for which in ("A", "B"):
+                for ad, sub in getattr(lm, f"lora_{which}").items():
+                    self.owner.update({id(p): (ln, lm, ad) for p in sub.parameters()})
+                for ad, p in (getattr(lm, f"lora_embedding_{which}", None) or {}).items():
+                    self.owner[id(p)] = (ln, lm, ad)
+                    self.lora_emb[id(p)] = (lm, ad, which)
+        for wn, w in self.saved.items():
+            for ad, copy in w.modules_to_save.items():
+                self.owner.update({id(p): (wn, w, ad) for p in copy.parameters()})
+
+    def use(self, holder: tuple[str, nn.Module, str], p: torch.Tensor) -> _Use | None:
+        """How the holder's forward reads p, or None where pyinf cannot capture that use."""
+        _, m, attr = holder
+        if id(p) in self.lora_emb:
+            layer, ad, which = self.lora_emb[id(p)]
+            return _Use(layer, f"lora_emb_{which}", ad)
+        linear = isinstance(m, nn.Linear)
+        if attr == "bias" and (linear or _is_conv1d(m)):
+            return _Use(m, "bias")
+        if attr == "weight" and (linear or _is_conv1d(m)):
+            return _Use(m, "linear" if linear else "conv1d")
+        if attr == "weight" and isinstance(m, nn.Embedding) and m.max_norm is None and not m.scale_grad_by_freq:
+            scale = _embedding_scale(m)
+            return None if scale is None else _Use(m, "embedding", scale=scale)
+        return None
+
+    def capturable(self, p: torch.Tensor) -> bool:
+        return all(self.use(h, p) is not None for h in self.holders[id(p)])
+
+    def target(self, p: torch.Tensor, transpose: bool, name: str | None = None) -> _Target:
+        holders = self.holders[id(p)]
+        if name is None:  # a weight is named by its module (as blocks=[...] names it), the rest by parameter name
+            mn, _, attr = holders[0]
+            name = mn if attr == "weight" and id(p) not in self.lora_emb else f"{mn}.{attr}"
+        for hn, hm, hattr in holders:
+            if self.use((hn, hm, hattr), p) is None:
+                if len(holders) > 1:
+                    raise ValueError(
+                        f"block '{name}': its parameter is shared (tied) with "
+                        f"{[h[0] for h in holders if h[0] != name]}, and '{hn}' ({type(hm).__name__}.{hattr}) "
+                        f"uses it in a way pyinf cannot capture, so its whole gradient cannot be given; "
+                        "leave this block out of blocks=[...]"
+                    )
+                raise ValueError(f"block '{name}' is a {type(hm).__name__}.{hattr}; pyinf captures {CAPTURABLE}")
+        if not p.is_floating_point():
+            raise ValueError(f"block '{name}': weight has dtype {p.dtype}, not floating point")
+        shape = (1, p.numel()) if p.dim() == 1 else tuple(p.shape[::-1] if transpose else p.shape)
+        uses = tuple(self.use(h, p) for h in holders)
+        return _Target(name, p, uses, transpose, Block(name, *shape))
+
+    def lora_role(self, p: torch.Tensor) -> tuple[str, nn.Module, str, bool] | None:
+        """(layer name, layer, adapter, is B) of a LoRA A/B parameter, else None."""
+        own = self.owner.get(id(p))
+        if own is None or own[0] not in self.lora_layers:
+            return None
+        ln, lm, ad = own
+        if id(p) in self.lora_emb:
+            return ln, lm, ad, self.lora_emb[id(p)][2] == "B"
+        return ln, lm, ad, ad in lm.lora_B and any(q is p for q in lm.lora_B[ad].parameters())
+
+    def peft_params(self) -> list[tuple[torch.Tensor, bool]]:
+        """blocks="lora": LoRA A/B of the active adapters, the active modules_to_save copies' capturable
+        parameters, and every other trainable capturable parameter (e.g. biases under bias="all"); nothing
+        for a model without PEFT adapters (all of whose parameters may be trainable)."""
+        if not self.lora_layers and not self.saved:
+            return []
+        out = [(self.params[n], tr) for ln, lm in self.lora_layers.items() for n, tr in _lora_params(ln, lm)]
+        for w in self.saved.values():
+            for ad in _adapters(w):
+                if ad in w.modules_to_save:
+                    out += [(p, False) for p in w.modules_to_save[ad].parameters() if self.capturable(p)]
+        out += [(p, False) for p in self.params.values()
+                if p.requires_grad and id(p) not in self.owner and self.capturable(p)]
+        return out
+
+    def left_out(self, captured: set[int]) -> list[str]:
+        """'name (why)' for every trainable or active-adapter parameter that is not captured."""
+        out = []
+        for n, p in self.params.items():
+            own = self.owner.get(id(p))
+            active = own is not None and own[2] in _adapters(own[1])
+            if id(p) in captured or not (p.requires_grad or active):
+                continue
+            if own is not None and not active:
+                why = f"adapter '{own[2]}' is not active"
+            else:
+                bad = [h for h in self.holders[id(p)] if self.use(h, p) is None]
+                why = (f"{type(bad[0][1]).__name__}.{bad[0][2]} of '{bad[0][0]}'" if bad else "not selected")
+                if len(self.holders[id(p)]) > 1 and bad:
+                    why = "tied to " + why
+            out.append(f"{n} ({why})")
+        return out
 
 
 def _close_matches(name: str, candidates: list[str]) -> list[str]:
@@ -135,68 +309,63 @@ def _close_matches(name: str, candidates: list[str]) -> list[str]:
 
 
 def _resolve_blocks(model: nn.Module, blocks: BlockSpec) -> list[_Target]:
-    modules = dict(model.named_modules())
-    lora_layers = {n: m for n, m in modules.items() if _is_lora_layer(m)}
-    # role of each LoRA A/B linear, found through its layer
-    lora_role: dict[int, tuple[str, nn.Module, str]] = {}
-    for ln, lm in lora_layers.items():
-        for ad in lm.lora_A:
-            lora_role[id(lm.lora_A[ad])] = (ln, lm, ad)
-        for ad in lm.lora_B:
-            lora_role[id(lm.lora_B[ad])] = (ln, lm, ad)
-
+    idx = _ModelIndex(model)
     entries = [blocks] if isinstance(blocks, str) else list(blocks)
     if not all(isinstance(e, str) for e in entries):
         raise TypeError(f"blocks must be 'lora' or a list of module names, got {blocks!r}")
-    targets: list[_Target] = []
+    chosen: list[tuple[torch.Tensor, bool, str | None]] = []  # (parameter, transpose, block name)
     for entry in entries:
         if entry == "lora":
-            found = [t for n, m in lora_layers.items() for t in _lora_targets(n, m)]
+            found = idx.peft_params()
             if not found:
                 raise ValueError("no LoRA adapters found; pass blocks=[module names]")
-            targets += found
+            chosen += [(p, tr, None) for p, tr in found]
             continue
-        name = entry
-        if name not in modules and name.endswith(".weight") and name[: -len(".weight")] in modules:
-            name = name[: -len(".weight")]
-        if name not in modules:
-            cands = [n for n, m in modules.items() if isinstance(m, nn.Linear) or _is_lora_layer(m)]
-            hint = _close_matches(name, cands)
+        name = entry[: -len(".weight")] if entry.endswith(".weight") and entry not in idx.modules else entry
+        mod = idx.modules.get(name)
+        if mod is not None and name in idx.lora_layers:
+            found = _lora_params(name, mod)
+            if not found:
+                raise ValueError(f"LoRA layer {entry!r} has no active nn.Linear or nn.Embedding adapter")
+            chosen += [(idx.params[n], tr, None) for n, tr in found]
+            continue
+        if mod is not None:
+            p = getattr(mod, "weight", None)
+            if not isinstance(p, nn.Parameter) or idx.use((name, mod, "weight"), p) is None:
+                raise ValueError(
+                    f"block {entry!r} is a {type(mod).__name__}, not an nn.Linear, Conv1D, nn.Embedding "
+                    "or a LoRA layer"
+                )
+        elif entry in idx.params:
+            p, name = idx.params[entry], None
+        else:
+            cands = [n for n, m in idx.modules.items()
+                     if isinstance(m, (nn.Linear, nn.Embedding)) or _is_conv1d(m) or _is_lora_layer(m)]
+            hint = _close_matches(entry, cands + [n for n in idx.params if not n.endswith(".weight")])
             raise ValueError(
-                f"unknown block {entry!r}: no such module in the model"
+                f"unknown block {entry!r}: no such module or parameter in the model"
                 + (f"; close matches: {hint}" if hint else "")
             )
-        mod = modules[name]
-        if _is_lora_layer(mod):
-            found = _lora_targets(name, mod)
-            if not found:
-                raise ValueError(f"LoRA layer {entry!r} has no active nn.Linear adapter")
-            targets += found
-        elif isinstance(mod, nn.Linear):
-            if id(mod) in lora_role:
-                ln, lm, ad = lora_role[id(mod)]
-                kind = 0 if (ad in lm.lora_A and lm.lora_A[ad] is mod) else 1
-                targets.append(_lora_targets(ln, lm, [ad])[kind])
-            else:
-                w = mod.weight
-                targets.append(_Target(name, mod, False, Block(name, w.shape[0], w.shape[1])))
-        else:
-            raise ValueError(
-                f"block {entry!r} is a {type(mod).__name__}, not an nn.Linear or a LoRA layer"
-            )
-    # dedupe by module, keep the first name
-    seen: set[int] = set()
-    unique = []
-    for t in targets:
-        if id(t.module) not in seen:
-            seen.add(id(t.module))
-            unique.append(t)
+        role = idx.lora_role(p)
+        if role is not None:
+            _lora_params(role[0], role[1], [role[2]])  # refuses merged layers and variants
+        chosen.append((p, role is not None and role[3], name))
+    # one block per parameter, named after its first holder
+    unique: dict[int, _Target] = {}
+    for p, tr, name in chosen:
+        if id(p) not in unique:
+            unique[id(p)] = idx.target(p, tr, name)
     if not unique:
         raise ValueError("no blocks to capture; pass blocks='lora' or blocks=[module names]")
-    for t in unique:
-        if not t.module.weight.is_floating_point():
-            raise ValueError(f"block '{t.name}': weight has dtype {t.module.weight.dtype}, not floating point")
-    return unique
+    if "lora" in entries:
+        left = idx.left_out(set(unique))
+        if left:
+            warnings.warn(
+                f"pyinf: {len(left)} trainable parameter(s) are not attributed (pyinf captures {CAPTURABLE}): "
+                + ", ".join(left[:20]) + (", ..." if len(left) > 20 else ""),
+                stacklevel=3,
+            )
+    return list(unique.values())
 
 
 # --------------------------------------------------------------------------- #
@@ -224,17 +393,30 @@ def _outer_torch(u: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
     return torch.bmm(u.transpose(1, 2), v), None
 
 
+def _scatter_rows(ids: torch.Tensor, u: torch.Tensor, rows: int, padding_idx: int | None, mask):
+    """(B, T) ids, (B, T, k) -> (B, rows, k) fp32: row v of sample i sums u[i, t] over ids[i, t] == v.
+
+    This is F.embedding's weight gradient per sample: nothing reaches padding_idx, nor masked positions.
+    """
+    keep = torch.ones(ids.shape, dtype=torch.bool, device=ids.device) if mask is None else mask != 0
+    if padding_idx is not None:
+        keep = keep & (ids != padding_idx)
+    u = torch.where(keep[:, :, None], u.float(), torch.zeros((), dtype=torch.float32, device=u.device))
+    out = torch.zeros((u.shape[0], rows, u.shape[2]), dtype=torch.float32, device=u.device)
+    return out.scatter_add_(1, ids[:, :, None].expand(-1, -1, u.shape[2]), u)
+
+
 # --------------------------------------------------------------------------- #
 # the capture
 # --------------------------------------------------------------------------- #
 class GradientCapture:
-    """Per-sample gradients `{block: (B, rows, cols)}` of a model's LoRA matrices.
+    """Per-sample gradients `{block: (B, rows, cols)}` of a model's trained parameters.
 
     Args:
         model: a torch model, typically a PEFT `PeftModel` of a transformers model.
-        blocks: "lora" (every active PEFT LoRA adapter matrix) or a list of
-            module names (see the module doc). Unknown names: ValueError with
-            close matches.
+        blocks: "lora" (what the PEFT adapter trains: LoRA matrices, modules_to_save
+            heads; see the module doc) or a list of module or parameter names.
+            Unknown names: ValueError with close matches.
         loss: `loss(model, batch) -> (B,)` per-sample losses; default
             `pyinf.losses.default_loss` (needs `labels` in the batch).
         mask_padding: drop positions with `attention_mask == 0` from the
@@ -273,9 +455,13 @@ class GradientCapture:
         self.last_sq_norms: dict[str, torch.Tensor] = {}
         self._active = False
         self._reset()
+        by_module: dict[int, tuple[nn.Module, list[tuple[_Target, _Use]]]] = {}
+        for t in self._targets:
+            for u in t.uses:
+                by_module.setdefault(id(u.module), (u.module, []))[1].append((t, u))
         self._handles = [
-            t.module.register_forward_hook(functools.partial(self._forward_hook, t), with_kwargs=True)
-            for t in self._targets
+            m.register_forward_hook(functools.partial(self._forward_hook, uses), with_kwargs=True)
+            for m, uses in by_module.values()
         ]
 
     # -- context manager -------------------------------------------------- #
@@ -308,41 +494,75 @@ class GradientCapture:
         self._mask: torch.Tensor | None = None
         self._kernel = None
 
-    def _forward_hook(self, target: _Target, module, args, kwargs, output):
+    def _forward_hook(self, uses: list[tuple[_Target, _Use]], module, args, kwargs, output):
         if not self._active:
             return None
-        self._seen.add(target.name)
+        self._seen.update(t.name for t, _ in uses)
         if not (isinstance(output, torch.Tensor) and output.requires_grad and torch.is_grad_enabled()):
             return None  # e.g. the no-grad first pass of reentrant checkpointing
-        x = args[0] if args else kwargs.get("input", None)
+        x = args[0] if args else next((kwargs[k] for k in ("input", "x") if k in kwargs), None)
         if not isinstance(x, torch.Tensor):
-            raise RuntimeError(f"block '{target.name}': cannot find the linear layer's input tensor")
+            raise RuntimeError(f"block '{uses[0][0].name}': cannot find the layer's input tensor")
         # The input rides with the output's hook: each back-propagated output
         # pairs with the input of its own forward.
-        output.register_hook(functools.partial(self._grad_hook, target, x.detach()))
+        output.register_hook(functools.partial(self._grad_hook, uses, x.detach()))
         return None
 
-    def _grad_hook(self, target: _Target, a: torch.Tensor, e: torch.Tensor):
+    def _grad_hook(self, uses: list[tuple[_Target, _Use]], a: torch.Tensor, e: torch.Tensor):
         with torch.no_grad():
             B = self._B
-            a3 = a.reshape(a.shape[0], -1, a.shape[-1]) if a.dim() != 2 else a[:, None, :]
             e3 = e.reshape(e.shape[0], -1, e.shape[-1]) if e.dim() != 2 else e[:, None, :]
+            if a.is_floating_point():  # a linear layer's input (B, ..., d_in)
+                a3 = a.reshape(a.shape[0], -1, a.shape[-1]) if a.dim() != 2 else a[:, None, :]
+            else:  # an embedding's token ids (B, ...)
+                a3 = a.reshape(a.shape[0], -1)
             if a3.shape[0] != B or e3.shape[:2] != a3.shape[:2]:
                 raise RuntimeError(
-                    f"block '{target.name}': its input has shape {tuple(a.shape)} but the batch has "
+                    f"block '{uses[0][0].name}': its input has shape {tuple(a.shape)} but the batch has "
                     f"{B} samples; per-sample capture needs the batch in dimension 0"
                 )
             mask = self._mask if self._mask is not None and self._mask.shape == a3.shape[:2] else None
-            u, v = (a3, e3) if target.transpose else (e3, a3)
-            g, sq = self._outer(u, v, mask)
-            name = target.name
-            if name in self._grads:
-                self._grads[name] = self._grads[name] + g
-            else:
-                self._grads[name] = g
-                self._sq[name] = sq
-            self._count[name] = self._count.get(name, 0) + 1
+            for target, use in uses:
+                g, sq = self._contribution(target, use, a3, e3, mask)
+                name = target.name
+                if name in self._grads:
+                    self._grads[name] = self._grads[name] + g
+                else:
+                    self._grads[name] = g
+                    self._sq[name] = sq
+                self._count[name] = self._count.get(name, 0) + 1
         return None
+
+    def _contribution(self, t: _Target, u: _Use, a: torch.Tensor, e: torch.Tensor, mask):
+        """This use's share of the per-sample gradients, in the block's layout: ((B, rows, cols) fp32, norms or None).
+
+        a: (B, T, d_in) inputs, or (B, T) token ids for an embedding; e: (B, T, d_out) = dL/d(output).
+        """
+        if u.kind in ("linear", "conv1d"):
+            # nn.Linear's weight (out, in) is Σ e ⊗ a, Conv1D's (in, out) is Σ a ⊗ e; LoRA B is stored transposed
+            return self._outer(*((e, a) if (u.kind == "linear") != t.transpose else (a, e)), mask)
+        if u.kind == "bias":
+            e = e.float()
+            if mask is not None:
+                e = torch.where((mask != 0)[:, :, None], e, torch.zeros((), dtype=e.dtype, device=e.device))
+            return e.sum(dim=1)[:, None, :], None
+        if u.kind == "embedding":
+            m = u.module
+            rows = _scatter_rows(a, e, m.num_embeddings, m.padding_idx, mask)
+            return (rows if u.scale == 1.0 else rows * u.scale), None
+        # PEFT LoRA embedding: out = base(ids) + s · A.T[ids] @ B.T (A (r, V), B (d, r))
+        layer, ad = u.module, u.adapter
+        base = layer.get_base_layer()
+        s = float(layer.scaling[ad])
+        scale = layer._get_embed_scale() if hasattr(layer, "_get_embed_scale") else None
+        if scale is not None:
+            s *= float(scale)
+        A, Bw = layer.lora_embedding_A[ad].detach(), layer.lora_embedding_B[ad].detach()
+        if u.kind == "lora_emb_B":  # Σ s A.T[ids] ⊗ e, (r, d): B transposed
+            g, sq = self._outer(A.t()[a], e, mask)
+            return g * s, (None if sq is None else sq * (s * s))
+        rows = _scatter_rows(a, torch.matmul(e.float(), Bw.float()), A.shape[1], base.padding_idx, mask)
+        return (rows * s).transpose(1, 2).contiguous(), None  # (r, V), A's layout
 
     def _outer(self, u, v, mask):
         if self._kernel is not None:
@@ -373,7 +593,7 @@ class GradientCapture:
             raise RuntimeError("this GradientCapture is closed")
         device = model_device(self.model)
         batch = move_to_device(batch, device)
-        weights = [t.module.weight for t in self._targets]
+        weights = [t.param for t in self._targets]
         state = _snapshot(self.model)
         self._reset()
         mask = batch.get("attention_mask")

@@ -60,8 +60,10 @@ weights are restored (works for any layer type).
 Requirements of the grouped path: every tensor input of the model has the
 batch in dimension 0 (as for capture), a LoRA layer is a PEFT `lora.Linear`
 (`base_layer`, `lora_A`/`lora_B` ModuleDicts, `scaling`), not merged, adapters
-enabled, no `adapter_names` mixed batches, and the attributed adapters have
-no variant (DoRA, ...).
+enabled, no `adapter_names` mixed batches, the attributed adapters have
+no variant (DoRA, ...), and every block is a LoRA A/B or an untied
+`nn.Linear` weight (with biases, Conv1D, embedding or tied weights among the
+blocks, the automatic choice is `queries_per_pass=1`).
 """
 from __future__ import annotations
 
@@ -140,6 +142,7 @@ class _Plan:
     params: dict[str, nn.Parameter]  # block name -> moved weight (block order)
     lora: dict[int, tuple[str, nn.Module, dict[str, _LoraUnit]]] = field(default_factory=dict)  # id(layer) ->
     linear: list[_LinearUnit] = field(default_factory=list)
+    other: list[str] = field(default_factory=list)  # blocks only the one-query-at-a-time path moves
 
 
 def _plan(model: nn.Module, blocks) -> tuple[list, _Plan]:
@@ -153,10 +156,13 @@ def _plan(model: nn.Module, blocks) -> tuple[list, _Plan]:
                 role[id(lm.lora_A[ad])] = (ln, lm, ad, "A")
             for ad in lm.lora_B:
                 role[id(lm.lora_B[ad])] = (ln, lm, ad, "B")
-    plan = _Plan(params={t.name: t.module.weight for t in targets})
+    plan = _Plan(params={t.name: t.param for t in targets})
     for t in targets:
-        if id(t.module) in role:
-            ln, lm, ad, which = role[id(t.module)]
+        module = t.uses[0].module
+        if len(t.uses) > 1 or t.uses[0].kind != "linear":  # biases, Conv1D, embeddings, tied weights
+            plan.other.append(t.name)
+        elif id(module) in role:
+            ln, lm, ad, which = role[id(module)]
             if ad not in _active_adapters(lm):
                 raise ValueError(f"block '{t.name}': adapter '{ad}' is not active, so its weights do not affect the loss")
             entry = plan.lora.setdefault(id(lm), (ln, lm, {}))
@@ -166,12 +172,17 @@ def _plan(model: nn.Module, blocks) -> tuple[list, _Plan]:
             else:
                 unit.b_block = t.name
         else:
-            plan.linear.append(_LinearUnit(t.name, t.module))
+            plan.linear.append(_LinearUnit(t.name, module))
     return [t.block for t in targets], plan
 
 
 def _check_grouped(plan: _Plan) -> None:
     """Refuse layers the grouped forward cannot replace, before any pass."""
+    if plan.other:
+        raise ValueError(
+            f"blocks {plan.other[:4]}{'...' if len(plan.other) > 4 else ''} (biases, Conv1D, embedding or tied "
+            "weights) are not supported by the grouped forward; use queries_per_pass=1"
+        )
     for ln, lm, units in plan.lora.values():
         for attr in ("base_layer", "scaling", "lora_dropout"):
             if not hasattr(lm, attr):
@@ -419,10 +430,12 @@ class ForwardInfluence:
         self.blocks_spec = blocks
         self.loss = loss if loss is not None else default_loss
         self.batch_size = batch_size
-        self.queries_per_pass = queries_per_pass
         self.use_triton = use_triton
         self.progress = progress
         self.blocks, self.plan = _plan(model, blocks)
+        if queries_per_pass is None and self.plan.other:
+            queries_per_pass = 1  # the automatic choice where the grouped forward cannot move every block
+        self.queries_per_pass = queries_per_pass
         if queries_per_pass != 1:
             _check_grouped(self.plan)
         self.batches: list | None = None

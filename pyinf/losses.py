@@ -4,15 +4,25 @@
 called with `labels`, but one value per sample (pyinf needs the gradient of
 each sample's own loss, and the samples must be independent):
 
-* causal LM (logits `(B, T, V)`, labels `(B, T)`): the mean over the sample's
-  target tokens of the next-token cross-entropy, shifted (logits[:, t]
-  predicts labels[:, t+1]). A target counts when its label is not -100 and,
-  with an `attention_mask`, when both the target token and the token that
-  predicts it are real: with left padding a pad never predicts the first
-  real token, and a pad is never a target. A sample without any target
+* causal LM (a `*ForCausalLM` or `*LMHeadModel` model, or a decoder-only
+  `*ForConditionalGeneration`; logits `(B, T, V)`, labels `(B, T)`): the mean
+  over the sample's target tokens of the next-token cross-entropy, shifted
+  (logits[:, t] predicts labels[:, t+1]). A target counts when its label is
+  not -100 and, with an `attention_mask`, when both the target token and the
+  token that predicts it are real: with left padding a pad never predicts the
+  first real token, and a pad is never a target. A sample without any target
   has loss 0 (and zero gradient).
-* token classification (a `*ForTokenClassification` model, logits
-  `(B, T, C)`, labels `(B, T)`): the same mean, unshifted.
+* encoder-decoder (`config.is_encoder_decoder`: BART, T5, ...): labels are
+  the decoder's targets, unshifted; the mean over labels that are not -100
+  (the `attention_mask` is the encoder's and is not applied). Without
+  `decoder_input_ids` in the batch they are made from the labels by the
+  model's own `prepare_decoder_input_ids_from_labels`, as the model does
+  (a model without it, e.g. BartForSequenceClassification, makes its own).
+* masked LM (`*ForMaskedLM`) and token classification
+  (`*ForTokenClassification`), logits `(B, T, C)`, labels `(B, T)`: the mean
+  over labels that are not -100 (and real tokens), unshifted.
+* any other model with per-token logits: ValueError (pyinf cannot tell
+  whether its labels are shifted); pass a `loss=` callable.
 * sequence classification (logits `(B, C)`, integer labels `(B,)`):
   cross-entropy; regression (`C == 1`): squared error `(logit - label)²`;
   multi-label (float labels `(B, C)`): binary cross-entropy with logits,
@@ -21,7 +31,8 @@ each sample's own loss, and the samples must be independent):
 
 The model is called with every entry of the batch except `labels` (so it
 does not compute its own batch-mean loss), with `use_cache=False` for causal
-LMs. Losses are computed in float32.
+LMs and encoder-decoders. Each sample's loss equals the model's own
+`outputs.loss` for that sample alone. Losses are computed in float32.
 """
 from __future__ import annotations
 
@@ -76,13 +87,19 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _class_name(model: nn.Module) -> str:
-    return type(_unwrap(model)).__name__
-
-
-def _is_causal_lm(model: nn.Module) -> bool:
-    name = _class_name(model)
-    return "CausalLM" in name or "LMHead" in name
+def _family(model: nn.Module) -> str:
+    """How a model's per-token labels are read: "causal", "seq2seq", "token" (unshifted) or "unknown"."""
+    base = _unwrap(model)
+    name = type(base).__name__
+    if getattr(getattr(base, "config", None), "is_encoder_decoder", False):
+        return "seq2seq"
+    if name.endswith(("ForMaskedLM", "ForTokenClassification")):
+        return "token"
+    if name.endswith(("ForCausalLM", "ForConditionalGeneration")) or (
+        name.endswith("LMHeadModel") and not name.endswith("WithLMHeadModel")  # XLM's is a masked LM
+    ):
+        return "causal"
+    return "unknown"
 
 
 def _logits(out: Any) -> torch.Tensor:
@@ -128,7 +145,7 @@ def causal_lm_loss(
 def token_classification_loss(
     logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Per-sample mean token cross-entropy `(B,)`, unshifted."""
+    """Per-sample mean token cross-entropy `(B,)`, unshifted (token classification, masked LM, encoder-decoder)."""
     valid = labels != IGNORE_INDEX
     if attention_mask is not None:
         valid = valid & (attention_mask != 0)
@@ -147,17 +164,27 @@ def default_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
     if not isinstance(labels, torch.Tensor):
         raise ValueError(f"batch['labels'] must be a tensor, got {type(labels).__name__}")
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    causal = _is_causal_lm(model)
-    if causal:
+    family = _family(model)
+    if family in ("causal", "seq2seq"):
         inputs.setdefault("use_cache", False)
+    prepare = getattr(_unwrap(model), "prepare_decoder_input_ids_from_labels", None)
+    if family == "seq2seq" and callable(prepare) and inputs.get("decoder_input_ids") is None \
+            and inputs.get("decoder_inputs_embeds") is None:
+        inputs["decoder_input_ids"] = prepare(labels=labels)  # what the model does when given labels
     logits = _logits(model(**inputs))
     mask = batch.get("attention_mask")
-    if not isinstance(mask, torch.Tensor) or mask.shape != labels.shape[:2]:
-        mask = None
+    if not isinstance(mask, torch.Tensor) or mask.shape != labels.shape[:2] or family == "seq2seq":
+        mask = None  # an encoder-decoder's attention_mask is the encoder's
 
     if logits.dim() == 3 and labels.dim() == 2 and logits.shape[:2] == labels.shape:
-        if "TokenClassification" in _class_name(model):
+        if family in ("seq2seq", "token"):
             return token_classification_loss(logits, labels, mask)
+        if family == "unknown":
+            raise ValueError(
+                f"default_loss cannot tell how {type(_unwrap(model)).__name__} reads its per-token labels "
+                "(a causal LM shifts them, an encoder-decoder or a masked LM does not); pass "
+                "loss=callable(model, batch) -> (B,) per-sample losses"
+            )
         if labels.shape[1] < 2:
             raise ValueError("default_loss: causal LM batches need at least 2 tokens per sequence")
         return causal_lm_loss(logits, labels, mask)

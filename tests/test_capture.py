@@ -51,16 +51,21 @@ def model_for(kind: str):
     return copy.deepcopy(_CACHE[kind])
 
 
+HEAD = "base_model.model.classifier.modules_to_save.default."  # RoBERTa's trainable classifier copy
+
+
 def ref_modules(model, kind: str) -> dict:
+    """What blocks="lora" captures: the LoRA A/B, and RoBERTa's classifier head (modules_to_save)."""
     mods = tm.lora_modules(model)
     if kind == "roberta":
-        name = tm.roberta_head_block(model)
-        mods[name] = (dict(model.named_modules())[name], False)
+        for n, p in model.named_parameters():
+            if n.startswith(HEAD):
+                mods[n[: -len(".weight")] if n.endswith(".weight") else n] = (p, False)
     return mods
 
 
 def blocks_for(model, kind: str):
-    return ["lora"] + ([tm.roberta_head_block(model)] if kind == "roberta" else [])
+    return ["lora"]
 
 
 def assert_close_per_sample(got: dict, ref: dict, rtol: float = RTOL) -> None:
@@ -100,9 +105,15 @@ def test_llama_block_names_and_shapes():
 def test_roberta_blocks_with_plain_head():
     model = model_for("roberta")
     head = tm.roberta_head_block(model)
-    with GradientCapture(model, blocks=["lora", head + ".weight"]) as cap:
-        assert cap.blocks[-1] == Block(head, 3, 32)  # plain nn.Linear: (out, in)
-        assert len(cap.blocks) == 9
+    # "lora" includes the classifier head PEFT trains through modules_to_save (weights and biases)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every trainable parameter is attributed: no warning
+        with GradientCapture(model, blocks=["lora", head + ".weight"]) as cap:
+            assert len(cap.blocks) == 12
+            assert cap.blocks[8:] == [Block(HEAD + "dense", 32, 32), Block(HEAD + "dense.bias", 1, 32),
+                                      Block(head, 3, 32), Block(head + ".bias", 1, 3)]  # nn.Linear: (out, in)
+            trainable = {id(p) for p in model.parameters() if p.requires_grad}
+            assert {id(t.param) for t in cap._targets} == trainable
     # naming a LoRA layer expands to its A and B; naming lora_B keeps the transpose
     q = "base_model.model.roberta.encoder.layer.1.attention.self.query"
     with GradientCapture(model, blocks=[q, q + ".lora_B.default", head]) as cap:
@@ -300,7 +311,8 @@ def test_model_state_restored():
     flags = {n: p.requires_grad for n, p in params.items()}
     weights = {n: p.detach().clone() for n, p in params.items()}
 
-    cap = GradientCapture(model)
+    with pytest.warns(UserWarning, match=r"not attributed .*input_layernorm\.weight \(LlamaRMSNorm"):
+        cap = GradientCapture(model)  # the trainable norm is named, not silently left out
     cap(tm.make_batch("llama", B=3, T=6, seed=11))
     assert {n: m.training for n, m in model.named_modules()} == training
     assert {n: p.requires_grad for n, p in params.items()} == flags
@@ -319,7 +331,8 @@ def test_model_state_restored():
         m(input_ids=b["input_ids"])
         raise KeyError("boom")
 
-    with GradientCapture(model, loss=bad_loss) as cap, pytest.raises(KeyError):
+    with pytest.warns(UserWarning, match="not attributed"), GradientCapture(model, loss=bad_loss) as cap, \
+            pytest.raises(KeyError):
         cap(tm.make_batch("llama", B=2, T=5, seed=12))
     assert {n: m.training for n, m in model.named_modules()} == training
     assert {n: p.requires_grad for n, p in params.items()} == flags

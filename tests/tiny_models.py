@@ -164,9 +164,9 @@ def single_sample_grads(model, batch, blocks: Mapping[str, tuple[torch.nn.Module
                         loss: Callable | None = None, *, trim: bool = False) -> dict[str, torch.Tensor]:
     """Reference per-sample gradients from one batch-size-1 `torch.autograd.grad` per sample.
 
-    `blocks`: {name: (nn.Linear module, transpose)}; the model is put in eval
-    mode (and restored). Returns {name: (B, rows, cols)} float32, LoRA B
-    transposed where `transpose` is set.
+    `blocks`: {name: (nn.Linear module or a parameter, transpose)}; the model is
+    put in eval mode (and restored). Returns {name: (B, rows, cols)} float32, LoRA B
+    transposed where `transpose` is set, a 1-D parameter as (B, 1, n).
     """
     from pyinf.losses import default_loss
 
@@ -177,7 +177,7 @@ def single_sample_grads(model, batch, blocks: Mapping[str, tuple[torch.nn.Module
     out = {name: [] for name in blocks}
     try:
         for i in range(B):
-            ws = [m.weight for m, _ in blocks.values()]
+            ws = [m if isinstance(m, torch.Tensor) else m.weight for m, _ in blocks.values()]
             flags = [w.requires_grad for w in ws]
             for w in ws:
                 w.requires_grad_(True)
@@ -187,9 +187,9 @@ def single_sample_grads(model, batch, blocks: Mapping[str, tuple[torch.nn.Module
             finally:
                 for w, f in zip(ws, flags):
                     w.requires_grad_(f)
-            for (name, (m, tr)), g in zip(blocks.items(), gs):
-                g = torch.zeros_like(m.weight) if g is None else g
-                out[name].append((g.t() if tr else g).float())
+            for (name, (_, tr)), w, g in zip(blocks.items(), ws, gs):
+                g = torch.zeros_like(w) if g is None else g
+                out[name].append((g.t() if tr else g.reshape(1, -1) if g.dim() == 1 else g).float())
     finally:
         model.train(was_training)
     return {name: torch.stack(v) for name, v in out.items()}
