@@ -175,7 +175,8 @@ class Attributor:
             optimizer, queries_per_pass; fit keeps the training batches and
             computes the base losses, score runs the forward passes; no store,
             no save/self_influence; damping is unused).
-        blocks: "lora" (every PEFT LoRA matrix) or a list of module names.
+        blocks: "lora" (what the PEFT adapter trains: LoRA matrices, modules_to_save
+            heads, trainable biases; see `pyinf.capture`) or a list of names.
         loss: None (the Hugging Face per-sample loss) or `loss(model, batch) -> (B,)`.
         store: "auto", "gpu", "cpu", "disk:PATH" or "none" (see `pyinf.store`).
         grad_dtype: storage dtype, torch.bfloat16 or torch.float32

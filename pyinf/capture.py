@@ -49,9 +49,12 @@ trains: the A and B of every active adapter of every LoRA layer (on
 `nn.Linear`s, GPT-2's Conv1D and embeddings), every weight and bias of the
 active `modules_to_save` copies (a `SEQ_CLS` classifier, a saved `lm_head`),
 and any other trainable (`requires_grad`) weight or bias of the kinds above
-(e.g. biases under `bias="all"`); it needs a PEFT model. Every trainable (or
+(e.g. biases under `bias="all"`), except a non-LoRA parameter of more than
+`LARGE_BLOCK` values (a saved `lm_head` or embedding of a real vocabulary:
+its per-sample gradients would take GBs per sample; name it in a list to
+attribute it anyway); it needs a PEFT model. Every trainable (or
 active-adapter) parameter it leaves out (a LayerNorm, a LoRA on a Conv2d,
-trainable tokens, ...) is named in a UserWarning with its module type.
+trainable tokens, a large head, ...) is named in a UserWarning with why.
 A list entry is "lora", a LoRA layer (e.g. `...q_proj`, expands to its A and
 B), a LoRA A/B linear, an `nn.Linear`, `Conv1D` or `nn.Embedding` module (a
 trailing ".weight" is accepted), or a parameter name (`...dense.bias`,
@@ -121,6 +124,9 @@ class _Target:
 # finding the blocks
 # --------------------------------------------------------------------------- #
 CAPTURABLE = "weights and biases of nn.Linear and Conv1D layers, nn.Embedding weights and PEFT LoRA matrices"
+# blocks="lora" leaves out non-LoRA parameters larger than this (values per sample; 16 MiB in float32):
+# a saved lm_head of a 32k vocabulary at d = 4096 is 134M values, 0.5 GB per sample.
+LARGE_BLOCK = 1 << 22
 
 
 def _is_lora_layer(mod: nn.Module) -> bool:
@@ -281,7 +287,7 @@ class _ModelIndex:
                     out += [(p, False) for p in w.modules_to_save[ad].parameters() if self.capturable(p)]
         out += [(p, False) for p in self.params.values()
                 if p.requires_grad and id(p) not in self.owner and self.capturable(p)]
-        return out
+        return [(p, tr) for p, tr in out if self.lora_role(p) is not None or p.numel() <= LARGE_BLOCK]
 
     def left_out(self, captured: set[int]) -> list[str]:
         """'name (why)' for every trainable or active-adapter parameter that is not captured."""
@@ -298,6 +304,9 @@ class _ModelIndex:
                 why = (f"{type(bad[0][1]).__name__}.{bad[0][2]} of '{bad[0][0]}'" if bad else "not selected")
                 if len(self.holders[id(p)]) > 1 and bad:
                     why = "tied to " + why
+                elif not bad and p.numel() > LARGE_BLOCK:
+                    why = (f"{p.numel():,} values a sample, more than LARGE_BLOCK for blocks='lora'; "
+                           "name it in blocks=[...] to attribute it")
             out.append(f"{n} ({why})")
         return out
 
