@@ -33,13 +33,14 @@ Numerics: the score is a difference of two losses divided by lr, so the
 rounding of the forward pass is amplified by 1/lr: the rounding error of the
 perturbed loss is not that of the base loss (any change of the weights moves
 the roundings), so each score carries noise of about (rounding error of a
-loss) / lr. In float32 an lr of about 1e-3 to 1e-2 (relative to the weights'
-scale) balances rounding against the O(lr) curvature term; in bfloat16 the
-noise is ~2^8 times larger and needs a larger lr (measured in the README,
-"Forward-INF in bfloat16"). The moved weights are stepped in a float32 master copy
-(float64 for float64 weights) and cast to the weights' dtype for the evaluation
-(θ'_j is then the model you would have), so with bf16 adapters a step below bf16's resolution is rounded
-away: a warning says so; use a larger lr or float32 adapters.
+loss) / lr. In float32 a step lr·‖v_j‖ of 0.2-0.6 % of the blocks' norm
+balances rounding against the O(lr) curvature term (both below 1.5 %); in
+bfloat16 the rounding noise is ~10³ times larger and the best lr leaves
+~14 % error (measured on a small Llama: README, "Forward-INF in bfloat16").
+The moved weights are stepped in a float32 master copy (float64 for float64
+weights) and cast to the weights' dtype for the evaluation (θ'_j is then the
+model you would have), so with bf16 adapters a step below bf16's resolution is
+rounded away: a warning says so; use a larger lr or float32 adapters.
 
 Model state: the model is in eval mode during the passes (dropout off; the
 query steps are also taken in eval mode), and its training flags,
@@ -50,26 +51,26 @@ into them and copies the saved θ back; the grouped path never writes them).
 Many queries per pass (`queries_per_pass=k > 1`, the default): k perturbed
 adapters and the unperturbed θ are evaluated in one forward over the training
 batch replicated k + 1 times (group-major: rows g·B … g·B + B − 1 belong to
-group g; group 0 is θ, a zero perturbation, and gives the base losses of the
-pass; group g ≥ 1 is query g of the pass). The forward of
-each adapted layer is temporarily replaced: a PEFT LoRA layer runs its frozen
-base layer once on all (k + 1)·B rows (one read of the base weight) and adds the
-different deltas with a grouped low-rank op, `scale · (x_g A_gᵀ) B_gᵀ` per
-group (the Triton kernel `pyinf.kernels.grouped_lora` on CUDA without grad,
-`torch.bmm` elsewhere); a plain `nn.Linear` block computes `x_g (W + ΔW_g)ᵀ`
-per group with `bmm`. The base group costs 1/(k + 1) of each pass; the base
-losses of `fit` (the model's own forward) differ from the grouped op's in
-rounding (PEFT rounds after each matmul, the kernel once), and that
-difference, divided by lr, would bias every score. The query steps use the same machinery with grad: one
-batched forward/backward per query batch gives every query's gradient with
-respect to its own copy of the blocks. Hidden states differ per query after
-the first adapted layer, so nothing else is shared; the gain is fewer weight
-reads and fuller batches. k is chosen from free GPU memory on CUDA
-(`torch.cuda.mem_get_info` and the measured activation memory of one
-training batch), 8 on the CPU. `queries_per_pass=1` is the plain path: the
-model's own weights are set to θ'_j, its own forward runs unchanged on the
-batches of `fit`, whose base losses (the same forward at θ) it uses, and the
-weights are restored (works for any layer type).
+group g; group 0 is θ, a zero perturbation, whose losses are the base of the
+pass; group g ≥ 1 is query g of the pass). The forward of each adapted layer
+is temporarily replaced: a PEFT LoRA layer runs its frozen base layer once on
+all (k + 1)·B rows (one read of the base weight) and adds the different
+deltas with a grouped low-rank op, `scale · (x_g A_gᵀ) B_gᵀ` per group (the
+Triton kernel `pyinf.kernels.grouped_lora` on CUDA without grad, `torch.bmm`
+elsewhere); a plain `nn.Linear` block computes `x_g (W + ΔW_g)ᵀ` per group
+with `bmm`. The base group costs 1/(k + 1) of each pass, and is needed: the
+losses of the model's own forward differ from the grouped op's in rounding
+(PEFT rounds after each matmul, the kernel once), and that difference,
+divided by lr, would bias every score. The query steps use the same
+machinery with grad: one batched forward/backward per query batch gives every
+query's gradient with respect to its own copy of the blocks. Hidden states
+differ per query after the first adapted layer, so nothing else is shared;
+the gain is fewer weight reads and fuller batches. k is chosen from free GPU
+memory on CUDA (`torch.cuda.mem_get_info` and the measured activation memory
+of one training batch, k + 1 groups), 8 on the CPU. `queries_per_pass=1` is
+the plain path: the model's own weights are set to θ'_j, its own forward runs
+unchanged on the batches of `fit`, whose base losses (the same forward at θ)
+it uses, and the weights are restored (works for any layer type).
 
 Requirements of the grouped path: every tensor input of the model has the
 batch in dimension 0 (as for capture), a LoRA layer is a PEFT `lora.Linear`
