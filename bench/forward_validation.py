@@ -1,6 +1,10 @@
-"""Forward-INF and friends against real retraining on a convex model (issue 6).
+"""Forward-INF and friends against real retraining on a convex model (issue 6); Forward-INF's rounding noise
+in bfloat16 and float32 against a float64 reference (issue 12).
 
     python bench/forward_validation.py [--n-train 1200] [--lam 1e-3] [--queries 10] [--lr 1e-3]
+    python bench/forward_validation.py --bf16-noise [--n-train 64] [--queries 16] [--lrs 1e-3,3e-3,1e-2,3e-2,1e-1,0.3,1]
+
+--bf16-noise: `bf16_noise` below (its docstring). Without it:
 
 Model: multinomial logistic regression on scikit-learn's bundled digits
 (`sklearn.datasets.load_digits`, no download; pixels / 16 plus a constant 1,
@@ -50,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import pathlib
 import platform
@@ -196,15 +201,157 @@ def spearman(a, b):
     return pearson(rankdata(a), rankdata(b))
 
 
+NOISE_MODEL = dict(vocab_size=512, hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
+                   num_key_value_heads=8, intermediate_size=688, max_position_embeddings=64)
+
+
+def _rms_norm64(norm, x):
+    """LlamaRMSNorm in the input's dtype (transformers computes it in float32 whatever the dtype)."""
+    return norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon))
+
+
+def _lm_loss64(model, batch):
+    """Per-sample mean next-token cross-entropy in float64 (pyinf's default loss takes it in float32)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    tgt = batch["labels"][:, 1:]
+    ce = nn.functional.cross_entropy(logits[:, :-1].double().flatten(0, 1), tgt.flatten(), reduction="none")
+    return ce.view(tgt.shape).mean(dim=1)
+
+
+def bf16_noise(args) -> list[dict]:
+    """How noisy Forward-INF is in bfloat16 (and float32) at a given lr.
+
+    Model: a Llama from `NOISE_MODEL` (random weights, seed `--seed`) with PEFT
+    LoRA r = 8, alpha = 16 on q_proj and v_proj, LoRA B drawn N(0, 0.02²) (PEFT
+    zeroes it), then rounded to bfloat16; the float32 and float64 models are
+    that bf16 model cast up, so all three hold the same θ. Every op of the
+    float64 model runs in float64 (its RMSNorms, which transformers runs in
+    float32, are replaced; attention is sdpa). Data: random tokens, `--n-train`
+    training and `--queries` query sequences of 32 tokens, no padding.
+
+    Reference: s_ref(lr) = (ℓ(z_i; θ − lr v_j) − ℓ(z_i; θ)) / lr of the float64
+    model with a float64 loss: the quantity the bf16 and fp32 runs compute (one
+    SGD step of the same lr), without rounding. For each lr and dtype: the
+    relative error ‖s − s_ref‖_F / ‖s_ref‖_F (rounding noise) and the mean over
+    the queries of Spearman(s_j, s_ref_j) over the training points; the
+    relative error against the first-order score s_1 = −⟨v_j, g_i⟩ (float64,
+    lr = 1e-7), which adds the O(lr) curvature term ‖s_ref − s_1‖ / ‖s_1‖; and
+    the relative step lr · mean_j ‖v_j‖ / ‖θ‖ (θ, v: the LoRA weights and the
+    query gradient). Default path (grouped, `torch.bmm`, 8 queries per pass on
+    the CPU).
+    """
+    import copy
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import pyinf
+
+    torch.manual_seed(args.seed)
+    base = LlamaForCausalLM(LlamaConfig(**NOISE_MODEL, tie_word_embeddings=False, attn_implementation="sdpa"))
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                            target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    g = torch.Generator().manual_seed(args.seed + 1)
+    with torch.no_grad():
+        for name, prm in model.named_parameters():
+            if ".lora_B." in name:
+                prm.copy_(0.02 * torch.randn(prm.shape, generator=g))
+    model = model.to(torch.bfloat16).eval()
+    models = {torch.bfloat16: model, torch.float32: copy.deepcopy(model).float(),
+              torch.float64: copy.deepcopy(model).double()}
+    for mod in models[torch.float64].modules():
+        if type(mod).__name__ == "LlamaRMSNorm":
+            mod.forward = functools.partial(_rms_norm64, mod)
+
+    def batches(n, seed):
+        gen = torch.Generator().manual_seed(seed)
+        ids = torch.randint(3, NOISE_MODEL["vocab_size"], (n, 32), generator=gen)
+        return [{"input_ids": ids[s : s + 8], "attention_mask": torch.ones_like(ids[s : s + 8]),
+                 "labels": ids[s : s + 8]} for s in range(0, n, 8)]
+
+    train, queries = batches(args.n_train, 10), batches(args.queries, 11)
+
+    lora = [p for n, p in models[torch.float64].named_parameters() if "lora_" in n]
+    theta_norm = float(torch.cat([p.detach().flatten() for p in lora]).norm())
+    v_norms = []
+    for qb in queries:
+        for r in range(qb["input_ids"].shape[0]):
+            loss = _lm_loss64(models[torch.float64], {k: v[r : r + 1] for k, v in qb.items()}).sum()
+            v_norms.append(float(torch.cat([d.flatten() for d in torch.autograd.grad(loss, lora)]).norm()))
+    v_over_theta = sum(v_norms) / len(v_norms) / theta_norm
+
+    def run(dt, lr):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RuntimeWarning)
+            S = pyinf.forward_influence(models[dt], train, queries, lr=lr, progress=False,
+                                        loss=_lm_loss64 if dt == torch.float64 else None)
+        return S.double(), [str(w.message) for w in caught if "unchanged" in str(w.message)]
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    t0 = time.perf_counter()
+    first, _ = run(torch.float64, 1e-7)
+    rows = []
+    for lr in args.lrs:
+        ref, _ = run(torch.float64, lr)
+        row = {"lr": lr, "relative_step": lr * v_over_theta, "mean_abs_ref": float(ref.abs().mean()),
+               "curvature_rel": rel(ref, first)}
+        for dt, tag in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+            S, unchanged = run(dt, lr)
+            row[f"{tag}_rel_err"] = rel(S, ref)
+            row[f"{tag}_spearman"] = sum(spearman(S[j], ref[j]) for j in range(len(S))) / len(S)
+            row[f"{tag}_rel_err_first_order"] = rel(S, first)
+            row[f"{tag}_unchanged_warning"] = unchanged
+        rows.append(row)
+        print(f"  lr {lr:g} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+
+    print(f"Forward-INF rounding noise: Llama {NOISE_MODEL}, LoRA r=8 on q_proj/v_proj "
+          f"({sum(p.numel() for p in lora)} weights, ‖θ‖ = {theta_norm:.3g}, mean ‖v_j‖ = "
+          f"{sum(v_norms) / len(v_norms):.3g}), {args.n_train} train x {args.queries} queries of 32 tokens")
+    head = (f"{'lr':>6s} {'lr‖v‖/‖θ‖':>10s} {'mean|s_ref|':>11s} | {'bf16 err':>8s} {'Spearman':>8s} "
+            f"{'vs s_1':>7s} | {'fp32 err':>8s} {'Spearman':>8s} {'vs s_1':>7s} | {'s_ref vs s_1':>12s}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['lr']:6g} {r['relative_step']:10.2g} {r['mean_abs_ref']:11.3g} | {r['bf16_rel_err']:8.3g} "
+              f"{r['bf16_spearman']:8.3f} {r['bf16_rel_err_first_order']:7.3g} | {r['fp32_rel_err']:8.2g} "
+              f"{r['fp32_spearman']:8.4f} {r['fp32_rel_err_first_order']:7.3g} | {r['curvature_rel']:12.3g}")
+        for w in r["bf16_unchanged_warning"] + r["fp32_unchanged_warning"]:
+            print(f"       warning: {w}")
+    print(f"err: ‖s − s_ref‖/‖s_ref‖ (rounding), Spearman: mean per query vs s_ref, vs s_1: ‖s − s_1‖/‖s_1‖ "
+          f"(rounding + curvature); {time.perf_counter() - t0:.0f} s")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = pathlib.Path(args.out) if args.out else RESULTS / f"forward_bf16_noise-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
+    out.write_text(json.dumps({
+        "benchmark": "forward_bf16_noise", "args": vars(args), "model": NOISE_MODEL,
+        "device": platform.processor() or platform.machine(), "cpu": machine.cpu_model(),
+        "python": platform.python_version(), "torch": torch.__version__, "git_commit": machine.git_commit(),
+        "theta_norm": theta_norm, "mean_query_grad_norm": sum(v_norms) / len(v_norms), "rows": rows,
+    }, indent=2))
+    print(f"wrote {out}")
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n-train", type=int, default=1200)
+    ap.add_argument("--n-train", type=int, default=None, help="default 1200 (--bf16-noise: 64)")
     ap.add_argument("--lam", type=float, default=1e-3, help="L2 strength of the mean-loss objective")
-    ap.add_argument("--queries", type=int, default=10)
+    ap.add_argument("--queries", type=int, default=None, help="default 10 (--bf16-noise: 16)")
     ap.add_argument("--lr", type=float, default=1e-3, help="Forward-INF step size")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=str, default=None)
+    ap.add_argument("--bf16-noise", action="store_true", help="the bf16/fp32 rounding-noise table instead")
+    ap.add_argument("--lrs", type=lambda v: [float(x) for x in v.split(",")], default=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0],
+                    help="--bf16-noise: the step sizes")
     args = ap.parse_args(argv)
+    if args.n_train is None:
+        args.n_train = 64 if args.bf16_noise else 1200
+    if args.queries is None:
+        args.queries = 16 if args.bf16_noise else 10
+    if args.bf16_noise:
+        return bf16_noise(args)
 
     import pyinf
 

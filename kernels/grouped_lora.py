@@ -6,7 +6,10 @@ float16), base/out may have another (a LoRA layer's base result). `out` may be
 `base` itself (in place). This is the op behind Forward-INF's many queries per
 pass (`pyinf.forward`): the training batch is replicated k times, the frozen
 base layer runs once on all k·M rows (one read of its weight), and this op adds
-the k different LoRA deltas, group g with its own adapter (A_g, B_g).
+the k different LoRA deltas, group g with its own adapter (A_g, B_g). Group 0
+is the unperturbed adapter there: the base losses come from this same op, and
+every group runs the same code, so identical groups give bit-identical outputs
+(a query whose step left its adapter unchanged scores exactly 0).
 
 One program per (M-tile, group): it reduces `h = x_tile A_gᵀ` (BLOCK_M × R,
 fp32) over all of K once, scales it, then walks the N axis adding `h B_gᵀ`

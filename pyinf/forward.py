@@ -12,7 +12,11 @@ evaluated with forward passes only (no_grad):
 
     score[j, i] = (ℓ(z_i; θ'_j) − ℓ(z_i; θ)) / (steps · lr)
 
-The base losses ℓ(z_i; θ) are computed once (at `fit`).
+The base losses ℓ(z_i; θ) go through exactly the computation of the perturbed
+ones (below: the same forward, or group 0 of the same grouped pass), so a
+query whose step leaves the weights unchanged (e.g. zero gradient: no target
+tokens) scores exactly 0, and no rounding difference between two forward
+implementations is divided by lr.
 
 Sign and scale (DESIGN.md §1): with plain SGD and one step,
 ℓ(z_i; θ − lr v_j) − ℓ(z_i; θ) ≈ −lr ⟨v_j, g_i⟩, so the score approximates
@@ -26,12 +30,17 @@ Adam here is the standard one (β = (0.9, 0.999), eps = 1e-8, bias-corrected,
 fresh state per query).
 
 Numerics: the score is a difference of two losses divided by lr, so the
-rounding of the forward pass is amplified by 1/lr. In float32 an lr of about
-1e-3 to 1e-2 (relative to the weights' scale) balances rounding against the
-O(lr) curvature term. The moved weights are stepped in a float32 master copy
-(float64 for float64 weights) and cast to the weights' dtype for the evaluation
-(θ'_j is then the model you would have), so with bf16 adapters a step below bf16's resolution is rounded
-away: a warning says so; use a larger lr or float32 adapters.
+rounding of the forward pass is amplified by 1/lr: the rounding error of the
+perturbed loss is not that of the base loss (any change of the weights moves
+the roundings), so each score carries noise of about (rounding error of a
+loss) / lr. In float32 a step lr·‖v_j‖ of 0.2-0.6 % of the blocks' norm
+balances rounding against the O(lr) curvature term (both below 1.5 %); in
+bfloat16 the rounding noise is ~10³ times larger and the best lr leaves
+~14 % error (measured on a small Llama: README, "Forward-INF in bfloat16").
+The moved weights are stepped in a float32 master copy (float64 for float64
+weights) and cast to the weights' dtype for the evaluation (θ'_j is then the
+model you would have), so with bf16 adapters a step below bf16's resolution is
+rounded away: a warning says so; use a larger lr or float32 adapters.
 
 Model state: the model is in eval mode during the passes (dropout off; the
 query steps are also taken in eval mode), and its training flags,
@@ -40,22 +49,28 @@ weights are restored bit for bit (the one-query-at-a-time path writes θ'_j
 into them and copies the saved θ back; the grouped path never writes them).
 
 Many queries per pass (`queries_per_pass=k > 1`, the default): k perturbed
-adapters are evaluated in one forward over the training batch replicated k
-times (group-major: rows g·B … g·B + B − 1 belong to query g). The forward of
-each adapted layer is temporarily replaced: a PEFT LoRA layer runs its frozen
-base layer once on all k·B rows (one read of the base weight) and adds the k
-different deltas with a grouped low-rank op, `scale · (x_g A_gᵀ) B_gᵀ` per
-group (the Triton kernel `pyinf.kernels.grouped_lora` on CUDA without grad,
-`torch.bmm` elsewhere); a plain `nn.Linear` block computes `x_g (W + ΔW_g)ᵀ`
-per group with `bmm`. The query steps use the same machinery with grad: one
-batched forward/backward per query batch gives every query's gradient with
-respect to its own copy of the blocks. Hidden states differ per query after
-the first adapted layer, so nothing else is shared; the gain is fewer weight
-reads and fuller batches. k is chosen from free GPU memory on CUDA
-(`torch.cuda.mem_get_info` and the measured activation memory of one
-training batch), 8 on the CPU. `queries_per_pass=1` is the plain path: the
-model's own weights are set to θ'_j, its own forward runs unchanged, and the
-weights are restored (works for any layer type).
+adapters and the unperturbed θ are evaluated in one forward over the training
+batch replicated k + 1 times (group-major: rows g·B … g·B + B − 1 belong to
+group g; group 0 is θ, a zero perturbation, whose losses are the base of the
+pass; group g ≥ 1 is query g of the pass). The forward of each adapted layer
+is temporarily replaced: a PEFT LoRA layer runs its frozen base layer once on
+all (k + 1)·B rows (one read of the base weight) and adds the different
+deltas with a grouped low-rank op, `scale · (x_g A_gᵀ) B_gᵀ` per group (the
+Triton kernel `pyinf.kernels.grouped_lora` on CUDA without grad, `torch.bmm`
+elsewhere); a plain `nn.Linear` block computes `x_g (W + ΔW_g)ᵀ` per group
+with `bmm`. The base group costs 1/(k + 1) of each pass, and is needed: the
+losses of the model's own forward differ from the grouped op's in rounding
+(PEFT rounds after each matmul, the kernel once), and that difference,
+divided by lr, would bias every score. The query steps use the same
+machinery with grad: one batched forward/backward per query batch gives every
+query's gradient with respect to its own copy of the blocks. Hidden states
+differ per query after the first adapted layer, so nothing else is shared;
+the gain is fewer weight reads and fuller batches. k is chosen from free GPU
+memory on CUDA (`torch.cuda.mem_get_info` and the measured activation memory
+of one training batch, k + 1 groups), 8 on the CPU. `queries_per_pass=1` is
+the plain path: the model's own weights are set to θ'_j, its own forward runs
+unchanged on the batches of `fit`, whose base losses (the same forward at θ)
+it uses, and the weights are restored (works for any layer type).
 
 Requirements of the grouped path: every tensor input of the model has the
 batch in dimension 0 (as for capture), a LoRA layer is a PEFT `lora.Linear`
@@ -410,8 +425,9 @@ class ForwardInfluence:
         blocks: "lora" or a list of module names (as `GradientCapture`).
         loss: None (`pyinf.losses.default_loss`) or `loss(model, batch) -> (B,)`.
         batch_size: when the data is a Dataset or (dataset, collate_fn).
-        queries_per_pass: k perturbed models per forward; None: automatic (CUDA: from free memory;
-            CPU: 8); 1: the plain path (the model's own weights set to θ'_j and restored).
+        queries_per_pass: k perturbed models per forward (θ itself is one more group); None: automatic
+            (CUDA: from free memory; CPU: 8); 1: the plain path (the model's own weights set to θ'_j
+            and restored).
         use_triton: None: the grouped_lora kernel on CUDA for the no-grad passes, bmm elsewhere;
             False: always bmm; True: always the kernel (on the CPU only under TRITON_INTERPRET=1).
         progress: progress bars on stderr.
@@ -459,7 +475,11 @@ class ForwardInfluence:
     # -- fit ------------------------------------------------------------------
     @torch.no_grad()
     def fit(self, train_data) -> "ForwardInfluence":
-        """Keep the training batches (a list) and compute the base losses ℓ(z_i; θ) once."""
+        """Keep the training batches (a list); compute the base losses ℓ(z_i; θ) with the model's own forward.
+
+        They are the base of the plain path (`queries_per_pass=1`); the grouped path recomputes
+        them in each pass, through the grouped op (module doc).
+        """
         self.batches = as_batches(train_data, self.batch_size)
         if not self.batches:
             raise ValueError("the training data is empty")
@@ -483,7 +503,7 @@ class ForwardInfluence:
 
     # -- k --------------------------------------------------------------------
     def pick_queries_per_pass(self, m: int) -> int:
-        """k: the option if set, else from free GPU memory (CUDA) or 8 (CPU); at most m."""
+        """k: the option if set, else from free GPU memory (CUDA; k + 1 groups fit) or 8 (CPU); at most m."""
         if self.queries_per_pass is not None:
             return max(1, min(self.queries_per_pass, m))
         dev = self.device
@@ -492,13 +512,13 @@ class ForwardInfluence:
         free, _ = torch.cuda.mem_get_info(dev)
         free += torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)  # the allocator's cache
         stack = sum(p.numel() * p.element_size() for p in self.plan.params.values())
-        per_query = self._act_bytes + 3 * stack  # activations of a replicated batch; weights, contiguous copies
-        k = int(GPU_MEMORY_FRACTION * free // max(per_query, 1))
-        return max(1, min(k, m, MAX_QUERIES_PER_PASS))
+        per_group = self._act_bytes + 3 * stack  # activations of a replicated batch; weights, contiguous copies
+        groups = int(GPU_MEMORY_FRACTION * free // max(per_group, 1))
+        return max(1, min(groups - 1, m, MAX_QUERIES_PER_PASS))  # one group is the base θ
 
     # -- score ----------------------------------------------------------------
-    def perturbed_losses(self, query_data) -> torch.Tensor:
-        """`(m, n)`: ℓ(z_i; θ'_j) for every query j and training sample i (float32; float64 for a float64 loss)."""
+    def score(self, query_data) -> torch.Tensor:
+        """`(m, n)` float32 scores (ℓ(z_i; θ'_j) − ℓ(z_i; θ)) / (steps · lr); positive = harmful."""
         if self.batches is None:
             raise RuntimeError("call fit(train_data) first")
         qbatches = as_batches(query_data, self.batch_size)
@@ -507,7 +527,7 @@ class ForwardInfluence:
             raise ValueError("the query data is empty")
         k = self.pick_queries_per_pass(m)
         self.last_queries_per_pass = k
-        out = torch.empty(m, self.n, dtype=self.base_losses.dtype, device=self.base_losses.device)
+        out = torch.empty(m, self.n, dtype=torch.float32, device=self.base_losses.device)
         desc = f"forward: {self.optimizer} steps + train losses ({k} queries per pass)"
         with _ModelState(self.model), bar(desc, m, self.progress, unit="query") as pb:
             if k == 1:
@@ -516,10 +536,9 @@ class ForwardInfluence:
                 self._grouped(qbatches, k, out, pb)
         return out
 
-    def score(self, query_data) -> torch.Tensor:
-        """`(m, n)` float32 scores (ℓ(z_i; θ'_j) − ℓ(z_i; θ)) / (steps · lr); positive = harmful."""
-        L = self.perturbed_losses(query_data)
-        return ((L.double() - self.base_losses.double()[None, :]) / (self.steps * self.lr)).float()
+    def _scores(self, L: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """Score rows (L − base) / (steps · lr), the difference in float64, as float32."""
+        return ((L.double() - base.double()) / (self.steps * self.lr)).float()
 
     # -- the plain path ---------------------------------------------------------
     def _one_at_a_time(self, qbatches, out, pb) -> None:
@@ -549,7 +568,7 @@ class ForwardInfluence:
                         for n, p in params.items():
                             p.copy_(master[n])
                         unchanged += all(torch.equal(p, orig[n]) for n, p in params.items())
-                        out[j] = self._train_losses(1)[0]
+                        out[j] = self._scores(self._train_losses(1)[0], self.base_losses)
                     j += 1
                     pb.update()
         finally:
@@ -571,19 +590,21 @@ class ForwardInfluence:
     def _grouped(self, qbatches, k: int, out, pb) -> None:
         params = self.plan.params
         grouped = _Grouped(self.plan, self.use_triton)
-        pending: dict[str, list[torch.Tensor]] = {n: [] for n in params}
+        theta = {n: p.detach().unsqueeze(0) for n, p in params.items()}
+        pending: dict[str, list[torch.Tensor]] = {n: [theta[n]] for n in params}  # group 0 of every pass: θ
         state = {"count": 0, "j": 0, "unchanged": 0}
 
         def flush(take: int) -> None:
             W = {n: torch.cat(pending[n]) for n in params}
-            grouped.k, grouped.weights = take, {n: w[:take] for n, w in W.items()}
+            grouped.k, grouped.weights = take + 1, {n: w[: take + 1] for n, w in W.items()}
             with torch.no_grad():
-                same = torch.stack([(grouped.weights[n] == params[n]).flatten(1).all(dim=1) for n in params])
+                same = torch.stack([(W[n][1 : take + 1] == params[n]).flatten(1).all(dim=1) for n in params])
                 state["unchanged"] += int(same.all(dim=0).sum())
-                out[state["j"] : state["j"] + take] = self._train_losses(take)
+                L = self._train_losses(take + 1)
+                out[state["j"] : state["j"] + take] = self._scores(L[1:], L[:1])
             grouped.weights = {}
             for n, w in W.items():
-                pending[n] = [w[take:]]
+                pending[n] = [theta[n], w[take + 1 :]]
             state["count"] -= take
             state["j"] += take
             pb.update(take)

@@ -102,3 +102,19 @@ def test_gpu_tiles(monkeypatch, M, R, dtype):
     base32 = base.float()
     got = kg.grouped_lora(x, A, B, 0.37, base=base32, out=base32)  # in place, fp32 base (bf16 operands too)
     assert got.data_ptr() == base32.data_ptr() and rel(got, ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_identical_groups_are_bit_identical(monkeypatch, dtype):
+    """Forward-INF takes a pass's base losses from group 0 (the unperturbed adapter) of the same op, so a
+    query whose step left its adapter unchanged must get the bit-identical output: every group runs the same
+    code. A LoRA layer of r = 8 and 1024 × 1024 with the H100 tiles (16 K and 16 N tiles), base in the
+    operand dtype (bf16: rounded once more) and in fp32."""
+    monkeypatch.setattr(kg, "_config", kg._gpu_config)
+    x, A, B, base = data(1, 40, 1024, 1024, 8, dtype)
+    x, base = x.expand(3, -1, -1).contiguous(), base.expand(3, -1, -1).contiguous()
+    A, B = A.repeat(3, 1, 1), B.repeat(3, 1, 1)
+    A[1] += 1.0  # group 1 is another adapter; groups 0 and 2 are the same
+    for b in (base, base.float()):
+        out = kg.grouped_lora(x, A, B, 1.5, base=b)
+        assert torch.equal(out[0], out[2]) and not torch.equal(out[0], out[1])
