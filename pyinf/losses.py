@@ -118,6 +118,11 @@ def _logits(out: Any) -> torch.Tensor:
     )
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """`x` in float32 at least: half-precision logits are upcast, float64 ones kept (`.float()` would round them)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _token_mean(ce: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     ce = torch.where(valid, ce, torch.zeros((), dtype=ce.dtype, device=ce.device))
     return ce.sum(dim=1) / valid.sum(dim=1).clamp(min=1).to(ce.dtype)
@@ -126,7 +131,7 @@ def _token_mean(ce: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 def _token_ce(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     B, T, V = logits.shape
     safe = torch.where(valid, targets, torch.zeros((), dtype=targets.dtype, device=targets.device))
-    ce = F.cross_entropy(logits.reshape(B * T, V).float(), safe.reshape(B * T), reduction="none")
+    ce = F.cross_entropy(_wide(logits.reshape(B * T, V)), safe.reshape(B * T), reduction="none")
     return _token_mean(ce.view(B, T), valid)
 
 
@@ -191,11 +196,11 @@ def default_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
     if logits.dim() == 2 and labels.shape[0] == logits.shape[0]:
         B, C = logits.shape
         if C == 1 and labels.numel() == B:  # regression, as transformers does for num_labels == 1
-            return (logits[:, 0].float() - labels.reshape(B).float()).pow(2)
+            return (_wide(logits[:, 0]) - _wide(labels.reshape(B))).pow(2)
         if labels.dim() == 1 and not labels.is_floating_point() and C > 1:
-            return F.cross_entropy(logits.float(), labels, reduction="none")
+            return F.cross_entropy(_wide(logits), labels, reduction="none")
         if labels.dim() == 2 and labels.shape == logits.shape and labels.is_floating_point():
-            bce = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
+            bce = F.binary_cross_entropy_with_logits(_wide(logits), _wide(labels), reduction="none")
             return bce.mean(dim=1)
     raise ValueError(
         f"default_loss does not know this task: logits {tuple(logits.shape)} with labels "

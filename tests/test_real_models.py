@@ -370,3 +370,17 @@ def test_default_loss_refuses_a_model_it_cannot_read():
 
     with pytest.raises(ValueError, match="cannot tell how Tagger reads its per-token labels.*pass loss="):
         default_loss(Tagger(), causal_batch())
+
+
+def test_default_loss_keeps_float64():
+    """A float64 model's loss is computed in float64 (an fp32 cast would round it to ~1e-7, which a
+    float64 reference, e.g. Forward-INF's bf16 noise study, then mistakes for the method's noise)."""
+    model = gpt2().double().eval()
+    batch = causal_batch()
+    ours = default_loss(model, batch)
+    assert ours.dtype == torch.float64
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    ce = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], reduction="none")
+    valid = (batch["labels"][:, 1:] != -100) & (batch["attention_mask"][:, 1:] != 0) & (batch["attention_mask"][:, :-1] != 0)
+    ref = (ce * valid).sum(1) / valid.sum(1)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=0)
