@@ -16,11 +16,14 @@ headers for the tiling, the reductions and the precision modes):
 
 Gradients stay in their stored dtype (float32, bfloat16, float16): tiles are
 converted to fp32 in registers, never upcast in memory; every accumulation is
-fp32. Query-side operands are float32.
+fp32. Query-side operands are float32, or float64 for the float64-accumulating
+calls of `base.py` (float64 V / H / C, `gram` / `gfim` with
+`dtype=torch.float64`): the same kernels then convert the tiles to fp64 in
+registers and accumulate in fp64 (MODE 3 of `kernels/_dot.py`, DMMA).
 
 Fallbacks to the torch reference (documented, deliberate):
-  * float64 inputs: fp64 tensor-core paths would need their own kernels and
-    float64 gradients are a validation setting, not a performance one;
+  * float64 gradients (a validation setting, not a performance one), and
+    `rank_one_accumulate` with float64 operands (no method needs it);
   * CPU tensors when TRITON_INTERPRET is not set (Triton needs a GPU; the CPU
     tests run the kernels under the interpreter).
 
@@ -63,15 +66,17 @@ class TritonBackend(Backend):
         (self._gfim, self._gram, self._nd, self._r1, self._schulz, self._score) = _kernels()
 
     # -- dispatch helpers ------------------------------------------------
-    def _use_ref(self, *ts: torch.Tensor) -> bool:
-        if any(t.dtype == torch.float64 for t in ts):
+    @staticmethod
+    def _use_ref(G: torch.Tensor, *others: torch.Tensor) -> bool:
+        """float64 gradients, or a tensor Triton cannot reach (CPU without the interpreter)."""
+        if G.dtype == torch.float64 or any(o.dtype == torch.float64 for o in others):
             return True
-        dev = ts[0].device
-        return dev.type != "cuda" and not _interpreting()
+        return G.device.type != "cuda" and not _interpreting()
 
     @staticmethod
-    def _f32(t: torch.Tensor) -> torch.Tensor:
-        return t.to(torch.float32).contiguous()
+    def _q(t: torch.Tensor) -> torch.Tensor:
+        """A query-side operand for the kernels: float64 stays (fp64 accumulation), the rest fp32."""
+        return t.contiguous() if t.dtype == torch.float64 else t.to(torch.float32).contiguous()
 
     # -- primitives ------------------------------------------------------
     def sq_norms(self, G):
@@ -80,44 +85,44 @@ class TritonBackend(Backend):
         return self._nd.sq_norms(G.contiguous())
 
     def dots(self, G, V):
-        if self._use_ref(G, V):
+        if self._use_ref(G):
             return self._ref.dots(G, V)
-        return self._nd.dots(G.contiguous(), self._f32(V))
+        return self._nd.dots(G.contiguous(), self._q(V))
 
     def norms_and_dots(self, G, V):
-        if self._use_ref(G, V):
+        if self._use_ref(G):
             return self._ref.norms_and_dots(G, V)
-        return self._nd.norms_dots(G.contiguous(), self._f32(V))
+        return self._nd.norms_dots(G.contiguous(), self._q(V))
 
     def weighted_sum(self, C, G):
-        if self._use_ref(C, G):
+        if self._use_ref(G):
             return self._ref.weighted_sum(C, G)
-        return self._r1.weighted_sum(self._f32(C), G.contiguous())
+        return self._r1.weighted_sum(self._q(C), G.contiguous())
 
     def rank_one_accumulate(self, acc, G, V, w):
-        if self._use_ref(acc, G, V, w):
+        if self._use_ref(G, acc, V, w):
             return self._ref.rank_one_accumulate(acc, G, V, w)
         if acc.dtype == torch.float32 and acc.is_contiguous():
-            self._r1.rank_one_accumulate(acc, G.contiguous(), self._f32(V), self._f32(w))
+            self._r1.rank_one_accumulate(acc, G.contiguous(), self._q(V), self._q(w))
         else:
-            tmp = self._f32(acc)
-            self._r1.rank_one_accumulate(tmp, G.contiguous(), self._f32(V), self._f32(w))
+            tmp = self._q(acc)
+            self._r1.rank_one_accumulate(tmp, G.contiguous(), self._q(V), self._q(w))
             acc.copy_(tmp)
 
-    def gram(self, G1, G2):
+    def gram(self, G1, G2, dtype=None):
         if self._use_ref(G1, G2):
-            return self._ref.gram(G1, G2)
-        return self._gram.gram(G1.contiguous(), G2.contiguous())
+            return self._ref.gram(G1, G2, dtype)
+        return self._gram.gram(G1.contiguous(), G2.contiguous(), dtype=dtype or torch.float32)
 
-    def gfim(self, G):
+    def gfim(self, G, dtype=None):
         if self._use_ref(G):
-            return self._ref.gfim(G)
-        return self._gfim.gfim(G.contiguous())
+            return self._ref.gfim(G, dtype)
+        return self._gfim.gfim(G.contiguous(), dtype=dtype or torch.float32)
 
     def score(self, H, G):
-        if self._use_ref(H, G):
+        if self._use_ref(G):
             return self._ref.score(H, G)
-        return self._score.score(self._f32(H), G.contiguous())
+        return self._score.score(self._q(H), G.contiguous())
 
     def spd_inverse(self, A, *, iterations, tol, solver="auto"):
         if solver not in SOLVERS:
