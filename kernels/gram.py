@@ -78,7 +78,8 @@ def gram(G1: torch.Tensor, G2: torch.Tensor, *, precision: str | None = None,
     assert dtype in (torch.float32, torch.float64), f"dtype {dtype}"
     out = torch.empty(b, c1, c2, dtype=dtype, device=G1.device)
     if _util.interpreting():
-        BI, BJ, BK, nw = _util.clamp_pow2(c1, 16, 64), _util.clamp_pow2(c2, 16, 64), _util.clamp_pow2(D, 16, 512), 4
+        # big tiles: the interpreter re-reads G once per output tile row / column (cost ∝ elements loaded)
+        BI, BJ, BK, nw = _util.clamp_pow2(c1, 16, 256), _util.clamp_pow2(c2, 16, 256), _util.clamp_pow2(D, 16, 512), 4
     else:
         BI, BJ, BK, nw = 64, 64, 32, 4
     ip, mode = ("ieee", 3) if dtype == torch.float64 else _modes(G1.dtype, G2.dtype, G1.device, precision)
