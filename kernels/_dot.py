@@ -6,10 +6,6 @@ MODE (constexpr):
      acc += a_hi·b + a_lo·b with two bf16 MMAs (relative error ~2^-16).
   2: `a` and `b` both hold exact bf16 values: one bf16 MMA, exact products,
      fp32 accumulation (Gram / GFIM of bf16 gradients).
-  3: float64: both operands converted to fp64 in registers, `acc` fp64 (DMMA
-     `mma.sync.m8n8k4.f64` on sm_80+). The products of fp32 / bf16 values are
-     exact in fp64, so the result is the float64 one of the stored values. A
-     kernel taking MODE accumulates in `tl.float64 if MODE == 3 else tl.float32`.
 NATIVE_BF16 (constexpr): feed bf16 to `tl.dot` (GPU). Off under the interpreter,
 which multiplies bf16 wrongly: there the bf16 parts are upcast to fp32 first,
 so the split is still exercised by the CPU tests.
@@ -32,8 +28,6 @@ def mma(a, b, acc, PRECISION: tl.constexpr, MODE: tl.constexpr, NATIVE_BF16: tl.
         else:
             acc = tl.dot(a_hi.to(tl.float32), b, acc, input_precision="ieee")
             acc = tl.dot(a_lo.to(tl.float32), b, acc, input_precision="ieee")
-    elif MODE == 3:
-        acc = tl.dot(a.to(tl.float64), b.to(tl.float64), acc)
     else:
         if NATIVE_BF16:
             acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)

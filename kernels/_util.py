@@ -76,14 +76,6 @@ def tl_precision(p: str) -> tuple[str, bool]:
     return p, False
 
 
-def mma_mode(g_dtype: torch.dtype, device: torch.device, precision: str | None, fp64: bool) -> tuple[str, int]:
-    """(PRECISION, MODE) of `_dot.mma` for a gradient tile times a query-side operand (fp64: MODE 3)."""
-    if fp64:
-        return "ieee", 3
-    ip, split = tl_precision(dot_precision(g_dtype, device, precision))
-    return ip, 1 if split else 0
-
-
 def check_storage(name: str, t: torch.Tensor, ndim: int) -> None:
     assert t.dim() == ndim, f"{name}: expected {ndim} dims, got shape {tuple(t.shape)}"
     assert t.dtype in STORAGE_DTYPES, f"{name}: dtype {t.dtype} not in {STORAGE_DTYPES} (float64: use the reference)"
@@ -93,13 +85,6 @@ def check_storage(name: str, t: torch.Tensor, ndim: int) -> None:
 def check_f32(name: str, t: torch.Tensor, ndim: int) -> None:
     assert t.dim() == ndim, f"{name}: expected {ndim} dims, got shape {tuple(t.shape)}"
     assert t.dtype == torch.float32, f"{name}: expected float32, got {t.dtype}"
-    assert t.is_contiguous(), f"{name} must be contiguous"
-
-
-def check_query(name: str, t: torch.Tensor, ndim: int) -> None:
-    """A query-side operand: float32, or float64 for the float64-accumulating mode (MODE 3 of _dot.py)."""
-    assert t.dim() == ndim, f"{name}: expected {ndim} dims, got shape {tuple(t.shape)}"
-    assert t.dtype in (torch.float32, torch.float64), f"{name}: expected float32 or float64, got {t.dtype}"
     assert t.is_contiguous(), f"{name} must be contiguous"
 
 

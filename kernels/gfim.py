@@ -1,8 +1,7 @@
 """Generalized Fisher (HyperINF's GFIM), batched over blocks: Φ[b] = Σ_i g_biᵀ g_bi.
 
 `G` (b, c, rows, cols) float32 / bfloat16 / float16 (a 3-D input is one block)
--> `(b, cols, cols)` float32 (unnormalised: the method divides by n), or float64
-accumulated in float64 with `dtype=torch.float64` (MODE 3 of `_dot.py`).
+-> `(b, cols, cols)` float32 (unnormalised: the method divides by n).
 With X[b] = G[b] reshaped to (c·rows, cols), Φ[b] = X[b]ᵀ X[b]: a GEMM that
 reduces over the c·rows axis, so all blocks of one shape go in one launch
 (grid axis 2 = block).
@@ -50,7 +49,7 @@ def _gfim_kernel(
         offs_j = pid_j * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
         mask_i = offs_i < cols
         mask_j = offs_j < cols
-        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float64 if MODE == 3 else tl.float32)
+        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
         for k0 in range(0, N, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
             mask_k = offs_k < N
@@ -66,21 +65,20 @@ def _gfim_kernel(
         tl.store(O + offs_j[None, :] * cols + offs_i[:, None], acc, mask=mask & (offs_i[:, None] < offs_j[None, :]))
 
 
-def gfim(G: torch.Tensor, *, precision: str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """`G` ([b,] c, rows, cols) -> `([b,] cols, cols)` `dtype` (fp32 or fp64) = Σ_i g_iᵀ g_i per block."""
+def gfim(G: torch.Tensor, *, precision: str | None = None) -> torch.Tensor:
+    """`G` ([b,] c, rows, cols) -> `([b,] cols, cols)` fp32 = Σ_i g_iᵀ g_i per block."""
     squeeze = G.dim() == 3
     if squeeze:
         G = G.unsqueeze(0)
     _util.check_storage("G", G, 4)
     b, c, rows, cols = G.shape
     N = c * rows
-    assert dtype in (torch.float32, torch.float64), f"dtype {dtype}"
-    out = torch.empty(b, cols, cols, dtype=dtype, device=G.device)
+    out = torch.empty(b, cols, cols, dtype=torch.float32, device=G.device)
     if _util.interpreting():
         BLOCK, BK, nw = _util.clamp_pow2(cols, 16, 512), _util.clamp_pow2(N, 16, 256), 4  # big tiles, as in gram.py
     else:
         BLOCK, BK, nw = 64, 32, 4
-    ip, mode = ("ieee", 3) if dtype == torch.float64 else _modes(G.dtype, G.dtype, G.device, precision)
+    ip, mode = _modes(G.dtype, G.dtype, G.device, precision)
     t = _util.cdiv(cols, BLOCK)
     _gfim_kernel[(t, t, b)](G, out, N, cols, BLOCK=BLOCK, BLOCK_K=BK,
                             PRECISION=ip, MODE=mode, NATIVE_BF16=not _util.interpreting(), num_warps=nw)

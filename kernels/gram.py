@@ -1,8 +1,7 @@
 """Gram matrices of gradient chunks, batched over blocks: K[b] = G1[b] G2[b]ᵀ.
 
 `G1` (b, c1, D), `G2` (b, c2, D) float32 / bfloat16 / float16 (2-D inputs are
-one block) -> `(b, c1, c2)` float32, or float64 accumulated in float64 with `dtype=torch.float64`
-(MODE 3 of `_dot.py`: exact products, the float64 Gram of the stored values). All blocks of one shape go in one launch
+one block) -> `(b, c1, c2)` float32. All blocks of one shape go in one launch
 (grid axis 2 = block), e.g. the 160 LoRA blocks of the 13B shape for `exact`.
 
 Tiling: a plain tiled GEMM, one program per (BLOCK_I × BLOCK_J) output tile
@@ -43,7 +42,7 @@ def _gram_kernel(
     offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J).to(tl.int64)
     mask_i = offs_i < c1
     mask_j = offs_j < c2
-    acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float64 if MODE == 3 else tl.float32)
+    acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         mask_k = offs_k < D
@@ -63,9 +62,8 @@ def _modes(a_dtype: torch.dtype, b_dtype: torch.dtype, device: torch.device, pre
     return p, 0
 
 
-def gram(G1: torch.Tensor, G2: torch.Tensor, *, precision: str | None = None,
-         dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """`G1` ([b,] c1, D), `G2` ([b,] c2, D) -> `([b,] c1, c2)` `dtype` (fp32 or fp64) = G1 G2ᵀ per block."""
+def gram(G1: torch.Tensor, G2: torch.Tensor, *, precision: str | None = None) -> torch.Tensor:
+    """`G1` ([b,] c1, D), `G2` ([b,] c2, D) -> `([b,] c1, c2)` fp32 = G1 G2ᵀ per block."""
     squeeze = G1.dim() == 2
     if squeeze:
         G1, G2 = G1.unsqueeze(0), G2.unsqueeze(0)
@@ -75,14 +73,13 @@ def gram(G1: torch.Tensor, G2: torch.Tensor, *, precision: str | None = None,
     assert G2.shape[0] == b and G2.shape[2] == D, f"G1 {tuple(G1.shape)} and G2 {tuple(G2.shape)} disagree"
     assert G1.device == G2.device
     c2 = G2.shape[1]
-    assert dtype in (torch.float32, torch.float64), f"dtype {dtype}"
-    out = torch.empty(b, c1, c2, dtype=dtype, device=G1.device)
+    out = torch.empty(b, c1, c2, dtype=torch.float32, device=G1.device)
     if _util.interpreting():
         # big tiles: the interpreter re-reads G once per output tile row / column (cost ∝ elements loaded)
         BI, BJ, BK, nw = _util.clamp_pow2(c1, 16, 256), _util.clamp_pow2(c2, 16, 256), _util.clamp_pow2(D, 16, 512), 4
     else:
         BI, BJ, BK, nw = 64, 64, 32, 4
-    ip, mode = ("ieee", 3) if dtype == torch.float64 else _modes(G1.dtype, G2.dtype, G1.device, precision)
+    ip, mode = _modes(G1.dtype, G2.dtype, G1.device, precision)
     grid = (_util.cdiv(c1, BI), _util.cdiv(c2, BJ), b)
     _gram_kernel[grid](G1, G2, out, c1, c2, D, BLOCK_I=BI, BLOCK_J=BJ, BLOCK_K=BK,
                        PRECISION=ip, MODE=mode, NATIVE_BF16=not _util.interpreting(), num_warps=nw)

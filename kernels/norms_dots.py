@@ -3,15 +3,6 @@
 Shapes: `G` (c, D) float32 / bfloat16 / float16 (stored dtype, never upcast in
 memory), `V` (m, D) float32 -> `s` (c,) float32, `P` (m, c) float32.
 
-Float64 `V`: `s` and `P` float64, accumulated in float64 (MODE 3 of `_dot.py`:
-the G tile converted to fp64 in registers, exact products), for the dots that
-feed an ill-conditioned solve (exact's Woodbury M⁻¹) or a float64 H. Cost on an
-H100 / H200 (reasoning, not measured): the pass still reads G once; it does
-2m flops per element of G, and DMMA peaks at ~67 TFLOP/s against ~4.8 TB/s of
-HBM (H200), so it stays bound by the read of G up to m ≈ 28 queries for fp32
-G (4 B per element) and m ≈ 14 for bf16 G; beyond that the fp64 FMAs set the
-time, at most ~m/28 (fp32) or ~m/14 (bf16) times the fp32 pass.
-
 Tiling. A program owns a tile of BLOCK_C samples × BLOCK_M queries and a slice
 of D; it walks its slice in BLOCK_D steps, loading each G tile once (converted
 to fp32 in registers), adding Σ g² to the norms and `V_tile · G_tileᵀ` to the
@@ -63,14 +54,13 @@ def _norms_dots_kernel(
     d_start = pid_d * d_per_split
     d_stop = tl.minimum(d_start + d_per_split, D)
 
-    ACC = tl.float64 if MODE == 3 else tl.float32
-    sq = tl.zeros((BLOCK_C,), dtype=ACC)
-    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
+    sq = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     for d0 in range(d_start, d_stop, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
         mask_d = offs_d < d_stop
         g = tl.load(G + offs_c[:, None] * D + offs_d[None, :], mask=mask_c[:, None] & mask_d[None, :], other=0.0)
-        g = g.to(ACC)
+        g = g.to(tl.float32)
         if COMPUTE_NORMS:
             sq += tl.sum(g * g, axis=1)
         if COMPUTE_DOTS:
@@ -112,7 +102,7 @@ def launch(G: torch.Tensor, V: torch.Tensor | None, *, norms: bool, dots: bool, 
     assert c >= 1 and D >= 1, f"G: empty shape {tuple(G.shape)}"
     assert norms or dots
     if dots:
-        _util.check_query("V", V, 2)
+        _util.check_f32("V", V, 2)
         assert V.shape[1] == D, f"V has D={V.shape[1]}, G has D={D}"
         assert V.device == G.device, "V and G on different devices"
         m = V.shape[0]
@@ -123,17 +113,17 @@ def launch(G: torch.Tensor, V: torch.Tensor | None, *, norms: bool, dots: bool, 
     BLOCK_D, splits = cfg["BLOCK_D"], splits or cfg["splits"]
     d_per_split = _util.cdiv(_util.cdiv(D, BLOCK_D), splits) * BLOCK_D
     splits = _util.cdiv(D, d_per_split)
-    fp64 = dots and V.dtype == torch.float64
-    out = dict(dtype=torch.float64 if fp64 else torch.float32, device=G.device)
-    S = torch.empty((splits, c), **out) if norms else torch.empty(1, **out)
-    P = torch.empty((splits, m, c), **out) if dots else torch.empty(1, **out)
-    ip, mode = _util.mma_mode(G.dtype, G.device, precision, fp64)
+    f32 = dict(dtype=torch.float32, device=G.device)
+    S = torch.empty((splits, c), **f32) if norms else torch.empty(1, **f32)
+    P = torch.empty((splits, m, c), **f32) if dots else torch.empty(1, **f32)
+    p = _util.dot_precision(G.dtype, G.device, precision)
+    ip, split = _util.tl_precision(p)
     grid = (_util.cdiv(c, cfg["BLOCK_C"]), _util.cdiv(m, cfg["BLOCK_M"]) if dots else 1, splits)
     _norms_dots_kernel[grid](
         G, V, S, P, c, D, m, d_per_split,
         COMPUTE_NORMS=norms, COMPUTE_DOTS=dots, SIGN=float(sign),
         BLOCK_C=cfg["BLOCK_C"], BLOCK_M=cfg["BLOCK_M"], BLOCK_D=BLOCK_D,
-        PRECISION=ip, MODE=mode, NATIVE_BF16=not _util.interpreting(),
+        PRECISION=ip, MODE=1 if split else 0, NATIVE_BF16=not _util.interpreting(),
         num_warps=cfg["num_warps"],
     )
     s_out = (S[0] if splits == 1 else S.sum(0)) if norms else None
@@ -142,8 +132,7 @@ def launch(G: torch.Tensor, V: torch.Tensor | None, *, norms: bool, dots: bool, 
 
 
 def norms_dots(G: torch.Tensor, V: torch.Tensor, *, precision: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`G` (c, D) fp32/bf16/fp16, `V` (m, D) fp32 or fp64 -> (`(c,)` ‖g_i‖², `(m, c)` V Gᵀ) in V's dtype,
-    reading G once."""
+    """`G` (c, D) fp32/bf16/fp16, `V` (m, D) fp32 -> (`(c,)` ‖g_i‖², `(m, c)` V Gᵀ), reading G once."""
     return launch(G, V, norms=True, dots=True, precision=precision)
 
 
@@ -153,7 +142,7 @@ def sq_norms(G: torch.Tensor) -> torch.Tensor:
 
 
 def dots(G: torch.Tensor, V: torch.Tensor, *, precision: str | None = None) -> torch.Tensor:
-    """`G` (c, D), `V` (m, D) fp32 or fp64 -> `(m, c)` V Gᵀ in V's dtype."""
+    """`G` (c, D), `V` (m, D) -> `(m, c)` V Gᵀ."""
     return launch(G, V, norms=False, dots=True, precision=precision)[1]
 
 

@@ -1,8 +1,7 @@
 """DataInf / LiSSA rank-one accumulation: acc (m, D) += ((V Gᵀ) · w) G, and `weighted_sum` C G.
 
 Shapes: `G` (c, D) float32 / bfloat16 / float16, `V` (m, D), `w` (c,),
-`acc` (m, D), `C` (m, c), all float32; `weighted_sum` also takes a float64 `C`
-(exact's Woodbury preconditioner): fp64 result accumulated in fp64 (MODE 3).
+`acc` (m, D), `C` (m, c), all float32.
 
 Why two launches (and two reads of G) rather than one. Every output element
 acc[j, d] needs the coefficients p_ji = ⟨v_j, g_i⟩ w_i, and each p_ji is a
@@ -59,7 +58,7 @@ def _weighted_sum_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     mask_d = offs_d < D
     mask_m = offs_m < m
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float64 if MODE == 3 else tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for c0 in range(0, c, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
         mask_c = offs_c < c
@@ -89,24 +88,23 @@ def _launch(P: torch.Tensor, w: torch.Tensor | None, G: torch.Tensor, out: torch
             precision: str | None) -> None:
     _util.check_storage("G", G, 2)
     c, D = G.shape
-    _util.check_query("C", P, 2)
+    _util.check_f32("C", P, 2)
     m = P.shape[0]
     assert P.shape == (m, c), f"coefficients have shape {tuple(P.shape)}, expected {(m, c)}"
-    assert out.dtype == P.dtype, f"acc is {out.dtype}, the coefficients {P.dtype}"
-    _util.check_query("acc", out, 2)
+    _util.check_f32("acc", out, 2)
     assert out.shape == (m, D), f"acc has shape {tuple(out.shape)}, expected {(m, D)}"
     if w is not None:
         _util.check_f32("w", w, 1)
-        assert P.dtype == torch.float32, "the float64 mode has no weights (rank_one_accumulate is fp32)"
         assert w.shape == (c,), f"w has shape {tuple(w.shape)}, expected {(c,)}"
     cfg = _config(c, D, m)
-    ip, mode = _util.mma_mode(G.dtype, G.device, precision, P.dtype == torch.float64)
+    p = _util.dot_precision(G.dtype, G.device, precision)
+    ip, split = _util.tl_precision(p)
     grid = (_util.cdiv(D, cfg["BLOCK_D"]), _util.cdiv(m, cfg["BLOCK_M"]))
     _weighted_sum_kernel[grid](
         P, w if w is not None else P, G, out, c, D, m,
         HAS_W=w is not None, ACCUMULATE=accumulate,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], BLOCK_D=cfg["BLOCK_D"],
-        PRECISION=ip, MODE=mode, NATIVE_BF16=not _util.interpreting(),
+        PRECISION=ip, MODE=1 if split else 0, NATIVE_BF16=not _util.interpreting(),
         num_warps=cfg["num_warps"],
     )
 
@@ -119,9 +117,8 @@ def rank_one_accumulate(acc: torch.Tensor, G: torch.Tensor, V: torch.Tensor, w: 
 
 
 def weighted_sum(C: torch.Tensor, G: torch.Tensor, *, precision: str | None = None) -> torch.Tensor:
-    """`C` (m, c) fp32 or fp64, `G` (c, D) -> `(m, D)` = C G in C's dtype (fp64: accumulated in fp64,
-    MODE 3 of `_dot.py`), the second stage above, one read of G."""
-    out = torch.empty(C.shape[0], G.shape[1], dtype=C.dtype, device=G.device)
+    """`C` (m, c) fp32, `G` (c, D) -> `(m, D)` = C G (the second stage above, one read of G)."""
+    out = torch.empty(C.shape[0], G.shape[1], dtype=torch.float32, device=G.device)
     _launch(C, None, G, out, False, precision)
     return out
 

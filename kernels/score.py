@@ -1,8 +1,7 @@
 """Scoring: S = −H Gᵀ for one chunk (the last pass of every method, and tracin's only one).
 
-`H` (m, D) float32 (or float64: exact's and hyperinf's H, scored in float64,
-see `norms_dots.py`) preconditioned queries, `G` (c, D) float32 / bfloat16 /
-float16 -> `(m, c)` in H's dtype. This is `dots` with a sign, so it launches the
+`H` (m, D) float32 preconditioned queries, `G` (c, D) float32 / bfloat16 /
+float16 -> `(m, c)` float32. This is `dots` with a sign, so it launches the
 kernel of `norms_dots.py` with the norms off and SIGN = −1 folded into the
 store: same tiling (one read of G for m ≤ 128, D split over programs with a
 two-stage, deterministic reduction), same precision modes (`_dot.py`).
@@ -18,7 +17,7 @@ except ImportError:  # pragma: no cover - imported by path while developing
 
 
 def score(H: torch.Tensor, G: torch.Tensor, *, precision: str | None = None) -> torch.Tensor:
-    """`H` (m, D) fp32 or fp64, `G` (c, D) -> `(m, c)` = −H Gᵀ (accumulated in H's dtype)."""
+    """`H` (m, D) fp32, `G` (c, D) -> `(m, c)` = −H Gᵀ (fp32 accumulation)."""
     return _nd.launch(G, H, norms=False, dots=True, sign=-1.0, precision=precision)[1]
 
 

@@ -17,10 +17,10 @@ rounding). Methods ask for it where a result feeds an ill-conditioned solve:
 exact's Gram K and dots P = V Gᵀ before M⁻¹ (κ(M) ~ 1e4 at LoRA shapes, where
 fp32 rounding of K and P costs ~κ·eps32 ≈ 1e-3 of the scores), the GFIMs of
 hyperinf and of exact's primal blocks, and a float64 H scored against G. G is
-still read once per pass and never upcast as a whole: the Triton kernels
-convert each tile in registers, the torch reference (and the C++ backend,
-which falls back to it here) one chunk at a time, as for bf16 storage.
-`rank_one_accumulate` has no such mode (DataInf and LiSSA do not need it).
+still read once per pass and never upcast as a whole: the torch reference (to
+which the C++ and Triton backends fall back here) upcasts one chunk at a time,
+as it does for bf16 storage. `rank_one_accumulate` is not asked for it
+(DataInf and LiSSA do not need it).
 """
 from __future__ import annotations
 

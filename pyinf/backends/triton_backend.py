@@ -16,14 +16,22 @@ headers for the tiling, the reductions and the precision modes):
 
 Gradients stay in their stored dtype (float32, bfloat16, float16): tiles are
 converted to fp32 in registers, never upcast in memory; every accumulation is
-fp32. Query-side operands are float32, or float64 for the float64-accumulating
-calls of `base.py` (float64 V / H / C, `gram` / `gfim` with
-`dtype=torch.float64`): the same kernels then convert the tiles to fp64 in
-registers and accumulate in fp64 (MODE 3 of `kernels/_dot.py`, DMMA).
+fp32. Query-side operands are float32.
 
 Fallbacks to the torch reference (documented, deliberate):
-  * float64 gradients (a validation setting, not a performance one), and
-    `rank_one_accumulate` with float64 operands (no method needs it);
+  * float64 anywhere: float64 gradients (a validation setting), and the
+    float64-accumulating calls of `base.py` (float64 V / H / C, `gram` / `gfim`
+    with `dtype=torch.float64`: exact's Gram and dots, hyperinf's GFIM, float64
+    H scored), which the reference runs as cuBLAS DGEMMs on a float64 copy of
+    one chunk. A fused path (fp64 tiles and accumulator in these kernels, G
+    read once) works under the interpreter and compiles for sm_90 with Triton
+    3.9, but Triton 3.6 (the GPU machines') fails to lower bf16 -> fp64 tiles
+    and spills in the fp32 configs, so it is not used (issue 12 follow-up).
+    Cost of the fallback on an H100 / H200 (reasoning, not measured): the
+    dots read G once in fp32 and write / read the fp64 copy (~5× the bytes
+    of fp32 G), and stay memory-bound (2m flops per element against ~67
+    TFLOP/s of fp64 tensor cores); the Gram and the GFIM are compute-bound
+    GEMMs, ~2.5× slower in fp64 than with tf32x3;
   * CPU tensors when TRITON_INTERPRET is not set (Triton needs a GPU; the CPU
     tests run the kernels under the interpreter).
 
@@ -66,17 +74,15 @@ class TritonBackend(Backend):
         (self._gfim, self._gram, self._nd, self._r1, self._schulz, self._score) = _kernels()
 
     # -- dispatch helpers ------------------------------------------------
-    @staticmethod
-    def _use_ref(G: torch.Tensor, *others: torch.Tensor) -> bool:
-        """float64 gradients, or a tensor Triton cannot reach (CPU without the interpreter)."""
-        if G.dtype == torch.float64 or any(o.dtype == torch.float64 for o in others):
+    def _use_ref(self, *ts: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+        if dtype == torch.float64 or any(t.dtype == torch.float64 for t in ts):
             return True
-        return G.device.type != "cuda" and not _interpreting()
+        dev = ts[0].device
+        return dev.type != "cuda" and not _interpreting()
 
     @staticmethod
-    def _q(t: torch.Tensor) -> torch.Tensor:
-        """A query-side operand for the kernels: float64 stays (fp64 accumulation), the rest fp32."""
-        return t.contiguous() if t.dtype == torch.float64 else t.to(torch.float32).contiguous()
+    def _f32(t: torch.Tensor) -> torch.Tensor:
+        return t.to(torch.float32).contiguous()
 
     # -- primitives ------------------------------------------------------
     def sq_norms(self, G):
@@ -85,44 +91,44 @@ class TritonBackend(Backend):
         return self._nd.sq_norms(G.contiguous())
 
     def dots(self, G, V):
-        if self._use_ref(G):
+        if self._use_ref(G, V):
             return self._ref.dots(G, V)
-        return self._nd.dots(G.contiguous(), self._q(V))
+        return self._nd.dots(G.contiguous(), self._f32(V))
 
     def norms_and_dots(self, G, V):
-        if self._use_ref(G):
+        if self._use_ref(G, V):
             return self._ref.norms_and_dots(G, V)
-        return self._nd.norms_dots(G.contiguous(), self._q(V))
+        return self._nd.norms_dots(G.contiguous(), self._f32(V))
 
     def weighted_sum(self, C, G):
-        if self._use_ref(G):
+        if self._use_ref(C, G):
             return self._ref.weighted_sum(C, G)
-        return self._r1.weighted_sum(self._q(C), G.contiguous())
+        return self._r1.weighted_sum(self._f32(C), G.contiguous())
 
     def rank_one_accumulate(self, acc, G, V, w):
-        if self._use_ref(G, acc, V, w):
+        if self._use_ref(acc, G, V, w):
             return self._ref.rank_one_accumulate(acc, G, V, w)
         if acc.dtype == torch.float32 and acc.is_contiguous():
-            self._r1.rank_one_accumulate(acc, G.contiguous(), self._q(V), self._q(w))
+            self._r1.rank_one_accumulate(acc, G.contiguous(), self._f32(V), self._f32(w))
         else:
-            tmp = self._q(acc)
-            self._r1.rank_one_accumulate(tmp, G.contiguous(), self._q(V), self._q(w))
+            tmp = self._f32(acc)
+            self._r1.rank_one_accumulate(tmp, G.contiguous(), self._f32(V), self._f32(w))
             acc.copy_(tmp)
 
     def gram(self, G1, G2, dtype=None):
-        if self._use_ref(G1, G2):
+        if self._use_ref(G1, G2, dtype=dtype):
             return self._ref.gram(G1, G2, dtype)
-        return self._gram.gram(G1.contiguous(), G2.contiguous(), dtype=dtype or torch.float32)
+        return self._gram.gram(G1.contiguous(), G2.contiguous())
 
     def gfim(self, G, dtype=None):
-        if self._use_ref(G):
+        if self._use_ref(G, dtype=dtype):
             return self._ref.gfim(G, dtype)
-        return self._gfim.gfim(G.contiguous(), dtype=dtype or torch.float32)
+        return self._gfim.gfim(G.contiguous())
 
     def score(self, H, G):
-        if self._use_ref(G):
+        if self._use_ref(H, G):
             return self._ref.score(H, G)
-        return self._score.score(self._q(H), G.contiguous())
+        return self._score.score(self._f32(H), G.contiguous())
 
     def spd_inverse(self, A, *, iterations, tol, solver="auto"):
         if solver not in SOLVERS:
