@@ -75,7 +75,7 @@ def gfim(G: torch.Tensor, *, precision: str | None = None) -> torch.Tensor:
     N = c * rows
     out = torch.empty(b, cols, cols, dtype=torch.float32, device=G.device)
     if _util.interpreting():
-        BLOCK, BK, nw = _util.clamp_pow2(cols, 16, 64), _util.clamp_pow2(N, 16, 256), 4
+        BLOCK, BK, nw = _util.clamp_pow2(cols, 16, 512), _util.clamp_pow2(N, 16, 256), 4  # big tiles, as in gram.py
     else:
         BLOCK, BK, nw = 64, 32, 4
     ip, mode = _modes(G.dtype, G.dtype, G.device, precision)

@@ -75,7 +75,8 @@ def gram(G1: torch.Tensor, G2: torch.Tensor, *, precision: str | None = None) ->
     c2 = G2.shape[1]
     out = torch.empty(b, c1, c2, dtype=torch.float32, device=G1.device)
     if _util.interpreting():
-        BI, BJ, BK, nw = _util.clamp_pow2(c1, 16, 64), _util.clamp_pow2(c2, 16, 64), _util.clamp_pow2(D, 16, 512), 4
+        # big tiles: the interpreter re-reads G once per output tile row / column (cost ∝ elements loaded)
+        BI, BJ, BK, nw = _util.clamp_pow2(c1, 16, 256), _util.clamp_pow2(c2, 16, 256), _util.clamp_pow2(D, 16, 512), 4
     else:
         BI, BJ, BK, nw = 64, 64, 32, 4
     ip, mode = _modes(G1.dtype, G2.dtype, G1.device, precision)

@@ -80,6 +80,33 @@ def test_gram_and_gfim(backend, dtype, rows, cols):
     assert torch.equal(F, F.T), "the GFIM must be exactly symmetric (Cholesky and Schulz assume it)"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_float64_accumulation(backend, data, dtype):
+    """float64 query-side operands / dtype=float64: float64 results equal to float64 on the stored values
+    (products of fp32 / bf16 values are exact in float64), not fp32 results cast up (~1e-7 off)."""
+    G, V = data
+    G, V64 = G.to(dtype), V.double()
+    G64 = G.double()
+    gen = torch.Generator().manual_seed(2)
+    C64 = torch.randn(V.shape[0], G.shape[0], generator=gen, dtype=torch.float64)
+    G2 = torch.randn(3, G.shape[1], generator=gen).to(dtype)
+    s, P = backend.norms_and_dots(G, V64)
+    results = {
+        "norms_and_dots norms": (s, (G64 * G64).sum(1)),
+        "norms_and_dots dots": (P, V64 @ G64.T),
+        "dots": (backend.dots(G, V64), V64 @ G64.T),
+        "score": (backend.score(V64, G), -(V64 @ G64.T)),
+        "weighted_sum": (backend.weighted_sum(C64, G), C64 @ G64),
+        "gram": (backend.gram(G, G2, torch.float64), G64 @ G2.double().T),
+        "gfim": (backend.gfim(G.reshape(G.shape[0], 1, -1), torch.float64), G64.T @ G64),
+    }
+    for what, (got, want) in results.items():
+        assert got.dtype == torch.float64, f"{what}: {got.dtype}"
+        assert _rel(got, want) < TOL[torch.float64], f"{what}: {_rel(got, want):.2e}"
+    F = results["gfim"][0]
+    assert torch.equal(F, F.T)
+
+
 def test_results_in_compute_dtype(backend):
     G = torch.randn(4, 9).to(torch.bfloat16)
     V = torch.randn(2, 9)

@@ -162,6 +162,24 @@ def test_schulz_inverse_meets_float64(k, cond):
     assert rel(X, X_ref) < 1e-8
 
 
+def test_schulz_linear_phase_stays_in_fp32(monkeypatch):
+    """A few small eigenvalues (κ = 2e4): their slow linear phase (~15 doublings) runs in fp32, and
+    float64 only refines from the fp32 floor. The switch comes at a residual r ≤ FLOOR ≈ 1e-3 here
+    (schulz.py), and a float64 step maps r to ≤ √k·r² (R ← R², ‖R²‖_F ≤ ‖R‖_F²): ≤ 8e-6, then
+    ≤ 5e-10 < tol, so ≤ 2 float64 steps (the former stall test ran 17 of 22 steps in float64)."""
+    k = 64
+    gen = torch.Generator().manual_seed(3)
+    Q, _ = torch.linalg.qr(torch.randn(k, k, generator=gen, dtype=torch.float64))
+    ev = torch.linspace(0.5, 1.0, k, dtype=torch.float64)
+    ev[:3] = torch.tensor([5e-5, 2e-4, 1e-3], dtype=torch.float64)
+    A = ((Q * ev) @ Q.T)[None]
+    update, fp32_steps = k_schulz.update, []
+    monkeypatch.setattr(k_schulz, "update", lambda *a, **kw: fp32_steps.append(1) or update(*a, **kw))
+    X, res, steps = k_schulz.schulz_inverse(A, iterations=100, tol=1e-9)
+    assert res < 1e-9 and rel(X, torch.linalg.inv(A)) < 1e-7
+    assert steps - len(fp32_steps) <= 2, f"{steps - len(fp32_steps)} of {steps} steps in float64"
+
+
 @pytest.mark.parametrize("solver", ["auto", "cholesky", "schulz"])
 @pytest.mark.parametrize("name", ["torch", "triton"])
 def test_spd_inverse(name, solver):

@@ -2,11 +2,25 @@
 
 A backend works on one *chunk* of one block's training gradients, `G` of shape
 `(c, D)` (or `(c, rows, cols)` for the GFIM), stored as float32, bfloat16,
-float16 or float64. Query-side operands (`V`, `H`, weights) and all results are
-in the compute dtype (float32, or float64 when the inputs are float64), and
-every reduction accumulates in at least float32. Methods are written once
-against this interface; the Triton (GPU) and C++ (CPU) backends are drop-ins
-that must pass `tests/test_backend_interface.py`.
+float16 or float64. Query-side operands (`V`, `H`, `C`, weights) and all
+results are in the compute dtype (float32, or float64 when the inputs are
+float64), and every reduction accumulates in at least float32. Methods are
+written once against this interface; the Triton (GPU) and C++ (CPU) backends
+are drop-ins that must pass `tests/test_backend_interface.py`.
+
+Float64 accumulation on low-precision storage. A float64 query-side operand of
+`dots`, `norms_and_dots`, `score` or `weighted_sum`, or `dtype=torch.float64`
+for `gram` / `gfim`, makes the result float64, accumulated in float64 from the
+stored values of G: products of fp32 / bf16 / fp16 values are exact in float64,
+so the result is the float64 computation on the same values (to float64
+rounding). Methods ask for it where a result feeds an ill-conditioned solve:
+exact's Gram K and dots P = V Gᵀ before M⁻¹ (κ(M) ~ 1e4 at LoRA shapes, where
+fp32 rounding of K and P costs ~κ·eps32 ≈ 1e-3 of the scores), the GFIMs of
+hyperinf and of exact's primal blocks, and a float64 H scored against G. G is
+still read once per pass and never upcast as a whole: the torch reference (to
+which the C++ and Triton backends fall back here) upcasts one chunk at a time,
+as it does for bf16 storage. `rank_one_accumulate` is not asked for it
+(DataInf and LiSSA do not need it).
 """
 from __future__ import annotations
 
@@ -26,7 +40,7 @@ class Backend(ABC):
 
     @abstractmethod
     def dots(self, G: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-        """`G` (c, D), `V` (m, D) -> `(m, c)`: V Gᵀ."""
+        """`G` (c, D), `V` (m, D) -> `(m, c)`: V Gᵀ (float64 V: accumulated in float64)."""
 
     @abstractmethod
     def norms_and_dots(self, G: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,12 +61,14 @@ class Backend(ABC):
         """
 
     @abstractmethod
-    def gram(self, G1: torch.Tensor, G2: torch.Tensor) -> torch.Tensor:
-        """`G1` (c1, D), `G2` (c2, D) -> `(c1, c2)`: G1 G2ᵀ."""
+    def gram(self, G1: torch.Tensor, G2: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`G1` (c1, D), `G2` (c2, D) -> `(c1, c2)`: G1 G2ᵀ, in `dtype` (default: the compute dtype;
+        float64: accumulated in float64, see the module docstring)."""
 
     @abstractmethod
-    def gfim(self, G: torch.Tensor) -> torch.Tensor:
-        """`G` (c, rows, cols) -> `(cols, cols)`: Σ_i g_iᵀ g_i (rows = 1: GᵀG)."""
+    def gfim(self, G: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`G` (c, rows, cols) -> `(cols, cols)`: Σ_i g_iᵀ g_i (rows = 1: GᵀG), exactly symmetric,
+        in `dtype` (as for `gram`)."""
 
     @abstractmethod
     def score(self, H: torch.Tensor, G: torch.Tensor) -> torch.Tensor:

@@ -28,10 +28,12 @@ gfim                   torch BLAS: Σ g_iᵀ g_i is a syrk with K = c·rows, a
 spd_inverse            torch (float64 Cholesky / Schulz: dense LAPACK/BLAS)
 =====================  ==========================================================
 
-Fallbacks to the torch reference, per call: float64 anywhere (the float64
-path exists for accuracy, and the C++ kernels accumulate in float32), float16
-storage (no fp16 kernels), query-side operands that are not float32 (exact's
-and hyperinf's float64 H), tensors not on the CPU. Inputs are handed to C++
+Fallbacks to the torch reference, per call: float64 anywhere, including the
+float64-accumulating calls of `base.py` (a float64 query-side operand, `gram`
+/ `gfim` with `dtype=torch.float64`: exact's and hyperinf's; the C++ kernels
+accumulate in float32, and there the reference upcasts one chunk at a time and
+runs a float64 BLAS GEMM), float16 storage (no fp16 kernels), query-side
+operands that are not float32, tensors not on the CPU. Inputs are handed to C++
 as zero-copy numpy views (`tensor.numpy()`, bf16 as `view(torch.int16)`), so a
 tensor made by `torch.from_numpy(np.memmap(...))` is read straight from the
 page cache; a non-contiguous input is made contiguous once. Outputs are
@@ -147,13 +149,14 @@ class CPUBackend(TorchBackend):
             self._C.rank_one_accumulate(tmp.numpy(), _grad_buffer(G), _f32(V), _f32(w))
             acc.copy_(tmp)
 
-    def gram(self, G1, G2):
-        if G1.dtype not in _NATIVE_DTYPES or G2.dtype not in _NATIVE_DTYPES or G1.device.type != "cpu":
-            return super().gram(G1, G2)
+    def gram(self, G1, G2, dtype=None):
+        if (G1.dtype not in _NATIVE_DTYPES or G2.dtype not in _NATIVE_DTYPES or G1.device.type != "cpu"
+                or dtype == torch.float64):
+            return super().gram(G1, G2, dtype)
         if G2.shape[0] <= MAX_STREAM_M and G2.shape[0] <= G1.shape[0]:
             return self._dots(G1, G2.float(), 1.0).T.contiguous()
         if G1.shape[0] <= MAX_STREAM_M:
             return self._dots(G2, G1.float(), 1.0)
-        return super().gram(G1, G2)
+        return super().gram(G1, G2, dtype)
 
     # gfim, spd_inverse: inherited (torch BLAS / LAPACK), see the module docstring.

@@ -12,8 +12,10 @@ import torch
 from .base import Backend
 
 
-def _upcast(G: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
-    dtype = like.dtype if like is not None else (torch.float64 if G.dtype == torch.float64 else torch.float32)
+def _upcast(G: torch.Tensor, like: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """G in the dtype of `like`, or `dtype`, or the compute dtype of G (float64 stays, the rest float32)."""
+    if dtype is None:
+        dtype = like.dtype if like is not None else (torch.float64 if G.dtype == torch.float64 else torch.float32)
     return G.to(dtype)
 
 
@@ -38,12 +40,12 @@ class TorchBackend(Backend):
         G = _upcast(G, acc)
         acc.addmm_((V @ G.T) * w, G)
 
-    def gram(self, G1, G2):
-        G1 = _upcast(G1)
+    def gram(self, G1, G2, dtype=None):
+        G1 = _upcast(G1, dtype=dtype)
         return G1 @ _upcast(G2, G1).T
 
-    def gfim(self, G):
-        G = _upcast(G)
+    def gfim(self, G, dtype=None):
+        G = _upcast(G, dtype=dtype)
         flat = G.reshape(-1, G.shape[-1])
         return symmetric_from_upper(flat.T @ flat)
 

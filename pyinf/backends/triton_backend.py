@@ -19,8 +19,19 @@ converted to fp32 in registers, never upcast in memory; every accumulation is
 fp32. Query-side operands are float32.
 
 Fallbacks to the torch reference (documented, deliberate):
-  * float64 inputs: fp64 tensor-core paths would need their own kernels and
-    float64 gradients are a validation setting, not a performance one;
+  * float64 anywhere: float64 gradients (a validation setting), and the
+    float64-accumulating calls of `base.py` (float64 V / H / C, `gram` / `gfim`
+    with `dtype=torch.float64`: exact's Gram and dots, hyperinf's GFIM, float64
+    H scored), which the reference runs as cuBLAS DGEMMs on a float64 copy of
+    one chunk. A fused path (fp64 tiles and accumulator in these kernels, G
+    read once) works under the interpreter and compiles for sm_90 with Triton
+    3.9, but Triton 3.6 (the GPU machines') fails to lower bf16 -> fp64 tiles
+    and spills in the fp32 configs, so it is not used (issue 12 follow-up).
+    Cost of the fallback on an H100 / H200 (reasoning, not measured): the
+    dots read G once in fp32 and write / read the fp64 copy (~5× the bytes
+    of fp32 G), and stay memory-bound (2m flops per element against ~67
+    TFLOP/s of fp64 tensor cores); the Gram and the GFIM are compute-bound
+    GEMMs, ~2.5× slower in fp64 than with tf32x3;
   * CPU tensors when TRITON_INTERPRET is not set (Triton needs a GPU; the CPU
     tests run the kernels under the interpreter).
 
@@ -63,8 +74,8 @@ class TritonBackend(Backend):
         (self._gfim, self._gram, self._nd, self._r1, self._schulz, self._score) = _kernels()
 
     # -- dispatch helpers ------------------------------------------------
-    def _use_ref(self, *ts: torch.Tensor) -> bool:
-        if any(t.dtype == torch.float64 for t in ts):
+    def _use_ref(self, *ts: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+        if dtype == torch.float64 or any(t.dtype == torch.float64 for t in ts):
             return True
         dev = ts[0].device
         return dev.type != "cuda" and not _interpreting()
@@ -104,14 +115,14 @@ class TritonBackend(Backend):
             self._r1.rank_one_accumulate(tmp, G.contiguous(), self._f32(V), self._f32(w))
             acc.copy_(tmp)
 
-    def gram(self, G1, G2):
-        if self._use_ref(G1, G2):
-            return self._ref.gram(G1, G2)
+    def gram(self, G1, G2, dtype=None):
+        if self._use_ref(G1, G2, dtype=dtype):
+            return self._ref.gram(G1, G2, dtype)
         return self._gram.gram(G1.contiguous(), G2.contiguous())
 
-    def gfim(self, G):
-        if self._use_ref(G):
-            return self._ref.gfim(G)
+    def gfim(self, G, dtype=None):
+        if self._use_ref(G, dtype=dtype):
+            return self._ref.gfim(G, dtype)
         return self._gfim.gfim(G.contiguous())
 
     def score(self, H, G):

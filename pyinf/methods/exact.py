@@ -9,7 +9,11 @@ so a query's scores on the training set are −⟨h, g_i⟩ = −n (M⁻¹ G v)_
 pass for the dots P = V Gᵀ and an n × n solve, no H needed. This form is also
 the accurate one: building H = (V − P M⁻¹ G)/λ and scoring it against G
 cancels large terms, and float32 dots then lose ~1/λ of the answer. The small
-dense solves run in float64 whatever the storage dtype.
+dense solves run in float64 whatever the storage dtype, and so does everything
+that feeds them: M⁻¹ amplifies an error in K or P by up to κ(M) (~1e4 for
+LoRA gradients with a shared low-rank component), so K, P and the primal F
+are accumulated in float64 from the stored values (the backends' float64
+accumulation, `pyinf/backends/base.py`), not rounded from fp32 results.
 
 Data parallel (`pyinf.distributed`): primal blocks all-reduce F (a sum over
 samples). The Woodbury Gram K = G Gᵀ has cross-rank entries, so it is built
@@ -46,7 +50,7 @@ class Exact(Method):
                 for b in primal:
                     G = chunk[b.name]
                     # float64 accumulation: F's rounding would cost ~κ·eps of the answer
-                    F[b.name] += self.backend.gfim(G.reshape(G.shape[0], 1, -1).double())
+                    F[b.name] += self.backend.gfim(G.reshape(G.shape[0], 1, -1), dtype=torch.float64)
             self._allreduce_dict(F)  # the primal block Fisher over every rank's samples
             for b in primal:
                 A = F[b.name] / self.n
@@ -63,7 +67,7 @@ class Exact(Method):
                         break
                     for b in dual:
                         G1, G2 = c1[b.name], c2[b.name]
-                        blk = self.backend.gram(G1.reshape(G1.shape[0], -1), G2.reshape(G2.shape[0], -1)).double()
+                        blk = self.backend.gram(G1.reshape(G1.shape[0], -1), G2.reshape(G2.shape[0], -1), torch.float64)
                         K[b.name][s1 : s1 + blk.shape[0], s2 : s2 + blk.shape[1]] = blk
                         K[b.name][s2 : s2 + blk.shape[1], s1 : s1 + blk.shape[0]] = blk.T
         if dual:
@@ -93,7 +97,7 @@ class Exact(Method):
             for s1, c1 in train.chunks():  # own rows against the gathered columns
                 for b in dual:
                     G1 = c1[b.name].reshape(c1[b.name].shape[0], -1).to(self.dtype)
-                    blk = self.backend.gram(G1, G2[b.name]).double()
+                    blk = self.backend.gram(G1, G2[b.name], torch.float64)
                     r0 = self.offset + s1
                     for _, g0, c, pos in spans:
                         K[b.name][r0 : r0 + G1.shape[0], g0 : g0 + c] = blk[:, pos : pos + c]
@@ -102,8 +106,8 @@ class Exact(Method):
         return K
 
     def _woodbury_scores(self, P: torch.Tensor, name: str) -> torch.Tensor:
-        """Dots `P` (m, n) = V Gᵀ of one Woodbury block -> its scores −n P M⁻¹ (float64)."""
-        return -self.n * torch.cholesky_solve(P.double().T, self.chol[name]).T
+        """Dots `P` (m, n) float64 = V Gᵀ of one Woodbury block -> its scores −n P M⁻¹ (float64)."""
+        return -self.n * torch.cholesky_solve(P.T, self.chol[name]).T
 
     def precondition(self, queries):
         """H in float64. Woodbury blocks: H = (V − P M⁻¹ G)/λ, built in float64
@@ -139,10 +143,10 @@ class Exact(Method):
         """(m, n) in one pass: primal blocks score H Gᵀ, Woodbury blocks need only the dots."""
         V = self._flat(queries)
         H = {name: torch.cholesky_solve(V[name].double().T, self.chol[name]).T for name in V if self.primal[name]}
-        dual = {name: V[name] for name in V if not self.primal[name]}
+        dual = {name: V[name].double() for name in V if not self.primal[name]}  # float64 dots (module docstring)
         m = next(iter(V.values())).shape[0]
         out = torch.zeros(m, self.train.n, dtype=torch.float64, device=self.train.device)
-        P = {name: torch.empty(m, self.train.n, dtype=self.dtype, device=out.device) for name in dual}
+        P = {name: torch.empty(m, self.train.n, dtype=torch.float64, device=out.device) for name in dual}
         for start, chunk in self.train.chunks():
             for name, G in chunk.items():
                 G = G.reshape(G.shape[0], -1)
