@@ -17,16 +17,25 @@ reduction over samples across programs then needs either
   * a two-stage reduction through a (c / BLOCK_C, m, D) workspace: the same
     250 MB written and read again.
 Both cost more than they save once m ≳ 8. So:
-  1. P = V Gᵀ with the `norms_dots` kernel (D split over programs, tiny
-     two-stage reduction of the (m, c) partials);
+  1. P = V Gᵀ with the `norms_dots` kernel (D split over programs, two-stage
+     reduction of the (m, c) partials), then P *= w (m × c floats, once);
   2. this file's kernel: a program owns an (m-tile, D-tile) of acc and loops
-     over all c samples, acc_tile += (P_tile · w) G_tile on the tensor cores,
-     then adds the old acc tile and stores: no atomics, deterministic, acc read
-     and written once, G read once (per m-tile; one m-tile for m ≤ 128).
+     over all c samples, acc_tile += P_tile G_tile on the tensor cores, then
+     adds the old acc tile and stores: no atomics, deterministic, acc read and
+     written once, G read once (per m-tile; one m-tile for m ≤ 128).
 Total: exactly two reads of G, like the torch reference's two GEMMs, but
 without its fp32 upcast copy of bf16 G (which costs 5× the bf16 bytes) and
-with the scale by w and the add into acc fused. The D axis gives plenty of
-programs (40960 / 64 = 640 per block).
+with the add into acc fused.
+
+P's rows are padded with zeros to ldp = c rounded up to a multiple of 16
+(`norms_dots.padded_len`; `norms_dots` writes them so, `weighted_sum` pads
+its C when c is not a multiple of 16), so that Triton knows every P row
+starts 64-byte aligned: the P tiles load as 16-byte vectors for any c (c = 900
+loaded them as 4-byte scalars). Every D tile reads all of P (from L2), so
+BLOCK_D = 128: at m = 100, 320 D tiles × 100 × 912 × 4 B = 117 MB per call,
+half of what BLOCK_D = 64 read, for 74 MB of bf16 G; 320 programs are 2.4
+waves of one program per SM (190-212 registers; whether the wave tail costs
+more than the halved L2 traffic saves needs a GPU to tell).
 """
 from __future__ import annotations
 
@@ -80,9 +89,7 @@ def _config(c: int, D: int, m: int) -> dict:
         return dict(BLOCK_M=_util.clamp_pow2(m, 16, 128), BLOCK_C=_util.clamp_pow2(c, 16, 128),
                     BLOCK_D=_util.clamp_pow2(D, 16, 1024), num_warps=4)
     BLOCK_M = _util.clamp_pow2(m, 16, 128)
-    # BLOCK_D = 128 at every m: every D tile re-reads all of P from L2 (m × ldp × 4 B, 365 KB at
-    # m = 100), so 128 halves that traffic against 64 (117 MB against 234 MB per call at the 13B
-    # shape, for 74 MB of bf16 G); m = 100 compiles to 190-212 registers, no spills.
+    # BLOCK_D = 128 at every m: each D tile re-reads all of P (see the module docstring)
     return dict(BLOCK_M=BLOCK_M, BLOCK_C=32, BLOCK_D=128, num_warps=8 if BLOCK_M >= 64 else 4)
 
 
