@@ -68,7 +68,7 @@ def _weighted_sum_kernel(
     mask_d = offs_d < D
     mask_m = offs_m < m
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for c0 in range(0, ldp, BLOCK_C):
+    for c0 in range(0, c, BLOCK_C):  # as many tiles as over ldp: BLOCK_C is a multiple of 16
         offs_c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
         # P's rows are padded to ldp (a multiple of 16) with zeros: masked against ldp, the loads are
         # 16-byte vectors; G's rows c.. do not exist and load as 0
@@ -84,13 +84,15 @@ def _weighted_sum_kernel(
     tl.store(ptrs, acc, mask=mask)
 
 
-def _config(c: int, D: int, m: int) -> dict:
+def _config(c: int, D: int, m: int, fma: bool) -> dict:
     if _util.interpreting():
         return dict(BLOCK_M=_util.clamp_pow2(m, 16, 128), BLOCK_C=_util.clamp_pow2(c, 16, 128),
                     BLOCK_D=_util.clamp_pow2(D, 16, 1024), num_warps=4)
     BLOCK_M = _util.clamp_pow2(m, 16, 128)
-    # BLOCK_D = 128 at every m: each D tile re-reads all of P (see the module docstring)
-    return dict(BLOCK_M=BLOCK_M, BLOCK_C=32, BLOCK_D=128, num_warps=8 if BLOCK_M >= 64 else 4)
+    # BLOCK_D = 128: each D tile re-reads all of P (see the module docstring); but 64 for the opt-in
+    # "ieee" FMA path at m > 32, whose operands in registers spilled ~1.8 KB at 128 (bf16, m = 100)
+    BLOCK_D = 64 if (fma and BLOCK_M >= 64) else 128
+    return dict(BLOCK_M=BLOCK_M, BLOCK_C=32, BLOCK_D=BLOCK_D, num_warps=8 if BLOCK_M >= 64 else 4)
 
 
 def _launch(P: torch.Tensor, c: int, G: torch.Tensor, out: torch.Tensor, accumulate: bool,
@@ -100,7 +102,7 @@ def _launch(P: torch.Tensor, c: int, G: torch.Tensor, out: torch.Tensor, accumul
     D = G.shape[1]
     p = _util.dot_precision(G.dtype, G.device, precision)
     ip, split = _util.tl_precision(p)
-    cfg = _config(c, D, m)
+    cfg = _config(c, D, m, ip == "ieee" and not split)
     grid = (_util.cdiv(D, cfg["BLOCK_D"]), _util.cdiv(m, cfg["BLOCK_M"]))
     _weighted_sum_kernel[grid](
         P, G, out, c, D, m, ldp,

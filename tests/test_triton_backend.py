@@ -123,7 +123,7 @@ def test_norms_dots_splits_fill_whole_waves(monkeypatch, dots, m):
 def test_rank_one_gpu_blocks_padded_p(monkeypatch, c, dtype):
     """rank_one_accumulate / weighted_sum with the H100 blocks (BLOCK_C = 32, BLOCK_D = 128, m = 100 in one
     128-row tile) and c not a multiple of 16 (P padded with zero columns) or one (no padding)."""
-    monkeypatch.setattr(k_r1, "_config", lambda c, D, m: dict(BLOCK_M=128, BLOCK_C=32, BLOCK_D=128, num_warps=8))
+    monkeypatch.setattr(k_r1, "_config", lambda c, D, m, fma: dict(BLOCK_M=128, BLOCK_C=32, BLOCK_D=128, num_warps=8))
     gpu_blocks(monkeypatch, splits=3)
     G, V = data(c, 401, 100, dtype, seed=2)
     gen = torch.Generator().manual_seed(c)
