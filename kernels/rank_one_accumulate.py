@@ -33,9 +33,11 @@ its C when c is not a multiple of 16), so that Triton knows every P row
 starts 64-byte aligned: the P tiles load as 16-byte vectors for any c (c = 900
 loaded them as 4-byte scalars). Every D tile reads all of P (from L2), so
 BLOCK_D = 128: at m = 100, 320 D tiles × 100 × 912 × 4 B = 117 MB per call,
-half of what BLOCK_D = 64 read, for 74 MB of bf16 G; 320 programs are 2.4
-waves of one program per SM (190-212 registers; whether the wave tail costs
-more than the halved L2 traffic saves needs a GPU to tell).
+half of what BLOCK_D = 64 read, for 74 MB of bf16 G; the 320 programs are
+2.42 waves at one program per SM (fp32/fp16: ~200 registers; bf16: 126-131,
+one or two per SM by Triton version; bench/results/kernels-sm90-i13.md).
+Whether that wave tail costs more than the halved L2 traffic saves needs a
+GPU to tell.
 """
 from __future__ import annotations
 
