@@ -41,7 +41,11 @@ How (no CUDA driver is touched at any point):
 4. Per specialisation: registers, spill stores / loads and stack frame (the
    ``ptxas -v`` log), shared memory (Triton's metadata) and the MMA
    instruction in the PTX: ``wgmma`` (Hopper warpgroup MMA), ``mma.sync``
-   (Ampere-style MMA) or ``none`` (FMA on the CUDA cores).
+   (Ampere-style MMA) or ``none`` (FMA on the CUDA cores). In the JSON also
+   the bytes per thread of its global accesses (``gmem``: cp.async / ld / st,
+   4 or less = scalar) and ``blocks_per_sm``, the programs one SM holds at
+   once by registers, shared memory and warps (with ``grid``, that of the
+   first case: the waves on 132 SMs).
 
 Classes of cases:
 
@@ -160,12 +164,12 @@ def cases(k: dict[str, ModuleType]) -> list[Case]:
     gram, gfim, nd, r1 = (k.get(m) for m in ("gram", "gfim", "norms_dots", "rank_one_accumulate"))
     score, sch, gl, pso = (k.get(m) for m in ("score", "schulz", "grouped_lora", "per_sample_outer"))
 
-    def lora(dt, r, *, base_dt=None, M=TOKENS, prec=None):
+    def lora(dt, r, *, base_dt=None, M=TOKENS, prec=None, k=GROUPS):
         """grouped_lora as pyinf.forward calls it: base (the base layer's output) updated in place."""
         def call():
-            base = None if base_dt is None else t(GROUPS, M, HIDDEN, dtype=base_dt)
-            return gl.grouped_lora(t(GROUPS, M, HIDDEN, dtype=dt), t(GROUPS, r, HIDDEN, dtype=dt),
-                                   t(GROUPS, HIDDEN, r, dtype=dt), 2.0, base=base, out=base, precision=prec)
+            base = None if base_dt is None else t(k, M, HIDDEN, dtype=base_dt)
+            return gl.grouped_lora(t(k, M, HIDDEN, dtype=dt), t(k, r, HIDDEN, dtype=dt),
+                                   t(k, HIDDEN, r, dtype=dt), 2.0, base=base, out=base, precision=prec)
         return call
 
     # -- default configs at the 13B shapes ---------------------------------------
@@ -198,6 +202,9 @@ def cases(k: dict[str, ModuleType]) -> list[Case]:
     for r in LORA_RANKS:
         add("grouped_lora", f"grouped_lora bf16 r={r} M={TOKENS} +fp32 base", DEFAULT,
             lora(torch.bfloat16, r, base_dt=torch.float32))
+    for tag, dt in DTYPES.items():  # one group: fewer M-tiles than SMs, the N split (another specialisation)
+        add("grouped_lora", f"grouped_lora {tag} r=8 M={TOKENS} k=1 +fp32 base", DEFAULT,
+            lora(dt, 8, base_dt=torch.float32, k=1))
     mask = lambda: torch.ones(BATCH, SEQ, dtype=torch.int64, device="cuda")  # noqa: E731  attention_mask
     for tag, dt in DTYPES.items():
         add("per_sample_outer", f"per_sample_outer {tag} LoRA {ROWS}x{COLS} T={SEQ} mask", DEFAULT,
@@ -420,6 +427,29 @@ def _mma(ptx: str) -> tuple[str, str]:
     return ("+".join(kinds) or "none"), detail
 
 
+def _gmem(ptx: str) -> dict:
+    """Bytes per thread of each global access in the PTX, by kind: cp.async (global -> shared), ld, st.
+    4 or less is a scalar access; 16 a vector (v4 of 32-bit, v8 of 16-bit ...)."""
+    cp = {int(x, 0) for x in re.findall(r"cp\.async\.c[ag]\.shared\.global[.\w]* \[[^\]]*\], \[[^\]]*\], "
+                                      r"(0x[0-9a-f]+|\d+)", ptx)}
+
+    def widths(op: str) -> list[int]:
+        w = set()
+        for m in re.finditer(rf"\b{op}\.global((?:\.[A-Za-z0-9_:]+)*)\s", ptx):
+            parts = m.group(1).split(".")[1:]
+            vec = next((int(p[1:]) for p in parts if re.fullmatch(r"v[248]", p)), 1)
+            w.add(vec * int(re.sub(r"\D", "", parts[-1]) or 0) // 8)
+        return sorted(w)
+    return {"cp.async": sorted(cp), "ld": widths("ld"), "st": widths("st")}
+
+
+def blocks_per_sm(num_warps: int, regs: int, smem: int) -> int:
+    """Programs of a kernel resident on one sm_90 SM at once: 64 K registers (allocated per warp in
+    units of 256), 228 KB shared memory (+1 KB reserved per block), 64 warps, 32 blocks."""
+    per_warp = -(-regs * 32 // 256) * 256
+    return min(65536 // (per_warp * num_warps), 233472 // (smem + 1024), 64 // num_warps, 32)
+
+
 def _ptxas(log: str) -> dict:
     regs = re.findall(r"Used (\d+) registers", log)
     spill = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
@@ -460,6 +490,7 @@ def compile_spec(i: int) -> dict:
                     seconds=round(time.perf_counter() - t0, 2))
     mma, mma_detail = _mma(kernel.asm.get("ptx", ""))
     return dict(ok=True, **_ptxas(log.getvalue()), smem=kernel.metadata.shared, mma=mma, mma_detail=mma_detail,
+                gmem=_gmem(kernel.asm.get("ptx", "")),
                 ptx_bytes=len(kernel.asm.get("ptx", "")), cubin_bytes=len(kernel.asm.get("cubin", b"")),
                 seconds=round(time.perf_counter() - t0, 2))
 
@@ -659,6 +690,8 @@ def main(argv: list[str] | None = None) -> int:
         l = s.launch
         row = dict(kernel=s.kernel, cases=s.cases, **{"class": s.kind}, num_warps=l.options.num_warps,
                    num_stages=l.options.num_stages, grid=list(l.grid), specialisation=s.describe(), **r)
+        if r["ok"] and r["regs"] is not None:
+            row["blocks_per_sm"] = blocks_per_sm(l.options.num_warps, r["regs"], r["smem"])
         spills = r["ok"] and bool(r["spill_stores"] or r["spill_loads"])
         head = f"{s.kernel.split('.')[-1]:<26} {s.kind:<8} {s.cases[0]:<48}"
         if not r["ok"]:

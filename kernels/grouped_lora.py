@@ -11,12 +11,19 @@ is the unperturbed adapter there: the base losses come from this same op, and
 every group runs the same code, so identical groups give bit-identical outputs
 (a query whose step left its adapter unchanged scores exactly 0).
 
-One program per (M-tile, group): it reduces `h = x_tile A_gᵀ` (BLOCK_M × R,
-fp32) over all of K once, scales it, then walks the N axis adding `h B_gᵀ`
-into the output tile by tile. x is read once, B_g once per M-tile, base/out
-once: the op is bandwidth-bound at LoRA ranks and never recomputes h (a grid
-over N tiles would re-read x once per N tile). R is padded to a power of two
-≥ 16 (tl.dot's minimum on a GPU) by masking.
+One program per (M-tile, group, N-slice): it reduces `h = x_tile A_gᵀ`
+(BLOCK_M × R, fp32) over all of K, scales it, then walks its slice of the N
+axis adding `h B_gᵀ` into the output tile by tile. With one N slice (enough
+M-tiles × groups to give every SM a program) x is read once, B_g once per
+M-tile, base/out once: the op is bandwidth-bound at LoRA ranks. Fewer
+programs than SMs (one group of 4096 rows: 64 M-tiles on 132 SMs) would leave
+SMs idle, so N is then split into `n_splits` slices, balanced to within one
+tile, the fewest that give every SM a program (3 there: 192 programs). Each
+slice recomputes h: x_tile is read once per slice, the slices of one M-tile
+neighbours in launch order so that the re-reads come from L2 (+ 2 × 640 KB
+of bf16 x per M-tile at r = 8, against 3 × 64 × 1707 × 8 B = 2.6 MB of fp32
+base and out). R is padded to a power of two ≥ 16 (tl.dot's minimum on a
+GPU) by masking.
 
 Tiles on an H100 / H200 (`_gpu_config`; checked by `bench/compile_sm90.py`,
 which compiles this kernel for sm_90 at the Llama-2-13B shapes: M = 4096 rows
@@ -43,8 +50,9 @@ per group, K = N = 5120, r = 8 and 64; nothing here was timed on a GPU):
     threads let 3 programs share an SM (255 allowed 2), up to 48 KB in flight
     per SM against the ~25-35 KB that Little's law asks of 3.35-4.8 TB/s HBM
     over 132 SMs at ~1 µs latency; at the 4-group Forward-INF shape (256
-    programs on 132 SMs, ~2 per SM) it is ~32 KB. An estimate, to be confirmed
-    by a GPU benchmark.
+    programs on 132 SMs, ~2 per SM) it is ~32 KB, at one group (192 programs
+    with the N split) ~23 KB, against ~8 KB averaged over 132 SMs without. An
+    estimate, to be confirmed by a GPU benchmark.
 
 Precision (see `_util.dot_precision`): the first product multiplies two
 stored operands, exact in bf16 (one bf16 MMA, fp32 accumulation, MODE 2) and
@@ -74,14 +82,16 @@ def is_available() -> bool:
 @triton.jit
 def _grouped_lora_kernel(
     X, A, B, BASE, OUT,
-    M, K, N, R, scale,
+    M, K, N, R, scale, n_splits,
     HAS_BASE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     PRECISION1: tl.constexpr, MODE1: tl.constexpr,
     PRECISION2: tl.constexpr, MODE2: tl.constexpr,
     NATIVE_BF16: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0)
+    pid_m = (pid // n_splits).to(tl.int64)
+    pid_n = pid % n_splits  # the splits of one M-tile are neighbours in launch order: x_tile from L2
     g = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     mask_m = offs_m < M
@@ -102,9 +112,11 @@ def _grouped_lora_kernel(
         h = mma(x.to(tl.float32), at.to(tl.float32), h, PRECISION1, MODE1, NATIVE_BF16)
     h = h * scale
 
-    # out tile by tile along N: base + h B_gᵀ
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+    # out tile by tile along this program's N range (balanced to within one tile): base + h B_gᵀ
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    # a loop over tile indices: one over n0 from a run-time start spilled 8 B (fp32, M = 20, Triton 3.9)
+    for t in range(pid_n * n_tiles // n_splits, (pid_n + 1) * n_tiles // n_splits):
+        offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # t * BLOCK_N < N: int32 is enough
         mask_n = offs_n < N
         bt = tl.load(b_g + offs_n[None, :] * R + offs_r[:, None], mask=mask_r[:, None] & mask_n[None, :], other=0.0)
         d = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -116,18 +128,22 @@ def _grouped_lora_kernel(
         tl.store(OUT + offs, d.to(OUT.dtype.element_ty), mask=mask)
 
 
-def _gpu_config(M: int, K: int, N: int, R: int) -> dict:
-    """The tiles on a GPU (see the module docstring for why)."""
+def _gpu_config(k: int, M: int, K: int, N: int, R: int, sms: int) -> dict:
+    """The tiles and the N split on a GPU with `sms` SMs (see the module docstring for why)."""
     BLOCK_R = _util.clamp_pow2(R, 16, 1 << 20)
-    return dict(BLOCK_M=64 if M > 32 else 32, BLOCK_K=64 if BLOCK_R <= 32 else 32, BLOCK_N=64,
-                BLOCK_R=BLOCK_R, num_warps=4)
+    BLOCK_M, BLOCK_N = (64 if M > 32 else 32), 64
+    programs = _util.cdiv(M, BLOCK_M) * k
+    n_splits = max(1, min(_util.cdiv(N, BLOCK_N), _util.cdiv(sms, programs)))  # at least one program per SM
+    return dict(BLOCK_M=BLOCK_M, BLOCK_K=64 if BLOCK_R <= 32 else 32, BLOCK_N=BLOCK_N,
+                BLOCK_R=BLOCK_R, n_splits=n_splits, num_warps=4)
 
 
-def _config(M: int, K: int, N: int, R: int) -> dict:
+def _config(k: int, M: int, K: int, N: int, R: int, device: torch.device) -> dict:
     if _util.interpreting():  # ~1 ms per program whatever its size: few, big programs
         return dict(BLOCK_M=_util.clamp_pow2(M, 16, 128), BLOCK_K=_util.clamp_pow2(K, 16, 512),
-                    BLOCK_N=_util.clamp_pow2(N, 16, 512), BLOCK_R=_util.clamp_pow2(R, 16, 1 << 20), num_warps=4)
-    return _gpu_config(M, K, N, R)
+                    BLOCK_N=_util.clamp_pow2(N, 16, 512), BLOCK_R=_util.clamp_pow2(R, 16, 1 << 20),
+                    n_splits=1, num_warps=4)
+    return _gpu_config(k, M, K, N, R, _util.num_sms(device))
 
 
 def grouped_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float = 1.0, *,
@@ -152,17 +168,17 @@ def grouped_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float
     assert out.shape == (k, M, N), f"out has shape {tuple(out.shape)}, expected {(k, M, N)}"
     if k == 0 or M == 0 or N == 0:
         return out
-    cfg = _config(M, K, N, R)
+    cfg = _config(k, M, K, N, R, x.device)
     p = _util.dot_precision(x.dtype, x.device, precision)
     ip2, split = _util.tl_precision(p)
     if x.dtype == torch.bfloat16:
         ip1, mode1 = "ieee", 2  # both operands bf16: exact products
     else:
         ip1, mode1 = ip2, 0
-    grid = (_util.cdiv(M, cfg["BLOCK_M"]), k)
+    grid = (_util.cdiv(M, cfg["BLOCK_M"]) * cfg["n_splits"], k)
     _grouped_lora_kernel[grid](
         x, A, B, base if base is not None else out, out,
-        M, K, N, R, float(scale),
+        M, K, N, R, float(scale), cfg["n_splits"],
         HAS_BASE=base is not None,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],
         PRECISION1=ip1, MODE1=mode1, PRECISION2=ip2, MODE2=1 if split else 0,

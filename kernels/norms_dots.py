@@ -11,14 +11,27 @@ precision modes). With m ≤ 128 there is one query tile, so every byte of G is
 read exactly once; the V tile (m × BLOCK_D) is re-read per sample tile from L2.
 
 Split over D (two-stage reduction). A chunk of c = 900 samples gives only 15
-sample tiles, far too few programs for 132 SMs, so D is split into `splits`
-contiguous slices (grid axis 2): each program writes its partial norms/dots to
-a (splits, ...) fp32 workspace, and a second, tiny stage sums the workspace
-(torch `.sum(0)`: splits × (m + 1) × c floats, < 1 % of the bytes of G).
-Deterministic, unlike atomics, and the partial traffic is negligible here
-because the outputs are small (m × c) next to G (c × D). With splits = 1 the
-kernel writes the outputs directly. Norms are written by the query-tile-0
-programs only. Offsets are int64 (c × D exceeds 2³¹ at the 13B shape).
+to 29 sample tiles, far too few programs for 132 SMs, so D is split into
+`splits` slices of whole BLOCK_D tiles, balanced to within one tile (grid axis
+2): each program writes its partial norms/dots to a (splits, ...) fp32
+workspace, and a second, tiny stage sums the workspace (torch `.sum(0)`).
+Deterministic, unlike atomics. The partials are not free at large m: splits ×
+m × c floats written and read back, e.g. 26 × 100 × 912 × 4 B = 9.5 MB twice
+against 74 MB of bf16 G at the 13B shape, so the split count is the smallest
+that fills the machine (`_splits`): it minimises (waves of resident programs)
+× (D tiles per program), i.e. no one-program-per-SM tail (c = 900, m = 100:
+15 × 26 = 390 programs, 2.95 waves on 132 SMs at one per SM; the former
+rule, 36 splits = 540 programs, ran 4.09 waves: an 18 % tail). With splits = 1
+the kernel writes the outputs directly. Norms are written by the
+query-tile-0 programs only. Offsets are int64 (c × D exceeds 2³¹ at the 13B
+shape).
+
+Padded rows of P. The dots are stored with a row stride `ldp` = c rounded up
+to a multiple of 16 (the columns c..ldp hold exact zeros: those G rows load
+as 0), so that Triton knows every row start is 64-byte aligned and stores
+16-byte vectors; `rank_one_accumulate` takes that padded P as it is (its P
+loads are 16-byte vectors too, for any c). The public functions return the
+(m, c) part, contiguous.
 
 `score.py` launches the same kernel with norms off and SIGN = -1.
 """
@@ -39,7 +52,7 @@ except ImportError:  # pragma: no cover - imported by path while developing
 @triton.jit
 def _norms_dots_kernel(
     G, V, S, P,
-    c, D, m, d_per_split,
+    c, D, m, ldp, d_tiles, splits,
     COMPUTE_NORMS: tl.constexpr, COMPUTE_DOTS: tl.constexpr, SIGN: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr, MODE: tl.constexpr, NATIVE_BF16: tl.constexpr,
@@ -51,8 +64,8 @@ def _norms_dots_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     mask_c = offs_c < c
     mask_m = offs_m < m
-    d_start = pid_d * d_per_split
-    d_stop = tl.minimum(d_start + d_per_split, D)
+    d_start = (pid_d * d_tiles // splits) * BLOCK_D  # balanced: slices differ by at most one tile
+    d_stop = tl.minimum(((pid_d + 1) * d_tiles // splits) * BLOCK_D, D)
 
     sq = tl.zeros((BLOCK_C,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
@@ -71,8 +84,16 @@ def _norms_dots_kernel(
         if pid_m == 0:
             tl.store(S + pid_d * c + offs_c, sq, mask=mask_c)
     if COMPUTE_DOTS:
-        p_ptrs = P + pid_d * m * c + offs_m[:, None] * c + offs_c[None, :]
-        tl.store(p_ptrs, acc * SIGN, mask=mask_m[:, None] & mask_c[None, :])
+        p_ptrs = P + pid_d * m * ldp + offs_m[:, None] * ldp + offs_c[None, :]
+        tl.store(p_ptrs, acc * SIGN, mask=mask_m[:, None] & (offs_c < ldp)[None, :])
+
+
+def _splits(tiles: int, d_tiles: int, slots: int, most: int) -> int:
+    """The D split for `tiles` (sample × query) tiles: the smallest s ≤ `most` that minimises
+    waves × D tiles per program, cdiv(tiles · s, slots) · cdiv(d_tiles, s), where `slots` programs
+    run at once. That product is the run time in D-tile steps of one program when every program
+    streams at the same rate; its floor, tiles · d_tiles / slots, is met when the last wave is full."""
+    return min(range(1, most + 1), key=lambda s: (_util.cdiv(tiles * s, slots) * _util.cdiv(d_tiles, s), s))
 
 
 def _config(c: int, D: int, m: int, device: torch.device, dots: bool) -> dict:
@@ -86,17 +107,27 @@ def _config(c: int, D: int, m: int, device: torch.device, dots: bool) -> dict:
     BLOCK_C = 64 if (dots and BLOCK_M >= 64) else 32 if dots else 64
     BLOCK_C = min(BLOCK_C, _util.clamp_pow2(c, 16, 64))
     BLOCK_D = 64 if dots else 128
+    num_warps = 8 if BLOCK_M >= 64 else 4
     tiles = _util.cdiv(c, BLOCK_C) * (_util.cdiv(m, BLOCK_M) if dots else 1)
     d_tiles = _util.cdiv(D, BLOCK_D)
-    target = 4 * _util.num_sms(device)  # enough programs in flight to saturate HBM
-    splits = max(1, min(d_tiles, _util.cdiv(target, tiles)))
-    return dict(BLOCK_C=BLOCK_C, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, splits=splits,
-                num_warps=8 if BLOCK_M >= 64 else 4)
+    sms = _util.num_sms(device)
+    # Programs resident per SM on sm_90, a lower bound from bench/results/kernels-sm90-i13.md: 8 warps
+    # with 133-218 registers hold one SM alone; 4 warps with <= 117 registers and <= 24 KB fit 4.
+    per_sm = 1 if num_warps == 8 else 4
+    # At most ~4 programs per SM in all (the former target): more splits only add partials to sum.
+    most = max(1, min(d_tiles, _util.cdiv(4 * sms, tiles)))
+    splits = _splits(tiles, d_tiles, per_sm * sms, most)
+    return dict(BLOCK_C=BLOCK_C, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, splits=splits, num_warps=num_warps)
 
 
 def launch(G: torch.Tensor, V: torch.Tensor | None, *, norms: bool, dots: bool, sign: float = 1.0,
-           precision: str | None = None, splits: int | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Launcher shared by `norms_dots`, `sq_norms` and `score.score` (`splits` overrides the D split)."""
+           precision: str | None = None, splits: int | None = None,
+           padded: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Launcher shared by `norms_dots`, `sq_norms`, `score.score` and `rank_one_accumulate`.
+
+    `splits` overrides the D split. `padded`: the dots come back as `(m, ldp)`, ldp = c rounded up to
+    a multiple of 16, columns c.. zero (the layout `rank_one_accumulate` loads as 16-byte vectors);
+    otherwise `(m, c)`, contiguous."""
     _util.check_storage("G", G, 2)
     c, D = G.shape
     assert c >= 1 and D >= 1, f"G: empty shape {tuple(G.shape)}"
@@ -110,25 +141,34 @@ def launch(G: torch.Tensor, V: torch.Tensor | None, *, norms: bool, dots: bool, 
     else:
         m, V = 1, G
     cfg = _config(c, D, m, G.device, dots)
-    BLOCK_D, splits = cfg["BLOCK_D"], splits or cfg["splits"]
-    d_per_split = _util.cdiv(_util.cdiv(D, BLOCK_D), splits) * BLOCK_D
-    splits = _util.cdiv(D, d_per_split)
+    BLOCK_D = cfg["BLOCK_D"]
+    d_tiles = _util.cdiv(D, BLOCK_D)
+    splits = min(splits or cfg["splits"], d_tiles)
+    ldp = padded_len(c)
     f32 = dict(dtype=torch.float32, device=G.device)
     S = torch.empty((splits, c), **f32) if norms else torch.empty(1, **f32)
-    P = torch.empty((splits, m, c), **f32) if dots else torch.empty(1, **f32)
+    P = torch.empty((splits, m, ldp), **f32) if dots else torch.empty(1, **f32)
     p = _util.dot_precision(G.dtype, G.device, precision)
     ip, split = _util.tl_precision(p)
     grid = (_util.cdiv(c, cfg["BLOCK_C"]), _util.cdiv(m, cfg["BLOCK_M"]) if dots else 1, splits)
     _norms_dots_kernel[grid](
-        G, V, S, P, c, D, m, d_per_split,
+        G, V, S, P, c, D, m, ldp, d_tiles, splits,
         COMPUTE_NORMS=norms, COMPUTE_DOTS=dots, SIGN=float(sign),
         BLOCK_C=cfg["BLOCK_C"], BLOCK_M=cfg["BLOCK_M"], BLOCK_D=BLOCK_D,
         PRECISION=ip, MODE=1 if split else 0, NATIVE_BF16=not _util.interpreting(),
         num_warps=cfg["num_warps"],
     )
     s_out = (S[0] if splits == 1 else S.sum(0)) if norms else None
-    p_out = (P[0] if splits == 1 else P.sum(0)) if dots else None
+    p_out = None
+    if dots:
+        P = P if padded else P[:, :, :c]
+        p_out = (P[0] if splits == 1 else P.sum(0)).contiguous()
     return s_out, p_out
+
+
+def padded_len(c: int) -> int:
+    """The row stride of the dots: c rounded up to a multiple of 16 (Triton's alignment hint)."""
+    return _util.cdiv(c, 16) * 16
 
 
 def norms_dots(G: torch.Tensor, V: torch.Tensor, *, precision: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:

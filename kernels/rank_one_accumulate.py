@@ -17,16 +17,27 @@ reduction over samples across programs then needs either
   * a two-stage reduction through a (c / BLOCK_C, m, D) workspace: the same
     250 MB written and read again.
 Both cost more than they save once m ≳ 8. So:
-  1. P = V Gᵀ with the `norms_dots` kernel (D split over programs, tiny
-     two-stage reduction of the (m, c) partials);
+  1. P = V Gᵀ with the `norms_dots` kernel (D split over programs, two-stage
+     reduction of the (m, c) partials), then P *= w (m × c floats, once);
   2. this file's kernel: a program owns an (m-tile, D-tile) of acc and loops
-     over all c samples, acc_tile += (P_tile · w) G_tile on the tensor cores,
-     then adds the old acc tile and stores: no atomics, deterministic, acc read
-     and written once, G read once (per m-tile; one m-tile for m ≤ 128).
+     over all c samples, acc_tile += P_tile G_tile on the tensor cores, then
+     adds the old acc tile and stores: no atomics, deterministic, acc read and
+     written once, G read once (per m-tile; one m-tile for m ≤ 128).
 Total: exactly two reads of G, like the torch reference's two GEMMs, but
 without its fp32 upcast copy of bf16 G (which costs 5× the bf16 bytes) and
-with the scale by w and the add into acc fused. The D axis gives plenty of
-programs (40960 / 64 = 640 per block).
+with the add into acc fused.
+
+P's rows are padded with zeros to ldp = c rounded up to a multiple of 16
+(`norms_dots.padded_len`; `norms_dots` writes them so, `weighted_sum` pads
+its C when c is not a multiple of 16), so that Triton knows every P row
+starts 64-byte aligned: the P tiles load as 16-byte vectors for any c (c = 900
+loaded them as 4-byte scalars). Every D tile reads all of P (from L2), so
+BLOCK_D = 128: at m = 100, 320 D tiles × 100 × 912 × 4 B = 117 MB per call,
+half of what BLOCK_D = 64 read, for 74 MB of bf16 G; the 320 programs are
+2.42 waves at one program per SM (fp32/fp16: ~200 registers; bf16: 126-131,
+one or two per SM by Triton version; bench/results/kernels-sm90-i13.md).
+Whether that wave tail costs more than the halved L2 traffic saves needs a
+GPU to tell.
 """
 from __future__ import annotations
 
@@ -46,9 +57,9 @@ except ImportError:  # pragma: no cover - imported by path while developing
 
 @triton.jit
 def _weighted_sum_kernel(
-    P, W, G, ACC,
-    c, D, m,
-    HAS_W: tl.constexpr, ACCUMULATE: tl.constexpr,
+    P, G, ACC,
+    c, D, m, ldp,
+    ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr, MODE: tl.constexpr, NATIVE_BF16: tl.constexpr,
 ):
@@ -59,14 +70,14 @@ def _weighted_sum_kernel(
     mask_d = offs_d < D
     mask_m = offs_m < m
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for c0 in range(0, c, BLOCK_C):
+    for c0 in range(0, c, BLOCK_C):  # as many tiles as over ldp: BLOCK_C is a multiple of 16
         offs_c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
-        mask_c = offs_c < c
-        p = tl.load(P + offs_m[:, None] * c + offs_c[None, :], mask=mask_m[:, None] & mask_c[None, :], other=0.0)
-        if HAS_W:
-            w = tl.load(W + offs_c, mask=mask_c, other=0.0)
-            p = p * w[None, :]
-        g = tl.load(G + offs_c[:, None] * D + offs_d[None, :], mask=mask_c[:, None] & mask_d[None, :], other=0.0)
+        # P's rows are padded to ldp (a multiple of 16) with zeros: masked against ldp, the loads are
+        # 16-byte vectors; G's rows c.. do not exist and load as 0
+        p = tl.load(P + offs_m[:, None] * ldp + offs_c[None, :], mask=mask_m[:, None] & (offs_c < ldp)[None, :],
+                    other=0.0)
+        g = tl.load(G + offs_c[:, None] * D + offs_d[None, :], mask=(offs_c < c)[:, None] & mask_d[None, :],
+                    other=0.0)
         acc = mma(p, g.to(tl.float32), acc, PRECISION, MODE, NATIVE_BF16)
     ptrs = ACC + offs_m[:, None] * D + offs_d[None, :]
     mask = mask_m[:, None] & mask_d[None, :]
@@ -75,34 +86,29 @@ def _weighted_sum_kernel(
     tl.store(ptrs, acc, mask=mask)
 
 
-def _config(c: int, D: int, m: int) -> dict:
+def _config(c: int, D: int, m: int, fma: bool) -> dict:
     if _util.interpreting():
         return dict(BLOCK_M=_util.clamp_pow2(m, 16, 128), BLOCK_C=_util.clamp_pow2(c, 16, 128),
                     BLOCK_D=_util.clamp_pow2(D, 16, 1024), num_warps=4)
     BLOCK_M = _util.clamp_pow2(m, 16, 128)
-    return dict(BLOCK_M=BLOCK_M, BLOCK_C=32, BLOCK_D=64 if BLOCK_M >= 64 else 128,
-                num_warps=8 if BLOCK_M >= 64 else 4)
+    # BLOCK_D = 128: each D tile re-reads all of P (see the module docstring); but 64 for the opt-in
+    # "ieee" FMA path at m > 32, whose operands in registers spilled ~1.8 KB at 128 (bf16, m = 100)
+    BLOCK_D = 64 if (fma and BLOCK_M >= 64) else 128
+    return dict(BLOCK_M=BLOCK_M, BLOCK_C=32, BLOCK_D=BLOCK_D, num_warps=8 if BLOCK_M >= 64 else 4)
 
 
-def _launch(P: torch.Tensor, w: torch.Tensor | None, G: torch.Tensor, out: torch.Tensor, accumulate: bool,
+def _launch(P: torch.Tensor, c: int, G: torch.Tensor, out: torch.Tensor, accumulate: bool,
             precision: str | None) -> None:
-    _util.check_storage("G", G, 2)
-    c, D = G.shape
-    _util.check_f32("C", P, 2)
-    m = P.shape[0]
-    assert P.shape == (m, c), f"coefficients have shape {tuple(P.shape)}, expected {(m, c)}"
-    _util.check_f32("acc", out, 2)
-    assert out.shape == (m, D), f"acc has shape {tuple(out.shape)}, expected {(m, D)}"
-    if w is not None:
-        _util.check_f32("w", w, 1)
-        assert w.shape == (c,), f"w has shape {tuple(w.shape)}, expected {(c,)}"
-    cfg = _config(c, D, m)
+    """`P` (m, ldp): the coefficients, rows padded with zeros to ldp = `_nd.padded_len(c)`."""
+    m, ldp = P.shape
+    D = G.shape[1]
     p = _util.dot_precision(G.dtype, G.device, precision)
     ip, split = _util.tl_precision(p)
+    cfg = _config(c, D, m, ip == "ieee" and not split)
     grid = (_util.cdiv(D, cfg["BLOCK_D"]), _util.cdiv(m, cfg["BLOCK_M"]))
     _weighted_sum_kernel[grid](
-        P, w if w is not None else P, G, out, c, D, m,
-        HAS_W=w is not None, ACCUMULATE=accumulate,
+        P, G, out, c, D, m, ldp,
+        ACCUMULATE=accumulate,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], BLOCK_D=cfg["BLOCK_D"],
         PRECISION=ip, MODE=1 if split else 0, NATIVE_BF16=not _util.interpreting(),
         num_warps=cfg["num_warps"],
@@ -112,14 +118,29 @@ def _launch(P: torch.Tensor, w: torch.Tensor | None, G: torch.Tensor, out: torch
 def rank_one_accumulate(acc: torch.Tensor, G: torch.Tensor, V: torch.Tensor, w: torch.Tensor, *,
                         precision: str | None = None) -> None:
     """In place `acc (m, D) += ((V Gᵀ) * w) G` (two reads of G, see the module docstring)."""
-    P = _nd.dots(G, V, precision=precision)
-    _launch(P, w, G, acc, True, precision)
+    _util.check_storage("G", G, 2)
+    c, D = G.shape
+    _util.check_f32("V", V, 2)
+    m = V.shape[0]
+    _util.check_f32("acc", acc, 2)
+    assert acc.shape == (m, D), f"acc has shape {tuple(acc.shape)}, expected {(m, D)}"
+    _util.check_f32("w", w, 1)
+    assert w.shape == (c,), f"w has shape {tuple(w.shape)}, expected {(c,)}"
+    P = _nd.launch(G, V, norms=False, dots=True, precision=precision, padded=True)[1]  # (m, ldp), zero pad
+    P[:, :c].mul_(w)  # w folded in once here, not per D tile; the pad columns stay 0
+    _launch(P, c, G, acc, True, precision)
 
 
 def weighted_sum(C: torch.Tensor, G: torch.Tensor, *, precision: str | None = None) -> torch.Tensor:
     """`C` (m, c) fp32, `G` (c, D) -> `(m, D)` = C G (the second stage above, one read of G)."""
-    out = torch.empty(C.shape[0], G.shape[1], dtype=torch.float32, device=G.device)
-    _launch(C, None, G, out, False, precision)
+    _util.check_storage("G", G, 2)
+    c, D = G.shape
+    _util.check_f32("C", C, 2)
+    assert C.shape[1] == c, f"coefficients have shape {tuple(C.shape)}, expected {(C.shape[0], c)}"
+    ldp = _nd.padded_len(c)
+    P = C if ldp == c else torch.nn.functional.pad(C, (0, ldp - c))  # zero columns, 16-byte aligned rows
+    out = torch.empty(C.shape[0], D, dtype=torch.float32, device=G.device)
+    _launch(P, c, G, out, False, precision)
     return out
 
 

@@ -71,3 +71,18 @@ def test_kernels_compile_for_sm90(python, extra, tmp_path):
     default = [r for r in run["results"] if r["class"] == "default"]
     assert default and all(r["ok"] and r["spill_stores"] == 0 and r["spill_loads"] == 0 for r in default)
     assert any(r["mma"].startswith("wgmma") for r in default), "no default config uses Hopper's wgmma"
+    _check_access_widths_and_grids(default)
+
+
+def _check_access_widths_and_grids(default):
+    """Issue 13's kernel findings, at the 13B shapes (c = 900, not a multiple of 16; m = 100; one group)."""
+    by = lambda name: [r for r in default if r["kernel"].endswith(name)]  # noqa: E731
+    for r in by("._weighted_sum_kernel"):  # P (padded rows) and G: 16-byte loads, never 4-byte scalars
+        assert r["gmem"]["cp.async"] == [16], (r["cases"][0], r["gmem"])
+    for r in by("._norms_dots_kernel"):
+        if "COMPUTE_NORMS=False" in r["specialisation"]:  # the dots alone: 16-byte stores of the padded rows
+            assert r["gmem"]["st"] == [16], (r["cases"][0], r["gmem"])
+        # the programs per SM that norms_dots._config counts on to size its waves
+        assert r["blocks_per_sm"] >= (1 if r["num_warps"] == 8 else 4), (r["cases"][0], r["blocks_per_sm"])
+    one_group = [r for r in by("._grouped_lora_kernel") if "k=1" in " ".join(r["cases"])]
+    assert one_group and all(r["grid"][0] * r["grid"][1] >= 132 for r in one_group), "one group leaves SMs idle"

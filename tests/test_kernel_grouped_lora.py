@@ -87,14 +87,19 @@ def test_bad_shapes():
         kg.grouped_lora(x, A, B, base=base[:, :4])
 
 
+def gpu_tiles(monkeypatch, sms=1):
+    """Launch with the tiles of `_gpu_config` for a GPU of `sms` SMs (run by the interpreter)."""
+    monkeypatch.setattr(kg, "_config", lambda k, M, K, N, R, device: kg._gpu_config(k, M, K, N, R, sms))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("M,R", [(150, 3), (150, 40), (20, 8)])
 def test_gpu_tiles(monkeypatch, M, R, dtype):
     """The H100 tiles of `_gpu_config` (BLOCK_M 64 or 32, BLOCK_N 64, BLOCK_K 64 or 32 for r > 32), run
     by the interpreter: several M, K and N tiles with ragged edges, r padded to 16 or 64."""
-    monkeypatch.setattr(kg, "_config", kg._gpu_config)
-    cfg = kg._gpu_config(M, 150, 130, R)
-    assert cfg["BLOCK_N"] == 64 and cfg["BLOCK_M"] == (64 if M > 32 else 32)
+    gpu_tiles(monkeypatch)
+    cfg = kg._gpu_config(2, M, 150, 130, R, 1)
+    assert cfg["BLOCK_N"] == 64 and cfg["BLOCK_M"] == (64 if M > 32 else 32) and cfg["n_splits"] == 1
     x, A, B, base = data(2, M, 150, 130, R, dtype)
     got = kg.grouped_lora(x, A, B, 0.37, base=base)
     ref = kg.grouped_lora_reference(x, A, B, 0.37, base=base, upcast=True)
@@ -110,7 +115,7 @@ def test_identical_groups_are_bit_identical(monkeypatch, dtype):
     query whose step left its adapter unchanged must get the bit-identical output: every group runs the same
     code. A LoRA layer of r = 8 and 1024 × 1024 with the H100 tiles (16 K and 16 N tiles), base in the
     operand dtype (bf16: rounded once more) and in fp32."""
-    monkeypatch.setattr(kg, "_config", kg._gpu_config)
+    gpu_tiles(monkeypatch)
     x, A, B, base = data(1, 40, 1024, 1024, 8, dtype)
     x, base = x.expand(3, -1, -1).contiguous(), base.expand(3, -1, -1).contiguous()
     A, B = A.repeat(3, 1, 1), B.repeat(3, 1, 1)
@@ -118,3 +123,28 @@ def test_identical_groups_are_bit_identical(monkeypatch, dtype):
     for b in (base, base.float()):
         out = kg.grouped_lora(x, A, B, 1.5, base=b)
         assert torch.equal(out[0], out[2]) and not torch.equal(out[0], out[1])
+
+
+def test_one_group_fills_the_gpu():
+    """One group of 4096 rows (Forward-INF with one query) is 64 M-tiles: N is split so that the 132 SMs
+    of an H100 / H200 all get a program, in slices of whole BLOCK_N tiles balanced to within one."""
+    cfg = kg._gpu_config(1, 4096, 5120, 5120, 8, 132)
+    assert cfg["n_splits"] == 3 and 64 * cfg["n_splits"] >= 132
+    assert kg._gpu_config(4, 4096, 5120, 5120, 8, 132)["n_splits"] == 1  # 256 programs already
+    assert kg._gpu_config(1, 20, 5120, 100, 8, 132)["n_splits"] == 2  # never more slices than N tiles
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N", [130, 449])
+def test_n_split(monkeypatch, N, dtype):
+    """The N slices (3 M-tiles on a GPU of 8 SMs: 3 slices, of one N tile each for N = 130, of 2, 3 and 3
+    tiles for N = 449) cover every column once, into NaN-filled memory and in place on an fp32 base."""
+    gpu_tiles(monkeypatch, sms=8)
+    assert kg._gpu_config(1, 150, 77, N, 8, 8)["n_splits"] == 3
+    x, A, B, base = data(1, 150, 77, N, 8, dtype)
+    ref = kg.grouped_lora_reference(x, A, B, 0.37, base=base, upcast=True)
+    got = kg.grouped_lora(x, A, B, 0.37, base=base)
+    assert torch.isfinite(got).all() and rel(got, ref) < (4e-3 if dtype == torch.bfloat16 else TOL[dtype])
+    base32 = base.float()
+    got = kg.grouped_lora(x, A, B, 0.37, base=base32, out=base32)
+    assert got.data_ptr() == base32.data_ptr() and rel(got, ref) < TOL[torch.float32]

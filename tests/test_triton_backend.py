@@ -79,6 +79,61 @@ def test_norms_dots_split_d_and_many_query_tiles(dtype):
     assert rel(P, -P0) < TOL[dtype]
 
 
+def gpu_blocks(monkeypatch, splits):
+    """norms_dots with H100-sized blocks (BLOCK_D = 64: many D tiles) and `splits` D slices, interpreted."""
+    cfg = lambda c, D, m, device, dots: dict(  # noqa: E731
+        BLOCK_C=32, BLOCK_M=16, BLOCK_D=64, splits=splits, num_warps=4)
+    monkeypatch.setattr(k_nd, "_config", cfg)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dots_padded_rows_and_uneven_splits(monkeypatch, dtype):
+    """c = 41 samples: the dots' rows are padded to 48 (exact zeros in 41..47, the layout rank_one_accumulate
+    loads); 20 D tiles in 7 slices of 2 or 3 tiles; the public functions return the (m, c) part, contiguous."""
+    gpu_blocks(monkeypatch, splits=7)
+    G, V = data(41, 1271, 19, dtype)
+    s0, P0 = k_nd.norms_dots_reference(G, V, upcast=True)
+    s, P = k_nd.launch(G, V, norms=True, dots=True, padded=True)
+    assert P.shape == (19, 48) and P.is_contiguous() and torch.equal(P[:, 41:], torch.zeros(19, 7))
+    assert rel(s, s0) < TOL[dtype] and rel(P[:, :41], P0) < TOL[dtype]
+    s, P = k_nd.norms_dots(G, V)
+    assert P.shape == (19, 41) and P.is_contiguous() and rel(P, P0) < TOL[dtype] and rel(s, s0) < TOL[dtype]
+    assert rel(k_score.score(V, G), k_score.score_reference(V, G, upcast=True)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dots,m", [(False, 1), (True, 1), (True, 16), (True, 100)])
+def test_norms_dots_splits_fill_whole_waves(monkeypatch, dots, m):
+    """The D split at the 13B shape (c = 900, D = 40960) on 132 SMs runs within 10 % of the ideal time
+    tiles × D tiles / slots, in D-tile steps of one program: waves × (the most D tiles of a slice), counting
+    the programs an SM holds at once as the launcher does (1 at 8 warps, 4 at 4; the sm_90 compile check
+    asserts these bounds). The former rule ran m = 100 as 540 programs, 4.09 waves: 81 %."""
+    monkeypatch.setattr(k_nd._util, "interpreting", lambda: False)
+    monkeypatch.setattr(k_nd._util, "num_sms", lambda device: 132)
+    cfg = k_nd._config(900, 40960, m, torch.device("cpu"), dots)
+    tiles = -(-900 // cfg["BLOCK_C"]) * (-(-m // cfg["BLOCK_M"]) if dots else 1)
+    d_tiles, splits = 40960 // cfg["BLOCK_D"], cfg["splits"]
+    slots = 132 * (1 if cfg["num_warps"] == 8 else 4)
+    steps = -(-tiles * splits // slots) * -(-d_tiles // splits)
+    assert tiles * d_tiles / slots / steps >= 0.9, (cfg, tiles * splits)
+    assert splits <= -(-4 * 132 // tiles)  # never more partials than the former rule
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("c", [41, 48])
+def test_rank_one_gpu_blocks_padded_p(monkeypatch, c, dtype):
+    """rank_one_accumulate / weighted_sum with the H100 blocks (BLOCK_C = 32, BLOCK_D = 128, m = 100 in one
+    128-row tile) and c not a multiple of 16 (P padded with zero columns) or one (no padding)."""
+    monkeypatch.setattr(k_r1, "_config", lambda c, D, m, fma: dict(BLOCK_M=128, BLOCK_C=32, BLOCK_D=128, num_warps=8))
+    gpu_blocks(monkeypatch, splits=3)
+    G, V = data(c, 401, 100, dtype, seed=2)
+    gen = torch.Generator().manual_seed(c)
+    w, C, acc0 = torch.rand(c, generator=gen), torch.randn(100, c, generator=gen), torch.randn(100, 401, generator=gen)
+    acc = acc0.clone()
+    k_r1.rank_one_accumulate(acc, G, V, w)
+    assert rel(acc, k_r1.rank_one_accumulate_reference(acc0, G, V, w, upcast=True)) < TOL[dtype]
+    assert rel(k_r1.weighted_sum(C, G), k_r1.weighted_sum_reference(C, G, upcast=True)) < TOL[dtype]
+
+
 def test_bf16x2_split_precision():
     """bf16 gradient × fp32 query as two bf16 products (the GPU default for bf16 G); ~1e-5."""
     G, V = data(41, 1271, 16, torch.bfloat16)
