@@ -111,7 +111,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from .blocks import CHUNK_BYTES, Block, check_finite, compute_dtype
+from .blocks import CHUNK_BYTES, Block, compute_dtype
 from .progress import Phase, bar, mode
 
 Capture = Callable[[Any], dict]
@@ -340,24 +340,23 @@ class Store:
         """
         grads = dict(capture(batch))
         losses = grads.pop(LOSS_KEY, None)
-        out, bad = {}, None
-        if losses is not None:
-            bad = ~torch.isfinite(losses.detach().reshape(-1))
-            if self.nan_policy != "skip" and bool(bad.any()):
-                raise ValueError(f"the loss of training sample {offset + int(bad.nonzero()[0, 0])} is NaN or Inf")
-        for b in self.blocks:
-            g = grads[b.name]
-            if self.nan_policy == "skip":
-                rows = ~torch.isfinite(g.reshape(g.shape[0], -1)).all(dim=1)
-                bad = rows if bad is None else bad | rows
-            else:
-                check_finite(b.name, g, "train gradient", offset)
-            out[b.name] = g.detach().reshape(g.shape[0], b.rows, b.cols)
+        out = {b.name: grads[b.name].detach().reshape(grads[b.name].shape[0], b.rows, b.cols) for b in self.blocks}
+        # one mask of bad samples over the loss and every block, read back once (one host sync a batch)
+        loss_bad = None if losses is None else ~torch.isfinite(losses.detach().reshape(-1))
+        block_bad = {name: ~torch.isfinite(g.reshape(g.shape[0], -1)).all(dim=1) for name, g in out.items()}
+        bad = torch.stack(([] if loss_bad is None else [loss_bad]) + list(block_bad.values())).any(dim=0)
         skipped: list[int] = []
-        if bad is not None and bool(bad.any()):
-            skipped = [offset + int(i) for i in bad.nonzero().flatten().tolist()]
-            keep = (~bad).nonzero().flatten()
-            out = {name: g.index_select(0, keep) for name, g in out.items()}
+        if not bool(bad.any()):
+            return {name: g.to(self.grad_dtype) for name, g in out.items()}, skipped
+        if self.nan_policy != "skip":  # name the first bad sample's loss, or its first bad block
+            i = int(bad.nonzero()[0, 0])
+            if loss_bad is not None and bool(loss_bad[i]):
+                raise ValueError(f"the loss of training sample {offset + i} is NaN or Inf")
+            name = next(name for name, f in block_bad.items() if bool(f[i]))
+            raise ValueError(f"block '{name}': train gradient of sample {offset + i} contains NaN or Inf")
+        skipped = [offset + int(i) for i in bad.nonzero().flatten().tolist()]
+        keep = (~bad).nonzero().flatten()
+        out = {name: g.index_select(0, keep) for name, g in out.items()}
         return {name: g.to(self.grad_dtype) for name, g in out.items()}, skipped
 
     def _batches_bar(self, batches: Iterable, desc: str = "capture"):
