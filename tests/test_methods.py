@@ -534,3 +534,23 @@ def test_duplicating_a_query_duplicates_its_row(method):
     q3 = {k: torch.cat([v, v[:1]]) for k, v in query.items()}
     S3 = call(method, train, q3, mode, damping)
     assert ref.rel_err(S3, torch.cat([S, S[:1]]).double()) < TOL32
+
+
+def test_lissa_reads_one_host_value_per_iteration(monkeypatch):
+    """A LiSSA iteration over 40 blocks reads one value back to the host (its exit test), not one per
+    block: each read is a device sync on a GPU (160k of them for 1,000 iterations at the 13B shape)."""
+    gen = torch.Generator().manual_seed(0)
+    train = {f"blk{j}": torch.randn(30, 2, 3, generator=gen) for j in range(40)}
+    query = {k: torch.randn(2, 2, 3, generator=gen) for k in train}
+    reads = []
+    real_float, real_bool = torch.Tensor.__float__, torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "__float__", lambda t: reads.append(1) or real_float(t))
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: reads.append(1) or real_bool(t))
+
+    def count(iterations):
+        reads.clear()
+        with pytest.warns(RuntimeWarning, match="LiSSA"):  # tol=1e-30 is never met
+            pyinf.influence(train, query, method="lissa", backend="torch", iterations=iterations, tol=1e-30)
+        return len(reads)
+
+    assert count(6) - count(2) == 4

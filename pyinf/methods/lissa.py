@@ -51,9 +51,9 @@ class LiSSA(Method):
             # clamp: an all-zero block (absolute damping) has F = 0, so F u = 0
             u = {name: x / x.norm().clamp_min(torch.finfo(x.dtype).tiny) for name, x in u.items()}
             Fu = self._fisher_products(u)
-            top = {name: float((u[name] * Fu[name]).sum()) for name in u}
+            top = {name: (u[name] * Fu[name]).sum() for name in u}  # kept on the device until the end
             u = Fu
-        self.scale = {name: 1.1 * (top[name] + self.lam[name]) for name in top}
+        self.scale = {name: 1.1 * (float(t) + self.lam[name]) for name, t in top.items()}
 
     def precondition(self, queries):
         V = self._flat(queries)
@@ -63,13 +63,14 @@ class LiSSA(Method):
         residual = float("inf")
         for _ in range(iterations):
             Fh = self._fisher_products(h)
-            residual = 0.0
+            residuals = []
             for name in h:
                 # step = v − (F + λI) h / s, the residual of A (h/s) = v
                 step = V[name] - (Fh[name] + self.lam[name] * h[name]) / self.scale[name]
                 h[name] += step
-                residual = max(residual, float(step.norm() / v_norm[name]))
-            residual = self._allmax(residual)  # the same exit on every rank
+                residuals.append(step.norm() / v_norm[name])
+            # one host read an iteration (not one per block); the same exit on every rank
+            residual = self._allmax(float(torch.stack(residuals).max()))
             if not residual <= 1e30:  # NaN or exploding
                 raise ValueError(
                     f"lissa diverged (residual {residual:.3g}): scale {self.scale} is below (λ_max + λ)/2; "
