@@ -554,3 +554,21 @@ def test_lissa_reads_one_host_value_per_iteration(monkeypatch):
         return len(reads)
 
     assert count(6) - count(2) == 4
+
+
+@pytest.mark.parametrize("method,passes", [("tracin", 1), ("datainf", 3), ("hyperinf", 2), ("lissa", None)])
+def test_passes_over_the_training_gradients(monkeypatch, method, passes):
+    """Reads of G by `influence`, counted: hyperinf takes λ from its GFIM's trace (no norms pass).
+    exact (Woodbury) reads 2 + its chunk-pair Gram, which the 13B-shape work reduces; lissa: its
+    norms pass, 10 power-iteration passes, then one per iteration, and the scoring pass."""
+    from pyinf.blocks import GradientSource
+
+    gen = torch.Generator().manual_seed(0)
+    train = {"a": torch.randn(40, 4, 6, generator=gen), "b": torch.randn(40, 1, 9, generator=gen)}
+    query = {k: torch.randn(3, *v.shape[1:], generator=gen) for k, v in train.items()}
+    reads = []
+    real = GradientSource.chunks
+    monkeypatch.setattr(GradientSource, "chunks", lambda self: reads.append(1) or real(self))
+    opts = {"iterations": 5, "scale": 1e3} if method == "lissa" else {}
+    pyinf.influence(train, query, method=method, chunk_size=16, **opts)
+    assert len(reads) == (passes if passes is not None else 1 + 5 + 1)

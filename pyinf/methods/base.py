@@ -44,6 +44,9 @@ class Method:
     options: ClassVar[dict[str, Any]] = {}
     #: whether `fit` needs the per-block damping (tracin does not).
     needs_damping: ClassVar[bool] = True
+    # True: `_fit` sets λ from Σ_i ‖g_ib‖² (the trace of a matrix it builds anyway, `_damping_from_totals`),
+    # which saves the norms pass over G
+    damping_from_fit: ClassVar[bool] = False
 
     def __init__(self, backend: Backend, damping: float = 0.1, damping_mode: str = "relative", **options):
         if damping_mode not in DAMPING_MODES:
@@ -76,7 +79,7 @@ class Method:
         self.dtype = train.dtype
         self.blocks = train.blocks
         self._check_blocks(train.blocks)
-        if self.needs_damping:
+        if self.needs_damping and not self.damping_from_fit:
             self._fit_damping(train)
         self._fit(train)
         return self
@@ -120,24 +123,36 @@ class Method:
                 break
         if self.comm is not None:
             self.comm.raise_if_any(err)  # every rank raises, none waits in the next collective
-            totals = self._allreduce(torch.stack([norms[b.name].double().sum() for b in train.blocks]))
         elif err is not None:
             raise err
-        for k, b in enumerate(train.blocks):
-            s = norms[b.name]
+        totals = torch.stack([norms[b.name].double().sum() for b in train.blocks])
+        if self.comm is not None:
+            totals = self._allreduce(totals)
+        self._set_damping({b.name: float(t) for b, t in zip(train.blocks, totals.tolist())})
+        self.sq_norms = norms
+
+    def _set_damping(self, totals: dict[str, float]) -> None:
+        """λ_b from Σ_i ‖g_ib‖² over every rank's samples (relative damping), or the absolute damping."""
+        for b in self.blocks:
             if self.damping_mode == "absolute":
                 self.lam[b.name] = self.damping
-            else:
-                mean = float(s.double().mean()) if self.comm is None else float(totals[k]) / self.n
-                lam = self.damping * mean / b.size
-                if lam == 0.0:
-                    raise ValueError(
-                        f"block '{b.name}': all train gradients are zero, so relative damping gives λ = 0 "
-                        f"(PEFT initialises LoRA B to zero, so g_A is zero before training); drop the block, "
-                        f"train the adapter first, or use damping_mode='absolute'"
-                    )
-                self.lam[b.name] = lam
-        self.sq_norms = norms
+                continue
+            lam = self.damping * (totals[b.name] / self.n) / b.size
+            if lam == 0.0:
+                raise ValueError(
+                    f"block '{b.name}': all train gradients are zero, so relative damping gives λ = 0 "
+                    f"(PEFT initialises LoRA B to zero, so g_A is zero before training); drop the block, "
+                    f"train the adapter first, or use damping_mode='absolute'"
+                )
+            self.lam[b.name] = lam
+
+    def _damping_from_totals(self, train: GradientSource, totals: dict[str, float]) -> None:
+        """For `damping_from_fit` methods: λ from the traces `_fit` built (global sums). A non-finite
+        trace means a NaN/Inf gradient: the norms pass then finds and names the sample."""
+        if not all(math.isfinite(t) for t in totals.values()):
+            self._fit_damping(train)  # raises naming the sample (every rank sees the same traces)
+            raise ValueError("the train gradients' squared norms overflow float64")  # pragma: no cover
+        self._set_damping(totals)
 
     # -- precondition ----------------------------------------------------
     def precondition(self, queries: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

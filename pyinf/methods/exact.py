@@ -36,6 +36,7 @@ from .base import Method
 
 class Exact(Method):
     name = "exact"
+    damping_from_fit = True  # λ_b from the trace of the Fisher or Gram it builds: no norms pass
 
     def _fit(self, train):
         self.primal = {b.name: b.size <= self.n for b in train.blocks}
@@ -52,10 +53,6 @@ class Exact(Method):
                     # float64 accumulation: F's rounding would cost ~κ·eps of the answer
                     F[b.name] += self.backend.gfim(G.reshape(G.shape[0], 1, -1), dtype=torch.float64)
             self._allreduce_dict(F)  # the primal block Fisher over every rank's samples
-            for b in primal:
-                A = F[b.name] / self.n
-                A.diagonal().add_(self.lam[b.name])
-                self.chol[b.name] = torch.linalg.cholesky(A)
 
         if dual and self.comm is not None:
             K = self._gram_sharded(train, dual)
@@ -70,6 +67,14 @@ class Exact(Method):
                         blk = self.backend.gram(G1.reshape(G1.shape[0], -1), G2.reshape(G2.shape[0], -1), torch.float64)
                         K[b.name][s1 : s1 + blk.shape[0], s2 : s2 + blk.shape[1]] = blk
                         K[b.name][s2 : s2 + blk.shape[1], s1 : s1 + blk.shape[0]] = blk.T
+        if self.needs_damping:  # trace(Σ g gᵀ) = trace(G Gᵀ) = Σ_i ‖g_i‖²: λ without a norms pass
+            self._damping_from_totals(train, {
+                b.name: float((F[b.name] if self.primal[b.name] else K[b.name]).diagonal().sum()) for b in train.blocks
+            })
+        for b in primal:
+            A = F.pop(b.name) / self.n
+            A.diagonal().add_(self.lam[b.name])
+            self.chol[b.name] = torch.linalg.cholesky(A)
         if dual:
             for b in dual:
                 M = K[b.name]

@@ -26,6 +26,7 @@ MAX_FLAT_COLS = 8192
 
 class HyperINF(Method):
     name = "hyperinf"
+    damping_from_fit = True  # λ_b from trace(Σ_i g_iᵀ g_i) = Σ_i ‖g_i‖²: no norms pass
     options = {"iterations": 100, "tol": 1e-8, "solver": "auto"}
     SOLVERS = ("auto", "schulz", "cholesky")
 
@@ -65,6 +66,10 @@ class HyperINF(Method):
                 stacks[cols][i] += self.backend.gfim(G, dtype=torch.float64)
         for stack in stacks.values():
             self._allreduce(stack)  # GFIM sums over every rank's samples
+        if self.needs_damping:
+            self._damping_from_totals(train, {
+                b.name: float(stacks[cols][i].diagonal().sum()) for b in train.blocks for cols, i in [where[b.name]]
+            })
         self.inverse: dict[str, torch.Tensor] = {}
         for cols, group in groups.items():
             A = stacks.pop(cols)
