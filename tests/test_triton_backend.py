@@ -8,6 +8,7 @@
 The interpreter costs ~1 ms per program, so shapes are small and the
 launchers pick big blocks when interpreting; the file runs in well under a minute.
 """
+import math
 import os
 
 import pytest
@@ -241,8 +242,9 @@ def test_spd_inverse(name, solver):
     A = spd(3, 33, 1e4)
     X, res, steps = get_backend(name, torch.device("cpu")).spd_inverse(A, iterations=100, tol=1e-9, solver=solver)
     assert X.shape == A.shape and X.dtype == torch.float64
-    assert res < 1e-9 and rel(X, torch.linalg.inv(A)) < 1e-7
+    assert rel(X, torch.linalg.inv(A)) < 1e-7
     assert (steps > 0) == (solver == "schulz")
+    assert res < 1e-9 if solver == "schulz" else math.isnan(res)  # Cholesky forms no residual
 
 
 def test_spd_inverse_bad_solver():

@@ -77,7 +77,8 @@ class Backend(ABC):
     def spd_inverse(
         self, A: torch.Tensor, *, iterations: int, tol: float, solver: str = "auto"
     ) -> tuple[torch.Tensor, float, int]:
-        """`A` (b, k, k) SPD (float64) -> (X ≈ A⁻¹ float64, max ‖I − AX‖_F/√k, steps).
+        """`A` (b, k, k) SPD (float64) -> (X ≈ A⁻¹ float64, max ‖I − AX‖_F/√k, steps);
+        the residual is NaN where no iteration ran (Cholesky: backward stable, not checked).
 
         `solver`: "schulz" (X ← X(2I − AX) from X_0 = I/‖A‖_F, at most
         `iterations` steps, stop at residual < `tol`), "cholesky", or "auto"

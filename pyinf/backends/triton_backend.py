@@ -135,7 +135,7 @@ class TritonBackend(Backend):
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
         b, k, _ = A.shape
         if solver in ("auto", "cholesky"):
-            out = cholesky_inverse(A, group=_group_size(b, k, A.device, bytes_per_entry=4 * 8))
+            out = cholesky_inverse(A, group=_group_size(b, k, A.device, bytes_per_entry=3 * 8))  # A, L, X
             if out is not None:
                 return out
         if A.device.type != "cuda" and not _interpreting():
