@@ -53,10 +53,7 @@ the per-query correlations over the n training points, and pooled over all
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
-import json
-import pathlib
 import platform
 import sys
 import time
@@ -65,7 +62,6 @@ import machine  # bench/machine.py: this script's folder is on sys.path
 import torch
 from torch import nn
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 DT = torch.float64
 
 
@@ -322,14 +318,12 @@ def bf16_noise(args) -> list[dict]:
             print(f"       warning: {w}")
     print(f"err: ‖s − s_ref‖/‖s_ref‖ (rounding), Spearman: mean per query vs s_ref, vs s_1: ‖s − s_1‖/‖s_1‖ "
           f"(rounding + curvature); {time.perf_counter() - t0:.0f} s")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = pathlib.Path(args.out) if args.out else RESULTS / f"forward_bf16_noise-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
-    out.write_text(json.dumps({
+    out = machine.write_result("forward_bf16_noise", {
         "benchmark": "forward_bf16_noise", "args": vars(args), "model": NOISE_MODEL,
         "device": platform.processor() or platform.machine(), "cpu": machine.cpu_model(),
         "python": platform.python_version(), "torch": torch.__version__, "git_commit": machine.git_commit(),
         "theta_norm": theta_norm, "mean_query_grad_norm": sum(v_norms) / len(v_norms), "rows": rows,
-    }, indent=2))
+    }, args.out, indent=2)
     print(f"wrote {out}")
     return rows
 
@@ -463,9 +457,7 @@ def main(argv=None):
               f"{r['seconds']:7.2f}")
     print(f"(true LOO retraining: {times['true_loo']:.1f} s; total {time.perf_counter() - t_all:.1f} s)")
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = pathlib.Path(args.out) if args.out else RESULTS / f"forward_validation-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
-    out.write_text(json.dumps({
+    out = machine.write_result("forward_validation", {
         "benchmark": "forward_validation",
         "args": vars(args),
         "device": platform.processor() or platform.machine(),
@@ -473,7 +465,7 @@ def main(argv=None):
         "n_train": n, "n_queries": len(q_idx), "query_indices": q_idx.tolist(), "validation_accuracy": acc,
         "theta_grad_norm": gn, "true_loo_seconds": times["true_loo"], "rows": rows,
         "sign_convention": "estimates on the LOO scale: Δ_i ≈ −score/n (pyinf methods), −δ_i (dual)",
-    }, indent=2))
+    }, args.out, indent=2)
     print(f"wrote {out}")
     return rows
 

@@ -1,11 +1,14 @@
 """What a benchmark ran on: device, versions and commit, for every results JSON."""
 from __future__ import annotations
 
+import datetime
+import json
 import pathlib
 import platform
 import subprocess
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = REPO_ROOT / "bench" / "results"
 
 
 def cpu_model() -> str:
@@ -55,3 +58,11 @@ def machine_info() -> dict:
         "numpy_version": version("numpy"),
         "git_commit": git_commit(),
     }
+
+
+def write_result(prefix: str, data: dict, path: str | pathlib.Path | None = None, indent: int = 1) -> pathlib.Path:
+    """`data` as JSON at `path`, by default `bench/results/{prefix}-{YYYYmmdd-HHMMSS}.json`; returns the path."""
+    out = pathlib.Path(path) if path else RESULTS / f"{prefix}-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=indent))
+    return out

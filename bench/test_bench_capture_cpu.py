@@ -48,7 +48,6 @@ written whether or not the assertions hold.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import pathlib
 import random
@@ -70,7 +69,6 @@ from pyinf.capture import GradientCapture  # noqa: E402
 from pyinf.losses import default_loss  # noqa: E402
 
 MAX_RATIO = 1.25
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 MODELS = ("demo", "llama512")
 ROUNDS = {"demo": 15, "llama512": 7}
 
@@ -218,9 +216,7 @@ def run_all() -> dict:
         result["models"][name] = measure(name)
     result["load_after"] = os.getloadavg()
     result["time"] = datetime.datetime.now().isoformat(timespec="seconds")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"capture-cpu-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
-    path.write_text(json.dumps(result, indent=1))
+    path = machine.write_result("capture-cpu", result)
     print(f"[capture cpu] load before {result['load_before']}, after {result['load_after']}; -> {path}")
     return result
 

@@ -34,9 +34,7 @@ torch version, commit, load, every figure printed).
 from __future__ import annotations
 
 import datetime
-import json
 import os
-import pathlib
 import statistics
 import time
 
@@ -60,7 +58,6 @@ D = ROWS * COLS
 ROUNDS = int(os.environ.get("PYINF_BENCH_ROUNDS", "5"))
 TORCH_ROUNDS = int(os.environ.get("PYINF_BENCH_TORCH_ROUNDS", "3"))
 FLOOR_FACTOR = float(os.environ.get("PYINF_BENCH_FLOOR_FACTOR", "2"))
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 SUMMARY: dict = {"rows": []}
 
 
@@ -238,8 +235,6 @@ def test_zz_write_summary(env):
     """Runs last (name order): writes the JSON summary."""
     SUMMARY["load_after"] = os.getloadavg()
     SUMMARY["time"] = datetime.datetime.now().isoformat(timespec="seconds")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"cpu-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
-    path.write_text(json.dumps(SUMMARY, indent=2))
+    path = machine.write_result("cpu", SUMMARY, indent=2)
     print(f"[cpu bench] load before {SUMMARY['load_before']}, after {SUMMARY['load_after']}; summary -> {path}")
     assert SUMMARY["rows"]
