@@ -118,3 +118,38 @@ def test_results_in_compute_dtype(backend):
 def test_unknown_backend():
     with pytest.raises(ValueError, match="unknown backend"):
         get_backend("nope", torch.device("cpu"))
+
+
+BATCHED = [(3, 1, 1, 1), (4, 7, 13, 3), (3, 41, 401, 5), (2, 5, 1271, 16)]  # (b, c, D, m)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("b,c,D,m", BATCHED, ids=lambda *_: None)
+def test_batched_primitives_equal_per_block(backend, dtype, b, c, D, m):
+    """A group of b same-shape blocks in one call equals the per-block formulas; the group is a
+    view with a block stride larger than c·D (a store's chunk split in halves)."""
+    gen = torch.Generator().manual_seed(b * 100 + c)
+    cd = _compute(dtype)
+    G = torch.randn(b, c + 3, D, generator=gen).to(dtype)[:, 2 : 2 + c]  # stride(0) = (c + 3)·D
+    assert G.stride(0) != c * D and G[0].is_contiguous()
+    V = torch.randn(b, m, D, generator=gen).to(cd)
+    C = torch.randn(b, m, c, generator=gen).to(cd)
+    w = torch.rand(b, c, generator=gen).to(cd)
+    acc0 = torch.randn(b, m, D, generator=gen).to(cd)
+    G64, V64 = G.double(), V.double()
+    P64 = V64 @ G64.mT
+    s, P = backend.norms_and_dots(G, V)
+    assert s.shape == (b, c) and P.shape == (b, m, c)
+    assert _rel(s, (G64 * G64).sum(-1)) < TOL[dtype]
+    assert _rel(P, P64) < TOL[dtype]
+    assert _rel(backend.sq_norms(G), (G64 * G64).sum(-1)) < TOL[dtype]
+    assert _rel(backend.dots(G, V), P64) < TOL[dtype]
+    S = backend.score(V, G)
+    assert S.shape == (m, c) and _rel(S, -P64.sum(0)) < TOL[dtype]
+    assert _rel(backend.weighted_sum(C, G), C.double() @ G64) < TOL[dtype]
+    acc = acc0.clone()
+    backend.rank_one_accumulate(acc, G, V, w)
+    assert _rel(acc, acc0.double() + (P64 * w.double()[:, None, :]) @ G64) < TOL[dtype]
+    assert _rel(backend.gram(G, G[:, :2]), G64 @ G64[:, :2].mT) < TOL[dtype]
+    F = backend.gfim(G.reshape(b, c, 1, D))
+    assert F.shape == (b, D, D) and _rel(F, G64.mT @ G64) < TOL[dtype]

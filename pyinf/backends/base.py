@@ -1,8 +1,14 @@
 """The backend interface: the few fused primitives every method is built from.
 
-A backend works on one *chunk* of one block's training gradients, `G` of shape
-`(c, D)` (or `(c, rows, cols)` for the GFIM), stored as float32, bfloat16,
-float16 or float64. Query-side operands (`V`, `H`, `C`, weights) and all
+A backend works on one *chunk* of training gradients: `G` of shape `(c, D)`
+for one block, or `(b, c, D)` for a *group* of b blocks of the same shape
+(`(c, rows, cols)` / `(b, c, rows, cols)` for the GFIM), stored as float32,
+bfloat16, float16 or float64. A group is served by one call (one launch per
+kernel on the GPU), so a pass over the 160 same-shape blocks of a 13B LoRA
+adapter costs one call per primitive and chunk, not 160. In a group, each
+block `G[k]` is contiguous (`G.stride(1) == D`, `G.stride(2) == 1`); the
+block stride `G.stride(0)` may be anything (a store's chunk split in halves is
+a view). The query-side operands carry the same leading block axis. Query-side operands (`V`, `H`, `C`, weights) and all
 results are in the compute dtype (float32, or float64 when the inputs are
 float64), and every reduction accumulates in at least float32. Methods are
 written once against this interface; the Triton (GPU) and C++ (CPU) backends
@@ -36,25 +42,25 @@ class Backend(ABC):
 
     @abstractmethod
     def sq_norms(self, G: torch.Tensor) -> torch.Tensor:
-        """`G` (c, D) -> `(c,)`: ‖g_i‖²."""
+        """`G` ([b,] c, D) -> `([b,] c)`: ‖g_i‖² per block."""
 
     @abstractmethod
     def dots(self, G: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-        """`G` (c, D), `V` (m, D) -> `(m, c)`: V Gᵀ (float64 V: accumulated in float64)."""
+        """`G` ([b,] c, D), `V` ([b,] m, D) -> `([b,] m, c)`: V Gᵀ per block (float64 V: accumulated in float64)."""
 
     @abstractmethod
     def norms_and_dots(self, G: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`G` (c, D), `V` (m, D) -> (`(c,)` ‖g_i‖², `(m, c)` V Gᵀ), reading G once."""
+        """`G` ([b,] c, D), `V` ([b,] m, D) -> (`([b,] c)` ‖g_i‖², `([b,] m, c)` V Gᵀ), reading G once."""
 
     @abstractmethod
     def weighted_sum(self, C: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-        """`C` (m, c), `G` (c, D) -> `(m, D)`: Σ_i C[j, i] g_i."""
+        """`C` ([b,] m, c), `G` ([b,] c, D) -> `([b,] m, D)`: Σ_i C[j, i] g_i per block."""
 
     @abstractmethod
     def rank_one_accumulate(
         self, acc: torch.Tensor, G: torch.Tensor, V: torch.Tensor, w: torch.Tensor
     ) -> None:
-        """In place `acc (m, D) += ((V Gᵀ) * w) G` with `w` (c,), reading G once.
+        """In place `acc ([b,] m, D) += ((V Gᵀ) * w) G` per block with `w` ([b,] c), reading G once.
 
         DataInf's rank-one corrections with `w_i = 1/(n(λ + ‖g_i‖²))`, and the
         Fisher-vector product of LiSSA with `w_i = 1/n`.
@@ -62,17 +68,17 @@ class Backend(ABC):
 
     @abstractmethod
     def gram(self, G1: torch.Tensor, G2: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """`G1` (c1, D), `G2` (c2, D) -> `(c1, c2)`: G1 G2ᵀ, in `dtype` (default: the compute dtype;
-        float64: accumulated in float64, see the module docstring)."""
+        """`G1` ([b,] c1, D), `G2` ([b,] c2, D) -> `([b,] c1, c2)`: G1 G2ᵀ per block, in `dtype` (default:
+        the compute dtype; float64: accumulated in float64, see the module docstring)."""
 
     @abstractmethod
     def gfim(self, G: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """`G` (c, rows, cols) -> `(cols, cols)`: Σ_i g_iᵀ g_i (rows = 1: GᵀG), exactly symmetric,
-        in `dtype` (as for `gram`)."""
+        """`G` ([b,] c, rows, cols) -> `([b,] cols, cols)`: Σ_i g_iᵀ g_i per block (rows = 1: GᵀG),
+        exactly symmetric, in `dtype` (as for `gram`)."""
 
     @abstractmethod
     def score(self, H: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-        """`H` (m, D), `G` (c, D) -> `(m, c)`: −H Gᵀ."""
+        """`H` ([b,] m, D), `G` ([b,] c, D) -> `(m, c)`: −Σ_b H_b G_bᵀ (summed over the blocks)."""
 
     def spd_inverse(
         self, A: torch.Tensor, *, iterations: int, tol: float, solver: str = "auto"

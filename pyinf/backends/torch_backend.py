@@ -24,33 +24,38 @@ class TorchBackend(Backend):
 
     def sq_norms(self, G):
         # vector_norm reduces without materialising G*G (several times faster than (G*G).sum)
-        return torch.linalg.vector_norm(_upcast(G), dim=1).square()
+        return torch.linalg.vector_norm(_upcast(G), dim=-1).square()
 
     def dots(self, G, V):
-        return V @ _upcast(G, V).T
+        return V @ _upcast(G, V).mT
 
     def norms_and_dots(self, G, V):
         G = _upcast(G, V)
-        return (G * G).sum(dim=1), V @ G.T
+        return (G * G).sum(dim=-1), V @ G.mT
 
     def weighted_sum(self, C, G):
         return C @ _upcast(G, C)
 
     def rank_one_accumulate(self, acc, G, V, w):
         G = _upcast(G, acc)
-        acc.addmm_((V @ G.T) * w, G)
+        P = (V @ G.mT) * w.unsqueeze(-2)
+        if G.dim() == 2:
+            acc.addmm_(P, G)
+        else:
+            acc.baddbmm_(P, G)
 
     def gram(self, G1, G2, dtype=None):
         G1 = _upcast(G1, dtype=dtype)
-        return G1 @ _upcast(G2, G1).T
+        return G1 @ _upcast(G2, G1).mT
 
     def gfim(self, G, dtype=None):
         G = _upcast(G, dtype=dtype)
-        flat = G.reshape(-1, G.shape[-1])
-        return symmetric_from_upper(flat.T @ flat)
+        flat = G.reshape(*G.shape[:-3], -1, G.shape[-1])
+        return symmetric_from_upper(flat.mT @ flat)
 
     def score(self, H, G):
-        return -(H @ _upcast(G, H).T)
+        S = H @ _upcast(G, H).mT
+        return -(S if S.dim() == 2 else S.sum(0))
 
     def spd_inverse(self, A, *, iterations, tol, solver="auto"):
         return spd_inverse(A, iterations=iterations, tol=tol, solver=solver)
