@@ -50,7 +50,7 @@ if not _native.is_available():
 
 import pyinf  # noqa: E402
 from pyinf.backends import CPUBackend, TorchBackend  # noqa: E402
-from pyinf.blocks import GradientSource  # noqa: E402
+from pyinf.blocks import TensorSource  # noqa: E402
 from pyinf.methods import get_method  # noqa: E402
 
 N, BLOCKS, ROWS, COLS, M = 4000, 20, 8, 1024, 8
@@ -207,7 +207,7 @@ def test_datainf_fused_pass(benchmark, env):
 
 def test_datainf_precondition(benchmark, env):
     """DataInf fit (norms pass) + precondition (fused pass), default chunking, as `pyinf.influence` runs it."""
-    train = GradientSource({f"b{i}": t for i, t in enumerate(env["G"])})
+    train = TensorSource({f"b{i}": t for i, t in enumerate(env["G"])})
     queries = {f"b{i}": env["V"][i].reshape(M, ROWS, COLS) for i in range(BLOCKS)}
 
     def run(backend):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .backends import get_backend
-from .blocks import GradientSource, Grads, as_blocks, check_finite
+from .blocks import GradientSource, Grads, TensorSource, as_blocks, check_finite
 from .methods import Method, get_method
 
 
@@ -49,7 +49,7 @@ def influence(
         method's approximation of it. Positive = training point i is harmful
         to query j (up-weighting it raises the query loss); negative = helpful.
     """
-    train = GradientSource(as_blocks(train_grads, "train_grads"), chunk_size)
+    train = TensorSource(as_blocks(train_grads, "train_grads"), chunk_size)
     queries = as_blocks(query_grads, "query_grads", blocks=train.blocks)
     q_device = next(iter(queries.values())).device
     if q_device != train.device:
@@ -80,7 +80,7 @@ def self_influence(
     (H is positive definite), so rank by magnitude: large |score| = the point
     is hard to fit from the rest (candidates for mislabeled data).
     """
-    train = GradientSource(as_blocks(train_grads, "train_grads"), chunk_size)
+    train = TensorSource(as_blocks(train_grads, "train_grads"), chunk_size)
     m = _make_method(method, train, damping, damping_mode, backend, options)
     m.fit(train)
     return m.self_influence(train).float()

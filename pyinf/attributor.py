@@ -646,7 +646,7 @@ class Attributor:
             "fingerprint": self._fingerprint,
             # Every statistic the method fitted (λ, norms, factors, inverses, ...), whatever the method.
             "method": _map_tensors(
-                {k: v for k, v in vars(self._method).items() if k not in ("backend", "train", "blocks", "comm")},
+                {k: v for k, v in vars(self._method).items() if k not in ("backend", "train", "blocks", "groups", "comm")},
                 lambda t: t.cpu(),
             ),
             "store": self._store.state(),
@@ -696,6 +696,6 @@ class Attributor:
         self._place(self._store)
         method = self._new_method()
         vars(method).update(_map_tensors(state["method"], lambda t: t.to(self.device)))
-        method.blocks, method.train = self.blocks, self._store
+        method.blocks, method.groups, method.train = self._store.blocks, self._store.groups, self._store
         self._method = method
         return self

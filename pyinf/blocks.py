@@ -19,11 +19,16 @@ Grads = Union[torch.Tensor, Mapping[str, torch.Tensor]]
 
 SINGLE_BLOCK_NAME = "grads"
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# Chunks are views of the caller's tensors; the bound keeps the per-block
-# temporaries of one chunk (an fp32 upcast of bf16, the (m, chunk) dots) small
-# while leaving the chunks large enough that a GEMM or kernel launch per block
-# and chunk is efficient (the 13B LoRA shape, 8 x 5120 per block: 1638 samples).
+# The chunk policy (`chunk_samples`), the one rule for `pyinf.influence` and
+# every store: a chunk holds about CHUNK_BYTES of stored gradients over all
+# blocks (bounding the temporaries of one chunk: an fp32 upcast of bf16, a
+# stacked copy of a group), and at least enough samples that every primitive
+# call, which covers one group of same-shape blocks, reads MIN_CALL_BYTES (a
+# launch then moves enough bytes to hide its fixed cost). At the 13B LoRA
+# shape (160 blocks of 8 x 5120, one group, bf16): 20 samples a chunk, 262 MB
+# a call, 45 calls a pass for n = 900.
 CHUNK_BYTES = 1 << 28
+MIN_CALL_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,73 @@ class Block:
     def size(self) -> int:
         """D_b, the number of entries of one sample's gradient."""
         return self.rows * self.cols
+
+
+@dataclass(frozen=True)
+class BlockGroup:
+    """Blocks of one shape, served together by one call per primitive (a leading block axis)."""
+
+    names: tuple[str, ...]
+    rows: int
+    cols: int
+
+    @property
+    def size(self) -> int:
+        return self.rows * self.cols
+
+
+def group_blocks(blocks: list[Block]) -> list[BlockGroup]:
+    """Same-shape blocks grouped, groups and names in order of first appearance."""
+    by_shape: dict[tuple[int, int], list[str]] = {}
+    for b in blocks:
+        by_shape.setdefault((b.rows, b.cols), []).append(b.name)
+    return [BlockGroup(tuple(names), rows, cols) for (rows, cols), names in by_shape.items()]
+
+
+def group_order(blocks: list[Block]) -> list[Block]:
+    """`blocks` reordered so that each group's blocks are adjacent (a store's storage order: a
+    group of one chunk is then one (b, c, rows, cols) array, see `stack_group`)."""
+    by_name = {b.name: b for b in blocks}
+    return [by_name[name] for g in group_blocks(blocks) for name in g.names]
+
+
+def stack_group(tensors: Mapping[str, torch.Tensor], group: BlockGroup) -> torch.Tensor:
+    """The group's `(c, ...)` tensors as one `(b, c, rows·cols)` tensor, each block contiguous.
+
+    A view, no copy, when the blocks lie at equal strides in one storage, as
+    a store lays them out (`group_order`) and as `precondition` returns H;
+    otherwise one stacked copy (user dicts of separate tensors).
+    """
+    ts = [tensors[name] for name in group.names]
+    first = ts[0]
+    c = first.shape[0]
+    flat = [t.reshape(c, group.size) for t in ts]  # a view for contiguous blocks
+    if len(flat) == 1:
+        return flat[0].unsqueeze(0)
+    step = flat[1].storage_offset() - flat[0].storage_offset()
+    zero_copy = (
+        all(t.is_contiguous() and t.dtype == first.dtype and t.device == first.device for t in flat)
+        and step >= c * group.size
+        and all(t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr() for t in flat)
+        and all(t.storage_offset() == flat[0].storage_offset() + k * step for k, t in enumerate(flat))
+    )
+    if zero_copy:
+        return flat[0].as_strided((len(flat), c, group.size), (step, group.size, 1), flat[0].storage_offset())
+    return torch.stack(flat)
+
+
+def unstack_group(stacked: torch.Tensor, group: BlockGroup, rows: bool = False) -> dict[str, torch.Tensor]:
+    """{name: stacked[k]} views (the inverse of `stack_group`; `rows`: each as (c, rows, cols))."""
+    return {name: (stacked[k].reshape(-1, group.rows, group.cols) if rows else stacked[k])
+            for k, name in enumerate(group.names)}
+
+
+def chunk_samples(blocks: list[Block], itemsize: int, n: int | None = None) -> int:
+    """Samples per chunk by the chunk policy above, for gradients stored with `itemsize` bytes."""
+    total = sum(b.size for b in blocks) * itemsize
+    smallest_group = min(len(g.names) * g.size for g in group_blocks(blocks)) * itemsize
+    c = max(1, CHUNK_BYTES // total, -(-MIN_CALL_BYTES // smallest_group))
+    return c if n is None else min(c, n)
 
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -122,13 +194,47 @@ def as_blocks(grads: Grads, what: str, blocks: list[Block] | None = None) -> dic
 
 
 class GradientSource:
-    """Per-sample training gradients read in chunks of samples.
+    """What every method reads: per-sample training gradients in chunks of samples.
 
-    `chunks()` yields `(start, {name: (c, rows, cols)})` covering samples
-    `start .. start + c` of every block. This implementation wraps tensors
-    already in memory (chunks are views); stores of later issues provide the
-    same two members.
+    Members (the protocol; `TensorSource` and the stores of `pyinf.store` implement it):
+
+    - `n`, `blocks` (list of `Block`), `device` (where chunks land), `dtype`
+      (the compute dtype), `grad_dtype` (the widest stored dtype),
+      `chunk_size` (samples per chunk, `chunk_samples`);
+    - `chunks(names=None)`: one pass, yielding `(start, {name: (c, rows, cols)})`
+      for samples `start .. start + c` of every block (of the blocks in `names`
+      only, when given: a pass that reads just those, e.g. exact's Gram);
+    - `comm` (a `pyinf.distributed.Comm` when this source is one rank's shard
+      of the data, else None) and `offset` (the global index of its first
+      sample; 0 without `comm`).
+
+    `groups` (same-shape blocks, `group_blocks`) and `num_chunks` follow.
     """
+
+    n: int
+    blocks: list[Block]
+    device: torch.device
+    dtype: torch.dtype
+    grad_dtype: torch.dtype
+    chunk_size: int
+    comm = None
+    offset = 0
+
+    def chunks(self, names=None) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        raise NotImplementedError
+
+    @property
+    def groups(self) -> list[BlockGroup]:
+        return group_blocks(self.blocks)
+
+    @property
+    def num_chunks(self) -> int:
+        return math.ceil(self.n / self.chunk_size)
+
+
+class TensorSource(GradientSource):
+    """A `GradientSource` over tensors already in memory ({name: (n, rows, cols)}, `as_blocks`):
+    chunks are views; `chunk_size` defaults to the chunk policy of `chunk_samples`."""
 
     def __init__(self, grads: dict[str, torch.Tensor], chunk_size: int | None = None):
         self._grads = grads
@@ -137,18 +243,15 @@ class GradientSource:
         self.device = first.device
         self.blocks = [Block(name, t.shape[1], t.shape[2]) for name, t in grads.items()]
         self.dtype = compute_dtype(*(t.dtype for t in grads.values()))
+        self.grad_dtype = max((t.dtype for t in grads.values()), key=lambda d: d.itemsize)
         if chunk_size is None:
-            per_sample = max(t[0].numel() for t in grads.values()) * 4  # fp32, largest block
-            chunk_size = max(1, CHUNK_BYTES // per_sample)
+            chunk_size = chunk_samples(self.blocks, self.grad_dtype.itemsize)
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.chunk_size = min(int(chunk_size), self.n)
 
-    def chunks(self) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    def chunks(self, names=None) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        names = list(self._grads) if names is None else names
         for start in range(0, self.n, self.chunk_size):
             stop = min(start + self.chunk_size, self.n)
-            yield start, {name: t[start:stop] for name, t in self._grads.items()}
-
-    @property
-    def num_chunks(self) -> int:
-        return math.ceil(self.n / self.chunk_size)
+            yield start, {name: self._grads[name][start:stop] for name in names}

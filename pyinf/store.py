@@ -111,7 +111,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from .blocks import CHUNK_BYTES, Block, compute_dtype
+from .blocks import Block, GradientSource, chunk_samples, compute_dtype, group_blocks, group_order, stack_group
 from .progress import Phase, bar, mode
 
 Capture = Callable[[Any], dict]
@@ -159,8 +159,21 @@ def per_sample_bytes(blocks: list[Block], grad_dtype: torch.dtype) -> int:
 
 
 def default_chunk_size(blocks: list[Block], grad_dtype: torch.dtype) -> int:
-    """Samples per chunk: about `CHUNK_BYTES` of stored gradients, as `GradientSource`."""
-    return max(1, CHUNK_BYTES // per_sample_bytes(blocks, grad_dtype))
+    """Samples per chunk (or shard): the chunk policy of `pyinf.blocks.chunk_samples`, as `pyinf.influence`."""
+    return chunk_samples(blocks, torch.finfo(grad_dtype).bits // 8)
+
+
+def _to_device(views: dict[str, torch.Tensor], blocks: list[Block], device: torch.device,
+               non_blocking: bool = False) -> dict[str, torch.Tensor]:
+    """A chunk on `device`: one copy per group of same-shape blocks (kept adjacent there, so the
+    methods' `stack_group` is a view), none when it is there already."""
+    if all(t.device == device for t in views.values()):
+        return views
+    out = {}
+    for g in group_blocks(blocks):
+        moved = stack_group(views, g).to(device, non_blocking=non_blocking)
+        out.update({name: moved[k].view(-1, g.rows, g.cols) for k, name in enumerate(g.names)})
+    return out
 
 
 def batch_len(batch) -> int:
@@ -262,15 +275,19 @@ def _write_atomic(path: Path, chunks: Iterable) -> None:
 
 
 # -- common part ---------------------------------------------------------
-class Store:
-    """The `GradientSource` members shared by every store, pass labels and bars."""
+class Store(GradientSource):
+    """The `GradientSource` members shared by every store, pass labels and bars.
+
+    Blocks are kept in storage order, same-shape blocks adjacent (`group_order`),
+    so that a group of a chunk is one array (the methods' block-batched calls).
+    `comm`/`offset`: a `pyinf.distributed.Comm` when this store holds one rank's
+    shard, and the global index of its first kept sample.
+    """
 
     kind = "abstract"
-    comm = None  # pyinf.distributed.Comm when this store holds one rank's shard
-    offset = 0  # global index of the first (kept) sample, with comm
 
     def __init__(self, blocks: list[Block], device: torch.device, grad_dtype: torch.dtype, progress: bool | None = None):
-        self.blocks = list(blocks)
+        self.blocks = group_order(list(blocks))
         self.device = torch.device(device)
         self.grad_dtype = grad_dtype
         self.dtype = compute_dtype(grad_dtype)
@@ -295,10 +312,6 @@ class Store:
         self.piece = cur // 2
         return self.piece
 
-    @property
-    def num_chunks(self) -> int:
-        return math.ceil(self.n / self.chunk_size)
-
     @contextmanager
     def phase(self, label: str):
         """One progress phase ("datainf: fit") over all the passes made inside the `with`."""
@@ -309,14 +322,15 @@ class Store:
             self._phase.close()
             self._phase = None
 
-    def chunks(self) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    def chunks(self, names=None) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         if self._phase is None:  # a pass outside any phase: a phase of its own
             with self.phase("pass"):
-                yield from self.chunks()
+                yield from self.chunks(names)
             return
         b = self._phase
         b.new_pass()
-        for start, chunk in self._chunks():
+        blocks = self.blocks if names is None else [x for x in self.blocks if x.name in set(names)]
+        for start, chunk in self._chunks(blocks):
             c = next(iter(chunk.values())).shape[0]
             if c == 0:
                 continue
@@ -325,7 +339,8 @@ class Store:
                 yield start + s, ({k: v[s : s + step] for k, v in chunk.items()} if step < c else chunk)
                 b.update(min(step, c - s))
 
-    def _chunks(self) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    def _chunks(self, blocks: list[Block]) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """One pass over `blocks` (a subset of `self.blocks`, in storage order)."""
         raise NotImplementedError
 
     def fill(self, capture: Capture, batches: Iterable) -> "Store":
@@ -383,10 +398,13 @@ class MemoryStore(Store):
         self._slabs: list[dict[str, torch.Tensor]] = []
 
     def _new_slab(self) -> dict[str, torch.Tensor]:
-        return {
-            b.name: torch.empty(self.chunk_size, b.rows, b.cols, dtype=self.grad_dtype, device=self.storage, pin_memory=self._pin)
-            for b in self.blocks
-        }
+        """One slab: an array (b, chunk_size, rows, cols) per group, handed out as per-block views."""
+        slab = {}
+        for g in group_blocks(self.blocks):
+            buf = torch.empty(len(g.names), self.chunk_size, g.rows, g.cols, dtype=self.grad_dtype,
+                              device=self.storage, pin_memory=self._pin)
+            slab.update({name: buf[k] for k, name in enumerate(g.names)})
+        return slab
 
     def fill(self, capture, batches):
         self._slabs, n, self.skipped = [], 0, []
@@ -410,25 +428,25 @@ class MemoryStore(Store):
         self.n = n
         return self
 
-    def _views(self):
+    def _views(self, blocks):
         for i, slab in enumerate(self._slabs):
             start = i * self.chunk_size
             c = min(self.chunk_size, self.n - start)
-            yield start, {name: t[:c] for name, t in slab.items()}
+            yield start, {b.name: slab[b.name][:c] for b in blocks}
 
-    def _chunks(self):
+    def _chunks(self, blocks):
         if self._stream is None:  # views (same device), or plain copies
-            for start, views in self._views():
-                yield start, {name: t.to(self.device) for name, t in views.items()}
+            for start, views in self._views(blocks):
+                yield start, _to_device(views, blocks, self.device)
             return
         main = torch.cuda.current_stream(self.device)
 
         def load(views):
             with torch.cuda.stream(self._stream):
-                out = {name: t.to(self.device, non_blocking=True) for name, t in views.items()}
+                out = _to_device(views, blocks, self.device, non_blocking=True)
             return out, self._stream.record_event()
 
-        views = list(self._views())
+        views = list(self._views(blocks))
         nxt = load(views[0][1])
         for i, (start, _) in enumerate(views):
             cur, ready = nxt
@@ -520,6 +538,9 @@ class DiskStore(Store):
                 f"{self._manifest_path}: not a pyinf gradient store of version {FORMAT_VERSION} "
                 f"(format {man.get('format')!r}, version {man.get('version')!r})"
             )
+        stored = [Block(b["name"], b["rows"], b["cols"]) for b in man.get("blocks", [])]
+        if set(stored) == set(self.blocks):  # a store written in another block order reads as it is
+            self.blocks = stored
         expected = self._new_manifest()
         for key in ("grad_dtype", "blocks", "fingerprint"):
             if man[key] != expected[key] and not (key == "fingerprint" and self.fingerprint is None):
@@ -695,10 +716,11 @@ class DiskStore(Store):
         self.chunk_size = max(1, max(e["count"] for e in self.shards))
         self.skipped = [i for e in self.shards for i in e.get("skipped", [])]
 
-    def _chunks(self):
+    def _chunks(self, blocks):
         for e in self.shards:
             if e["count"]:
-                yield e["start"], {name: t.to(self.device) for name, t in self._open(e).items()}
+                shard = self._open(e)
+                yield e["start"], _to_device({b.name: shard[b.name] for b in blocks}, blocks, self.device)
 
     def state(self):
         return {"kind": self.kind, "path": str(self.path.resolve())}
@@ -775,7 +797,7 @@ class RecomputeStore(Store):
         raise ValueError(f"batch {i} of the training data is not one it was fitted on: pass the same "
                          f"training data (store='none' reads it again on every pass)")
 
-    def _chunks(self):
+    def _chunks(self, blocks):  # every pass captures all blocks; `blocks` only filters
         start, orig, count = 0, 0, 0
         for i, batch in enumerate(self.batches):
             self._check_batch(i, batch)
@@ -783,7 +805,7 @@ class RecomputeStore(Store):
             c = next(iter(g.values())).shape[0]
             if c != self.sizes[i]:
                 raise ValueError(f"batch {i}: its gradients changed between passes (NaN/Inf in different samples)")
-            yield start, g
+            yield start, {b.name: g[b.name] for b in blocks}
             start, orig, count = start + c, orig + batch_len(batch), i + 1
         if count != len(self.hashes):
             raise ValueError(f"the training data has fewer batches ({count}) than when it was fitted "

@@ -556,19 +556,23 @@ def test_lissa_reads_one_host_value_per_iteration(monkeypatch):
     assert count(6) - count(2) == 4
 
 
-@pytest.mark.parametrize("method,passes", [("tracin", 1), ("datainf", 3), ("hyperinf", 2), ("lissa", None)])
+@pytest.mark.parametrize("method,passes", [("tracin", 1), ("datainf", 3), ("hyperinf", 2), ("exact", 2), ("lissa", None)])
 def test_passes_over_the_training_gradients(monkeypatch, method, passes):
-    """Reads of G by `influence`, counted: hyperinf takes λ from its GFIM's trace (no norms pass).
-    exact (Woodbury) reads 2 + its chunk-pair Gram, which the 13B-shape work reduces; lissa: its
-    norms pass, 10 power-iteration passes, then one per iteration, and the scoring pass."""
-    from pyinf.blocks import GradientSource
+    """Passes over the source by `influence`, counted: hyperinf and exact take λ from the trace of
+    what they build (no norms pass); exact's Gram is one pass restricted to its Woodbury blocks,
+    the primal Fisher of block "b" one more (both read each block once, so 2 reads of G in all);
+    lissa: its norms pass, 10 power-iteration passes, then one per iteration, and the scoring pass."""
+    from pyinf.blocks import TensorSource
 
     gen = torch.Generator().manual_seed(0)
-    train = {"a": torch.randn(40, 4, 6, generator=gen), "b": torch.randn(40, 1, 9, generator=gen)}
+    train = {"a": torch.randn(40, 4, 16, generator=gen), "b": torch.randn(40, 1, 9, generator=gen)}  # a: Woodbury
     query = {k: torch.randn(3, *v.shape[1:], generator=gen) for k, v in train.items()}
     reads = []
-    real = GradientSource.chunks
-    monkeypatch.setattr(GradientSource, "chunks", lambda self: reads.append(1) or real(self))
+    real = TensorSource.chunks
+    monkeypatch.setattr(TensorSource, "chunks", lambda self, names=None: reads.append(names) or real(self, names))
     opts = {"iterations": 5, "scale": 1e3} if method == "lissa" else {}
     pyinf.influence(train, query, method=method, chunk_size=16, **opts)
+    if method == "exact":  # the Woodbury Gram pass over "a", the primal pass over "b", the scoring pass
+        assert reads == [["b"], ["a"], None], reads
+        return
     assert len(reads) == (passes if passes is not None else 1 + 5 + 1)

@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from pyinf.backends import BACKENDS, get_backend
-from pyinf.blocks import GradientSource, as_blocks
+from pyinf.blocks import TensorSource, as_blocks
 from pyinf.methods import get_method
 
 TOL = 1e-4
@@ -164,7 +164,7 @@ def test_influence_and_self_influence_equal_float64(cols, method, damping, backe
     (exact's Gram, hyperinf's 5120² GFIM and inverse)."""
     train, query = data(cols)
     _, chunk = SHAPES[cols]
-    source = GradientSource(as_blocks(train, "train_grads"), chunk)
+    source = TensorSource(as_blocks(train, "train_grads"), chunk)
     assert source.num_chunks == 3
     m = get_method(method)(get_backend(backend, torch.device("cpu")), damping=damping,
                            **_options(method, cols, damping))

@@ -64,7 +64,7 @@ from typing import Any, Hashable, Mapping
 import torch
 
 from ..backends import get_backend
-from ..blocks import GradientSource, as_blocks, compute_dtype
+from ..blocks import TensorSource, as_blocks, compute_dtype
 from ..methods import Method, get_method
 
 __all__ = ["IFEngine", "IFEngineGeneration"]
@@ -139,7 +139,7 @@ class _Stacked:
         self.val_ids, self.names, self.shapes = _weight_names(val_grad_dict)
         self.tr_ids, G = _stack(tr_grad_dict, self.names, "tr_grad_dict")
         _, V = _stack(val_grad_dict, self.names, "val_grad_dict")
-        self.train = GradientSource(as_blocks(G, "tr_grad_dict"))
+        self.train = TensorSource(as_blocks(G, "tr_grad_dict"))
         self.dtype = compute_dtype(self.train.dtype, *(v.dtype for v in V.values()))
         self.V = {w: v.to(self.train.device, self.dtype) for w, v in V.items()}  # {w: (m, D_w)}
         self.backend = get_backend(backend, self.train.device)

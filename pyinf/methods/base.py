@@ -10,6 +10,14 @@
 A method is one module defining a subclass with its `name` and its options
 (with defaults); everything else is shared here.
 
+Block groups. Blocks of the same shape form a group (`pyinf.blocks.group_blocks`:
+all 160 blocks of a 13B LoRA adapter on q and v are one group), and every pass
+makes one backend call per group and chunk on the stacked `(b, c, D)` gradients
+(`_grouped`), not one per block. Per-block statistics are kept stacked per
+group (`(b, ...)` tensors) and H is returned as per-block views of one
+`(b, m, D)` stack per group, which `stack_group` turns back into the stack
+without a copy.
+
 Data parallelism (`pyinf.distributed`): the training source may be one shard
 of the data (`train.comm`, a `Comm`, and `train.offset`, the global index of
 its first sample; plain sources have `comm = None`). Methods stay written
@@ -31,7 +39,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..backends import Backend
-from ..blocks import Block, GradientSource, check_finite
+from ..blocks import Block, BlockGroup, GradientSource, check_finite, stack_group, unstack_group
 
 DAMPING_MODES = ("relative", "absolute")
 
@@ -72,12 +80,15 @@ class Method:
     # -- fit -------------------------------------------------------------
     def fit(self, train: GradientSource) -> "Method":
         """Read the training gradients and keep what `precondition` needs."""
+        if not isinstance(train, GradientSource):
+            raise TypeError(f"fit() needs a pyinf.blocks.GradientSource, got {type(train).__name__}")
         self.train = train  # precondition passes over it again (datainf, exact, lissa)
-        self.comm = getattr(train, "comm", None)  # a pyinf.distributed.Comm when train is one shard
-        self.offset = getattr(train, "offset", 0) if self.comm is not None else 0
+        self.comm = train.comm  # a pyinf.distributed.Comm when train is one shard
+        self.offset = train.offset if self.comm is not None else 0
         self.n = train.n if self.comm is None else sum(self.comm.all_ints(train.n))
         self.dtype = train.dtype
         self.blocks = train.blocks
+        self.groups = train.groups
         self._check_blocks(train.blocks)
         if self.needs_damping and not self.damping_from_fit:
             self._fit_damping(train)
@@ -107,29 +118,29 @@ class Method:
 
     def _fit_damping(self, train: GradientSource) -> None:
         """One pass: per-sample squared norms, NaN/Inf check, and λ_b."""
-        norms = {b.name: torch.empty(train.n, dtype=self.dtype, device=train.device) for b in train.blocks}
+        norms = [torch.empty(len(g.names), train.n, dtype=self.dtype, device=train.device) for g in self.groups]
         for start, chunk in train.chunks():
-            for name, G in chunk.items():
-                norms[name][start : start + G.shape[0]] = self.backend.sq_norms(G.reshape(G.shape[0], -1))
+            for i, (g, G) in enumerate(self._grouped(chunk)):
+                norms[i][:, start : start + G.shape[1]] = self.backend.sq_norms(G)
         err = None
-        for b in train.blocks:
-            s = norms[b.name]
-            if not bool(torch.isfinite(s).all()):
-                i = self.offset + int((~torch.isfinite(s)).nonzero()[0, 0])
-                err = ValueError(
-                    f"block '{b.name}': train gradient of sample {i} contains NaN or Inf "
-                    f"(or its squared norm overflows {s.dtype})"
-                )
-                break
+        if not bool(torch.stack([torch.isfinite(s).all() for s in norms]).all()):  # one host read
+            g, s = next((g, s) for g, s in zip(self.groups, norms) if not bool(torch.isfinite(s).all()))
+            k, i = (~torch.isfinite(s)).nonzero()[0].tolist()
+            err = ValueError(
+                f"block '{g.names[k]}': train gradient of sample {self.offset + i} contains NaN or Inf "
+                f"(or its squared norm overflows {s.dtype})"
+            )
         if self.comm is not None:
             self.comm.raise_if_any(err)  # every rank raises, none waits in the next collective
         elif err is not None:
             raise err
-        totals = torch.stack([norms[b.name].double().sum() for b in train.blocks])
+        totals = torch.cat([s.double().sum(dim=1) for s in norms])
         if self.comm is not None:
             totals = self._allreduce(totals)
-        self._set_damping({b.name: float(t) for b, t in zip(train.blocks, totals.tolist())})
-        self.sq_norms = norms
+        names = [name for g in self.groups for name in g.names]
+        self._set_damping(dict(zip(names, totals.tolist())))
+        self.group_sq_norms = norms  # (b, n) per group
+        self.sq_norms = {name: s[k] for g, s in zip(self.groups, norms) for k, name in enumerate(g.names)}
 
     def _set_damping(self, totals: dict[str, float]) -> None:
         """λ_b from Σ_i ‖g_ib‖² over every rank's samples (relative damping), or the absolute damping."""
@@ -145,6 +156,11 @@ class Method:
                     f"train the adapter first, or use damping_mode='absolute'"
                 )
             self.lam[b.name] = lam
+
+    def _group_lam(self, g: BlockGroup, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """λ of the group's blocks as a `(b, 1, 1)` tensor on the training device."""
+        lam = [self.lam[name] for name in g.names]
+        return torch.tensor(lam, dtype=dtype or self.dtype, device=self.train.device).view(-1, 1, 1)
 
     def _damping_from_totals(self, train: GradientSource, totals: dict[str, float]) -> None:
         """For `damping_from_fit` methods: λ from the traces `_fit` built (global sums). A non-finite
@@ -192,12 +208,12 @@ class Method:
 
     def score_chunks(self, train: GradientSource, H: dict[str, torch.Tensor]):
         """One pass: yield `(start, (m, c) scores)` per chunk (lets a caller keep a top-k, not (m, n))."""
-        m = next(iter(H.values())).shape[0]
-        dtype = torch.float64 if any(h.dtype == torch.float64 for h in H.values()) else self.dtype
+        stacks = [stack_group(H, g) for g in self.groups]  # views of precondition's stacks
         for start, chunk in train.chunks():
-            cols = torch.zeros(m, next(iter(chunk.values())).shape[0], dtype=dtype, device=train.device)
-            for name, G in chunk.items():
-                cols += self.backend.score(H[name], G.reshape(G.shape[0], -1))
+            cols = None
+            for Hg, (_, G) in zip(stacks, self._grouped(chunk)):
+                part = self.backend.score(Hg, G)
+                cols = part if cols is None else cols + part
             yield start, cols
 
     def self_influence(self, train: GradientSource) -> torch.Tensor:
@@ -208,8 +224,9 @@ class Method:
         for start, chunk in train.chunks():
             H = self.precondition(chunk)
             total = 0
-            for name, G in chunk.items():
-                total = total - (H[name] * G.reshape(G.shape[0], -1).to(H[name].dtype)).sum(dim=1)
+            for g, G in self._grouped(chunk):
+                Hg = stack_group(H, g)
+                total = total - (Hg * G.to(Hg.dtype)).sum(dim=(0, 2))
             out[start : start + total.shape[0]] = total
         self._refuse_non_finite(train, out)
         return out
@@ -264,9 +281,25 @@ class Method:
         return P if self.comm is None else P[..., self.offset : self.offset + self.train.n]
 
     # -- helpers for subclasses -----------------------------------------
-    def _flat(self, queries: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Queries as (m, D_b) in the compute dtype."""
-        return {name: V.reshape(V.shape[0], -1).to(self.dtype) for name, V in queries.items()}
+    def _grouped(self, chunk: dict[str, torch.Tensor]) -> list[tuple[BlockGroup, torch.Tensor]]:
+        """A chunk as one `(b, c, D)` tensor per group (views for a store's chunks)."""
+        return [(g, stack_group(chunk, g)) for g in self.groups]
+
+    def _stacked(self, queries: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+        """Queries {name: (m, rows, cols)} as one `(b, m, D)` stack per group, in the compute dtype."""
+        return [stack_group(queries, g).to(dtype or self.dtype) for g in self.groups]
+
+    def _unstacked(self, stacks: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-group `(b, m, D)` stacks -> {name: (m, D)} views (what `precondition` returns)."""
+        out = {}
+        for g, t in zip(self.groups, stacks):
+            out.update(unstack_group(t, g))
+        return {b.name: out[b.name] for b in self.blocks}
+
+    def _allreduce_list(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """`_allreduce_dict` for a list of tensors."""
+        self._allreduce_dict({str(i): t for i, t in enumerate(tensors)})
+        return tensors
 
     def _warn_not_converged(self, what: str, iterations: int, residual: float, tol: float) -> None:
         warnings.warn(

@@ -19,14 +19,14 @@ class DataInf(Method):
     name = "datainf"
 
     def precondition(self, queries):
-        V = self._flat(queries)
-        acc = {name: torch.zeros_like(v) for name, v in V.items()}
-        weights = {  # w_i = 1 / (n (λ + ‖g_i‖²))
-            b.name: 1.0 / (self.n * (self.lam[b.name] + self.sq_norms[b.name])) for b in self.blocks
-        }
+        V = self._stacked(queries)
+        acc = [torch.zeros_like(v) for v in V]
+        weights = [  # w_i = 1 / (n (λ + ‖g_i‖²)), (b, n) per group
+            1.0 / (self.n * (self._group_lam(g).view(-1, 1) + s)) for g, s in zip(self.groups, self.group_sq_norms)
+        ]
         for start, chunk in self.train.chunks():
-            for name, G in chunk.items():
-                w = weights[name][start : start + G.shape[0]]
-                self.backend.rank_one_accumulate(acc[name], G.reshape(G.shape[0], -1), V[name], w)
-        self._allreduce_dict(acc)  # the rank-one corrections of every rank's samples
-        return {name: (V[name] - acc[name]) / self.lam[name] for name in V}
+            for i, (_, G) in enumerate(self._grouped(chunk)):
+                w = weights[i][:, start : start + G.shape[1]].contiguous()
+                self.backend.rank_one_accumulate(acc[i], G, V[i], w)
+        self._allreduce_list(acc)  # the rank-one corrections of every rank's samples
+        return self._unstacked([(v - a) / self._group_lam(g) for g, v, a in zip(self.groups, V, acc)])

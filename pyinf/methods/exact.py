@@ -15,6 +15,13 @@ LoRA gradients with a shared low-rank component), so K, P and the primal F
 are accumulated in float64 from the stored values (the backends' float64
 accumulation, `pyinf/backends/base.py`), not rounded from fp32 results.
 
+The Woodbury Gram reads each block once: same-shape blocks are taken in
+slices of a group whose n samples fit `GRAM_BYTES` (a pass over the source
+restricted to those blocks, `chunks(names)`, gathers them into one
+`(b, n, D)` array unless the source holds all n in one chunk) and one
+batched `gram` call gives their `(b, n, n)` Grams. Passes over G: one for the
+Grams (and primal Fishers), one to score.
+
 Data parallel (`pyinf.distributed`): primal blocks all-reduce F (a sum over
 samples). The Woodbury Gram K = G Gᵀ has cross-rank entries, so it is built
 row-wise: at step t every rank all-gathers its chunk t of the Woodbury blocks
@@ -31,7 +38,12 @@ from __future__ import annotations
 
 import torch
 
+from ..blocks import BlockGroup, stack_group
 from .base import Method
+
+# Bytes of one slice of blocks gathered for the Woodbury Gram (all n samples, stored dtype)
+# plus its float64 copy where the backend accumulates in float64 through the torch path.
+GRAM_BYTES = 2 << 30
 
 
 class Exact(Method):
@@ -41,45 +53,60 @@ class Exact(Method):
     def _fit(self, train):
         self.primal = {b.name: b.size <= self.n for b in train.blocks}
         self.chol: dict[str, torch.Tensor] = {}
-        primal = [b for b in train.blocks if self.primal[b.name]]
-        dual = [b for b in train.blocks if not self.primal[b.name]]
         f64 = dict(dtype=torch.float64, device=train.device)
+        primal = [g for g in self.groups if g.size <= self.n]
+        dual = [g for g in self.groups if g.size > self.n]
+        stats: dict[str, torch.Tensor] = {}  # name -> F (D_b × D_b, primal) or K (n × n, Woodbury), float64
 
         if primal:
-            F = {b.name: torch.zeros(b.size, b.size, **f64) for b in primal}
-            for _, chunk in train.chunks():
-                for b in primal:
-                    G = chunk[b.name]
+            F = [torch.zeros(len(g.names), g.size, g.size, **f64) for g in primal]
+            for _, chunk in train.chunks([name for g in primal for name in g.names]):
+                for i, g in enumerate(primal):
+                    G = stack_group(chunk, g)
                     # float64 accumulation: F's rounding would cost ~κ·eps of the answer
-                    F[b.name] += self.backend.gfim(G.reshape(G.shape[0], 1, -1), dtype=torch.float64)
-            self._allreduce_dict(F)  # the primal block Fisher over every rank's samples
-
+                    F[i] += self.backend.gfim(G.unsqueeze(2), dtype=torch.float64)
+            self._allreduce_list(F)  # the primal block Fisher over every rank's samples
+            for g, f in zip(primal, F):
+                stats.update({name: f[k] for k, name in enumerate(g.names)})
         if dual and self.comm is not None:
-            K = self._gram_sharded(train, dual)
+            stats.update(self._gram_sharded(train, [b for b in train.blocks if not self.primal[b.name]]))
         elif dual:
-            K = {b.name: torch.empty(train.n, train.n, **f64) for b in dual}
-            for s1, c1 in train.chunks():  # Gram by chunk pairs (lower triangle, mirrored)
-                for s2, c2 in train.chunks():
-                    if s2 > s1:
-                        break
-                    for b in dual:
-                        G1, G2 = c1[b.name], c2[b.name]
-                        blk = self.backend.gram(G1.reshape(G1.shape[0], -1), G2.reshape(G2.shape[0], -1), torch.float64)
-                        K[b.name][s1 : s1 + blk.shape[0], s2 : s2 + blk.shape[1]] = blk
-                        K[b.name][s2 : s2 + blk.shape[1], s1 : s1 + blk.shape[0]] = blk.T
+            for g in dual:
+                stats.update(self._grams(train, g))
         if self.needs_damping:  # trace(Σ g gᵀ) = trace(G Gᵀ) = Σ_i ‖g_i‖²: λ without a norms pass
-            self._damping_from_totals(train, {
-                b.name: float((F[b.name] if self.primal[b.name] else K[b.name]).diagonal().sum()) for b in train.blocks
-            })
-        for b in primal:
-            A = F.pop(b.name) / self.n
-            A.diagonal().add_(self.lam[b.name])
+            names = [b.name for b in train.blocks]
+            traces = torch.stack([stats[name].diagonal().sum() for name in names]).tolist()  # one host read
+            self._damping_from_totals(train, dict(zip(names, traces)))
+        for b in train.blocks:
+            A = stats.pop(b.name)
+            if self.primal[b.name]:
+                A /= self.n
+                A.diagonal().add_(self.lam[b.name])
+            else:
+                A.diagonal().add_(self.n * self.lam[b.name])  # M = nλI + K
             self.chol[b.name] = torch.linalg.cholesky(A)
-        if dual:
-            for b in dual:
-                M = K[b.name]
-                M.diagonal().add_(self.n * self.lam[b.name])
-                self.chol[b.name] = torch.linalg.cholesky(M)
+            del A
+
+    def _grams(self, train, g: BlockGroup) -> dict[str, torch.Tensor]:
+        """{name: K = G Gᵀ (n × n, float64)} of a Woodbury group: each block read once (module docstring)."""
+        per_block = train.n * g.size * (train.grad_dtype.itemsize + 8)
+        step = max(1, min(len(g.names), GRAM_BYTES // per_block))
+        out = {}
+        for lo in range(0, len(g.names), step):
+            sub = BlockGroup(g.names[lo : lo + step], g.rows, g.cols)
+            if train.num_chunks == 1:  # all n samples in one chunk: no gather
+                G = stack_group(next(iter(train.chunks(sub.names)))[1], sub)
+            else:
+                G = None
+                for start, chunk in train.chunks(sub.names):
+                    part = stack_group(chunk, sub)
+                    if G is None:
+                        G = torch.empty(len(sub.names), train.n, g.size, dtype=part.dtype, device=part.device)
+                    G[:, start : start + part.shape[1]] = part
+            K = self.backend.gram(G, G, torch.float64)
+            del G
+            out.update({name: K[k] for k, name in enumerate(sub.names)})
+        return out
 
     def _gram_sharded(self, train, dual) -> dict[str, torch.Tensor]:
         """The global Woodbury Grams on every rank (module docstring): row blocks by all-gathered chunks."""
@@ -110,57 +137,65 @@ class Exact(Method):
             self._allreduce(K[b.name])
         return K
 
-    def _woodbury_scores(self, P: torch.Tensor, name: str) -> torch.Tensor:
-        """Dots `P` (m, n) float64 = V Gᵀ of one Woodbury block -> its scores −n P M⁻¹ (float64)."""
-        return -self.n * torch.cholesky_solve(P.T, self.chol[name]).T
+    def _woodbury_scores(self, P: torch.Tensor, g: BlockGroup) -> torch.Tensor:
+        """Dots `P` (b, m, n) float64 = V Gᵀ of a Woodbury group -> its scores −n P M⁻¹ per block (float64)."""
+        L = torch.stack([self.chol[name] for name in g.names])
+        return -self.n * torch.cholesky_solve(P.mT, L).mT
+
+    def _primal_H(self, v: torch.Tensor, g: BlockGroup) -> torch.Tensor:
+        """`v` (b, m, D) float64 of a primal group -> H = v (F + λI)⁻¹."""
+        L = torch.stack([self.chol[name] for name in g.names])
+        return torch.cholesky_solve(v.mT, L).mT
 
     def precondition(self, queries):
         """H in float64. Woodbury blocks: H = (V − P M⁻¹ G)/λ, built in float64
         (two passes); `influence` avoids it when scoring the training set."""
-        V = {name: q.reshape(q.shape[0], -1).double() for name, q in queries.items()}
-        H = {name: torch.cholesky_solve(V[name].T, self.chol[name]).T for name in V if self.primal[name]}
-        dual = [name for name in V if not self.primal[name]]
+        V = self._stacked(queries, torch.float64)
+        H = [self._primal_H(v, g) if self.primal[g.names[0]] else None for g, v in zip(self.groups, V)]
+        dual = [i for i, g in enumerate(self.groups) if not self.primal[g.names[0]]]
         if dual:
-            P = self._dual_dots({name: V[name] for name in dual})
+            P = self._dual_dots({i: V[i] for i in dual})
             # M⁻¹ P over the global columns; this rank's columns weight its own samples
-            C = {name: self._local_columns(self._woodbury_scores(self._all_columns(P[name]), name)) / -self.n
-                 for name in dual}
-            acc = {name: torch.zeros_like(V[name]) for name in dual}
-            for start, chunk in self.train.chunks():
-                for name in dual:
-                    G = chunk[name]
-                    acc[name] += self.backend.weighted_sum(C[name][:, start : start + G.shape[0]], G.reshape(G.shape[0], -1))
-            self._allreduce_dict(acc)
-            for name in dual:
-                H[name] = (V[name] - acc[name]) / self.lam[name]
-        return {name: H[name] for name in V}
+            C = {i: self._local_columns(self._woodbury_scores(self._all_columns(P[i]), self.groups[i])) / -self.n
+                 for i in dual}
+            acc = {i: torch.zeros_like(V[i]) for i in dual}
+            for start, chunk in self.train.chunks(self._names(dual)):
+                for i in dual:
+                    G = stack_group(chunk, self.groups[i])
+                    acc[i] += self.backend.weighted_sum(C[i][..., start : start + G.shape[1]], G)
+            self._allreduce_list(list(acc.values()))
+            for i in dual:
+                H[i] = (V[i] - acc[i]) / self._group_lam(self.groups[i], torch.float64)
+        return self._unstacked(H)
 
-    def _dual_dots(self, V: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One pass: P = V Gᵀ (m, n_local) for the given Woodbury blocks."""
-        P = {name: torch.empty(v.shape[0], self.train.n, dtype=v.dtype, device=v.device) for name, v in V.items()}
-        for start, chunk in self.train.chunks():
-            for name, v in V.items():
-                G = chunk[name]
-                P[name][:, start : start + G.shape[0]] = self.backend.dots(G.reshape(G.shape[0], -1), v)
+    def _names(self, group_indices) -> list[str]:
+        return [name for i in group_indices for name in self.groups[i].names]
+
+    def _dual_dots(self, V: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """One pass: P = V Gᵀ (b, m, n_local) for the given Woodbury groups."""
+        P = {i: v.new_empty(*v.shape[:2], self.train.n) for i, v in V.items()}
+        for start, chunk in self.train.chunks(self._names(V)):
+            for i, v in V.items():
+                G = stack_group(chunk, self.groups[i])
+                P[i][..., start : start + G.shape[1]] = self.backend.dots(G, v)
         return P
 
     def influence(self, queries):
         """(m, n) in one pass: primal blocks score H Gᵀ, Woodbury blocks need only the dots."""
-        V = self._flat(queries)
-        H = {name: torch.cholesky_solve(V[name].double().T, self.chol[name]).T for name in V if self.primal[name]}
-        dual = {name: V[name].double() for name in V if not self.primal[name]}  # float64 dots (module docstring)
-        m = next(iter(V.values())).shape[0]
+        V = self._stacked(queries, torch.float64)  # float64 dots (module docstring)
+        dual = {i: v for i, (g, v) in enumerate(zip(self.groups, V)) if not self.primal[g.names[0]]}
+        H = {i: self._primal_H(v, g) for i, (g, v) in enumerate(zip(self.groups, V)) if i not in dual}
+        m = V[0].shape[1]
         out = torch.zeros(m, self.train.n, dtype=torch.float64, device=self.train.device)
-        P = {name: torch.empty(m, self.train.n, dtype=torch.float64, device=out.device) for name in dual}
+        P = {i: v.new_empty(*v.shape[:2], self.train.n) for i, v in dual.items()}
         for start, chunk in self.train.chunks():
-            for name, G in chunk.items():
-                G = G.reshape(G.shape[0], -1)
-                if name in dual:
-                    P[name][:, start : start + G.shape[0]] = self.backend.dots(G, dual[name])
+            for i, (g, G) in enumerate(self._grouped(chunk)):
+                if i in dual:
+                    P[i][..., start : start + G.shape[1]] = self.backend.dots(G, dual[i])
                 else:
-                    out[:, start : start + G.shape[0]] += self.backend.score(H[name], G)
-        for name in dual:
-            out += self._local_columns(self._woodbury_scores(self._all_columns(P[name]), name))
+                    out[:, start : start + G.shape[1]] += self.backend.score(H[i], G)
+        for i in dual:
+            out += self._local_columns(self._woodbury_scores(self._all_columns(P[i]), self.groups[i]).sum(dim=0))
         return out
 
     def self_influence(self, train):
@@ -170,11 +205,11 @@ class Exact(Method):
             if not self.primal[b.name]:
                 m_inv_diag = self._local_columns(torch.cholesky_inverse(self.chol[b.name]).diagonal())
                 out -= self.n * (1 - self.n * self.lam[b.name] * m_inv_diag)
-        if any(self.primal.values()):
-            for start, chunk in train.chunks():
-                for name, G in chunk.items():
-                    if self.primal[name]:
-                        g = G.reshape(G.shape[0], -1).double()
-                        h = torch.cholesky_solve(g.T, self.chol[name]).T
-                        out[start : start + g.shape[0]] -= (h * g).sum(dim=1)
+        primal = [i for i, g in enumerate(self.groups) if self.primal[g.names[0]]]
+        if primal:
+            for start, chunk in train.chunks(self._names(primal)):
+                for i in primal:
+                    g = stack_group(chunk, self.groups[i]).double()
+                    h = self._primal_H(g, self.groups[i])
+                    out[start : start + g.shape[1]] -= (h * g).sum(dim=(0, 2))
         return out

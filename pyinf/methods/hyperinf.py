@@ -47,44 +47,34 @@ class HyperINF(Method):
 
     def _fit(self, train):
         it, tol = self.opts["iterations"], self.opts["tol"]
-        # GFIMs accumulate straight into one float64 stack per cols, which
+        # GFIMs accumulate straight into one float64 stack per group, which
         # becomes A in place: no second copy of the largest tensor of the fit.
         # Each chunk's GFIM is accumulated in float64 too: with n·rows < cols
         # (8 × 5120 blocks, a few hundred samples) Φ is singular, κ(A) ~ λ_max/λ,
         # and fp32 rounding of Φ cost ~1e-4 of the scores at damping 0.01.
-        groups: dict[int, list] = {}
-        for b in train.blocks:
-            groups.setdefault(b.cols, []).append(b)
-        where = {b.name: (b.cols, i) for group in groups.values() for i, b in enumerate(group)}
-        stacks = {
-            cols: torch.zeros(len(group), cols, cols, dtype=torch.float64, device=train.device)
-            for cols, group in groups.items()
-        }
+        f64 = dict(dtype=torch.float64, device=train.device)
+        stacks = [torch.zeros(len(g.names), g.cols, g.cols, **f64) for g in self.groups]
         for _, chunk in train.chunks():
-            for name, G in chunk.items():
-                cols, i = where[name]
-                stacks[cols][i] += self.backend.gfim(G, dtype=torch.float64)
-        for stack in stacks.values():
-            self._allreduce(stack)  # GFIM sums over every rank's samples
+            for i, (g, G) in enumerate(self._grouped(chunk)):
+                stacks[i] += self.backend.gfim(G.unflatten(-1, (g.rows, g.cols)), dtype=torch.float64)
+        self._allreduce_list(stacks)  # GFIM sums over every rank's samples
         if self.needs_damping:
-            self._damping_from_totals(train, {
-                b.name: float(stacks[cols][i].diagonal().sum()) for b in train.blocks for cols, i in [where[b.name]]
-            })
-        self.inverse: dict[str, torch.Tensor] = {}
-        for cols, group in groups.items():
-            A = stacks.pop(cols)
-            f64 = dict(dtype=torch.float64, device=train.device)
-            A /= torch.tensor([self.n * b.rows for b in group], **f64)[:, None, None]
-            A.diagonal(dim1=1, dim2=2).add_(torch.tensor([self.lam[b.name] for b in group], **f64)[:, None])
+            traces = torch.cat([A.diagonal(dim1=1, dim2=2).sum(dim=1) for A in stacks]).tolist()  # one host read
+            self._damping_from_totals(train, dict(zip([n for g in self.groups for n in g.names], traces)))
+        self.inverse: list[torch.Tensor] = []
+        for g in self.groups:
+            A = stacks.pop(0)
+            A /= self.n * g.rows
+            A.diagonal(dim1=1, dim2=2).add_(self._group_lam(g, torch.float64).view(-1, 1))
             X, residual, steps = self.backend.spd_inverse(A, iterations=it, tol=tol, solver=self.opts["solver"])
             del A
             if steps == it and residual >= tol:  # only Schulz iterates; Cholesky reports 0 steps
-                self._warn_not_converged(f"Schulz ({cols} × {cols})", it, residual, tol)
-            for b, x in zip(group, X):
-                self.inverse[b.name] = x
+                self._warn_not_converged(f"Schulz ({g.cols} × {g.cols})", it, residual, tol)
+            self.inverse.append(X)
 
     def precondition(self, queries):
-        return {
-            name: (V.to(torch.float64) @ self.inverse[name]).reshape(V.shape[0], -1)
-            for name, V in queries.items()
-        }
+        V = self._stacked(queries, torch.float64)
+        return self._unstacked([
+            (v.unflatten(-1, (g.rows, g.cols)) @ X.unsqueeze(1)).flatten(-2)
+            for g, v, X in zip(self.groups, V, self.inverse)
+        ])

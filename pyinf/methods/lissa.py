@@ -23,14 +23,15 @@ class LiSSA(Method):
     name = "lissa"
     options = {"iterations": 1000, "scale": None, "tol": 1e-5}
 
-    def _fisher_products(self, X: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One pass: F X for every block, X {name: (k, D_b)}."""
-        out = {name: torch.zeros_like(x) for name, x in X.items()}
-        w = torch.full((self.train.chunk_size,), 1.0 / self.n, dtype=self.dtype, device=self.train.device)
+    def _fisher_products(self, X: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One pass: F X for every block, X one `(b, k, D)` stack per group."""
+        out = [torch.zeros_like(x) for x in X]
+        w = [torch.full((len(g.names), self.train.chunk_size), 1.0 / self.n, dtype=self.dtype, device=self.train.device)
+             for g in self.groups]
         for _, chunk in self.train.chunks():
-            for name, G in chunk.items():
-                self.backend.rank_one_accumulate(out[name], G.reshape(G.shape[0], -1), X[name], w[: G.shape[0]])
-        return self._allreduce_dict(out)  # F X over every rank's samples (power iteration and recursion)
+            for i, (_, G) in enumerate(self._grouped(chunk)):
+                self.backend.rank_one_accumulate(out[i], G, X[i], w[i][:, : G.shape[1]].contiguous())
+        return self._allreduce_list(out)  # F X over every rank's samples (power iteration and recursion)
 
     def _check_options(self):
         self._check_positive_int("iterations")
@@ -42,35 +43,41 @@ class LiSSA(Method):
             self.scale = {b.name: float(self.opts["scale"]) for b in train.blocks}
             return
         gen = torch.Generator().manual_seed(0)
-        u = {
-            b.name: torch.randn(1, b.size, generator=gen, dtype=torch.float64).to(self.dtype).to(train.device)
-            for b in train.blocks
-        }
-        top = {}
+        u = [torch.randn(len(g.names), 1, g.size, generator=gen, dtype=torch.float64).to(self.dtype).to(train.device)
+             for g in self.groups]
+        top = []
         for _ in range(POWER_ITERATIONS):
             # clamp: an all-zero block (absolute damping) has F = 0, so F u = 0
-            u = {name: x / x.norm().clamp_min(torch.finfo(x.dtype).tiny) for name, x in u.items()}
+            u = [x / x.norm(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(x.dtype).tiny) for x in u]
             Fu = self._fisher_products(u)
-            top = {name: (u[name] * Fu[name]).sum() for name in u}  # kept on the device until the end
+            top = [(x * fx).sum(dim=(1, 2)) for x, fx in zip(u, Fu)]  # kept on the device until the end
             u = Fu
-        self.scale = {name: 1.1 * (float(t) + self.lam[name]) for name, t in top.items()}
+        names = [name for g in self.groups for name in g.names]
+        top = torch.cat(top).tolist()  # one host read
+        self.scale = {name: 1.1 * (t + self.lam[name]) for name, t in zip(names, top)}
+
+    def _group_scale(self, g) -> torch.Tensor:
+        return torch.tensor([self.scale[name] for name in g.names], dtype=self.dtype,
+                            device=self.train.device).view(-1, 1, 1)
 
     def precondition(self, queries):
-        V = self._flat(queries)
+        V = self._stacked(queries)
         iterations, tol = self.opts["iterations"], self.opts["tol"]
-        v_norm = {name: v.norm().clamp_min(torch.finfo(v.dtype).tiny) for name, v in V.items()}
-        h = {name: v.clone() for name, v in V.items()}
+        lam = [self._group_lam(g) for g in self.groups]
+        scale = [self._group_scale(g) for g in self.groups]
+        v_norm = [v.norm(dim=(1, 2)).clamp_min(torch.finfo(v.dtype).tiny) for v in V]
+        h = [v.clone() for v in V]
         residual = float("inf")
         for _ in range(iterations):
             Fh = self._fisher_products(h)
             residuals = []
-            for name in h:
+            for i in range(len(h)):
                 # step = v − (F + λI) h / s, the residual of A (h/s) = v
-                step = V[name] - (Fh[name] + self.lam[name] * h[name]) / self.scale[name]
-                h[name] += step
-                residuals.append(step.norm() / v_norm[name])
+                step = V[i] - (Fh[i] + lam[i] * h[i]) / scale[i]
+                h[i] += step
+                residuals.append(step.norm(dim=(1, 2)) / v_norm[i])
             # one host read an iteration (not one per block); the same exit on every rank
-            residual = self._allmax(float(torch.stack(residuals).max()))
+            residual = self._allmax(float(torch.cat(residuals).max()))
             if not residual <= 1e30:  # NaN or exploding
                 raise ValueError(
                     f"lissa diverged (residual {residual:.3g}): scale {self.scale} is below (λ_max + λ)/2; "
@@ -80,4 +87,4 @@ class LiSSA(Method):
                 break
         else:
             self._warn_not_converged("the LiSSA recursion", iterations, residual, tol)
-        return {name: h[name] / self.scale[name] for name in h}
+        return self._unstacked([x / s for x, s in zip(h, scale)])

@@ -12,4 +12,4 @@ class TracIn(Method):
     needs_damping = False  # the damping is accepted for uniformity and unused
 
     def precondition(self, queries):
-        return self._flat(queries)
+        return self._unstacked(self._stacked(queries))
