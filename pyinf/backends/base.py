@@ -81,10 +81,11 @@ class Backend(ABC):
         """`H` ([b,] m, D), `G` ([b,] c, D) -> `(m, c)`: −Σ_b H_b G_bᵀ (summed over the blocks)."""
 
     def spd_inverse(
-        self, A: torch.Tensor, *, iterations: int, tol: float, solver: str = "auto"
+        self, A: torch.Tensor, *, iterations: int, tol: float, solver: str = "auto", out: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, float, int]:
         """`A` (b, k, k) SPD (float64) -> (X ≈ A⁻¹ float64, max ‖I − AX‖_F/√k, steps);
         the residual is NaN where no iteration ran (Cholesky: backward stable, not checked).
+        `out` may be `A` itself (the inverse overwrites A, block group by block group).
 
         `solver`: "schulz" (X ← X(2I − AX) from X_0 = I/‖A‖_F, at most
         `iterations` steps, stop at residual < `tol`), "cholesky", or "auto"
@@ -94,4 +95,4 @@ class Backend(ABC):
         """
         from .torch_backend import spd_inverse
 
-        return spd_inverse(A, iterations=iterations, tol=tol, solver=solver)
+        return spd_inverse(A, iterations=iterations, tol=tol, solver=solver, out=out)

@@ -57,8 +57,8 @@ class TorchBackend(Backend):
         S = H @ _upcast(G, H).mT
         return -(S if S.dim() == 2 else S.sum(0))
 
-    def spd_inverse(self, A, *, iterations, tol, solver="auto"):
-        return spd_inverse(A, iterations=iterations, tol=tol, solver=solver)
+    def spd_inverse(self, A, *, iterations, tol, solver="auto", out=None):
+        return spd_inverse(A, iterations=iterations, tol=tol, solver=solver, out=out)
 
 
 def symmetric_from_upper(A: torch.Tensor) -> torch.Tensor:
@@ -95,40 +95,41 @@ def schulz_inverse(A: torch.Tensor, iterations: int, tol: float) -> tuple[torch.
     raise AssertionError("unreachable")
 
 
-def cholesky_inverse(A: torch.Tensor, group: int | None = None) -> tuple[torch.Tensor, float, int] | None:
-    """Batched SPD inverse by float64 Cholesky, `group` blocks at a time.
-
-    Returns (X, nan, 0): no residual ‖I − AX‖ is formed (a 2k³ GEMM per block,
-    more flops than the factor and inverse together, ~4k³/3, and one more k × k
-    temporary; Cholesky is backward stable, so there is nothing to check), or
-    None when a block is not numerically positive definite (the caller then
-    falls back to Schulz).
-    """
-    b, k, _ = A.shape
-    group = group or b
-    out = torch.empty(b, k, k, dtype=torch.float64, device=A.device)
-    for s in range(0, b, group):
-        L, info = torch.linalg.cholesky_ex(A[s : s + group].double())
-        if bool((info != 0).any()):
-            return None
-        out[s : s + group] = torch.cholesky_inverse(L)
-        del L
-    return out, math.nan, 0
-
-
-def spd_inverse(A: torch.Tensor, *, iterations: int, tol: float, solver: str = "auto", group: int | None = None):
+def spd_inverse(A: torch.Tensor, *, iterations: int, tol: float, solver: str = "auto",
+                group: int | None = None, out: torch.Tensor | None = None, schulz=schulz_inverse):
     """The reference `Backend.spd_inverse`: float64 Cholesky ("auto", "cholesky") or Schulz.
 
     "auto" is Cholesky: k³/3 flops for the factor (+ k³ for the inverse) against
     ≥ 4k³ per Schulz step and tens of steps, and backward stable, so it is the
     faster and more accurate solver on every device measured (CPU here; on an
-    H100 at 160 blocks of 5120², ~70× faster than 60 fp32 Schulz steps).
-    A block that is not numerically positive definite falls back to Schulz.
+    H100 at 160 blocks of 5120², ~70× faster than 60 fp32 Schulz steps). No
+    residual ‖I − AX‖ is formed after Cholesky (a 2k³ GEMM per block, more
+    flops than the factor and the inverse together, and one more k × k
+    temporary; Cholesky is backward stable, so there is nothing to check).
+
+    Blocks are solved `group` at a time (default: all); a group that is not
+    numerically positive definite falls back to `schulz` (the float64
+    reference, or a backend's kernels) on its own. `out` (default: a new
+    tensor) may be `A` itself: each group is overwritten by its inverse once
+    factored, so the solve needs only one group's factor and inverse beside A.
+    Returns (X, max Schulz residual or NaN where Schulz never ran, max Schulz steps).
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-    if solver in ("auto", "cholesky"):
-        out = cholesky_inverse(A, group)
-        if out is not None:
-            return out
-    return schulz_inverse(A, iterations, tol)
+    b = A.shape[0]
+    group = group or b
+    out = torch.empty(A.shape, dtype=torch.float64, device=A.device) if out is None else out
+    residual, steps = math.nan, 0
+    for s in range(0, b, group):
+        part, X = A[s : s + group], None
+        if solver in ("auto", "cholesky"):
+            L, info = torch.linalg.cholesky_ex(part.double())
+            if not bool((info != 0).any()):
+                X = torch.cholesky_inverse(L)
+            del L
+        if X is None:
+            X, r, n = schulz(part, iterations, tol)
+            residual, steps = (r if math.isnan(residual) else max(residual, r)), max(steps, n)
+        out[s : s + group] = X
+        del X
+    return out, residual, steps

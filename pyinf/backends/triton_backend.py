@@ -46,9 +46,8 @@ from __future__ import annotations
 import torch
 
 from .base import Backend
-from .torch_backend import TorchBackend, cholesky_inverse
+from .torch_backend import TorchBackend, schulz_inverse, spd_inverse
 
-SOLVERS = ("auto", "schulz", "cholesky")
 #: Schulz precision for `tl.dot` ("ieee" default, "tf32x3" to experiment; see kernels/schulz.py).
 SCHULZ_PRECISION = "ieee"
 
@@ -130,17 +129,16 @@ class TritonBackend(Backend):
             return self._ref.score(H, G)
         return self._score.score(self._f32(H), G.contiguous())
 
-    def spd_inverse(self, A, *, iterations, tol, solver="auto"):
-        if solver not in SOLVERS:
-            raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    def spd_inverse(self, A, *, iterations, tol, solver="auto", out=None):
         b, k, _ = A.shape
-        if solver in ("auto", "cholesky"):
-            out = cholesky_inverse(A, group=_group_size(b, k, A.device, bytes_per_entry=3 * 8))  # A, L, X
-            if out is not None:
-                return out
-        if A.device.type != "cuda" and not _interpreting():
-            return self._ref.spd_inverse(A, iterations=iterations, tol=tol, solver="schulz")
-        return self._schulz.schulz_inverse(A, iterations, tol, precision=SCHULZ_PRECISION)
+        group = _group_size(b, k, A.device, bytes_per_entry=(2 if out is not None else 3) * 8)  # [A,] L, X
+
+        def schulz(part, it, tol_):
+            if part.device.type != "cuda" and not _interpreting():
+                return schulz_inverse(part, it, tol_)
+            return self._schulz.schulz_inverse(part, it, tol_, precision=SCHULZ_PRECISION)
+
+        return spd_inverse(A, iterations=iterations, tol=tol, solver=solver, group=group, out=out, schulz=schulz)
 
 
 def _group_size(b: int, k: int, device: torch.device, bytes_per_entry: int) -> int:

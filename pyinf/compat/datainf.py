@@ -89,17 +89,18 @@ class _OriginalLiSSA(Method):
     options = {"n_iteration": 10, "alpha_const": 1.0}
 
     def precondition(self, queries):
-        V = self._flat(queries)
+        V = self._stacked(queries)
+        lam = [self._group_lam(g) for g in self.groups]
         alpha = float(self.opts["alpha_const"])
-        H = dict(V)
+        H = list(V)
         for _ in range(int(self.opts["n_iteration"])):
-            FH = {name: torch.zeros_like(h) for name, h in H.items()}  # (1/n) sum_i <g_i, h> g_i
+            FH = [torch.zeros_like(h) for h in H]  # (1/n) sum_i <g_i, h> g_i
             for _, chunk in self.train.chunks():
-                for name, G in chunk.items():
-                    w = torch.full((G.shape[0],), 1.0 / self.n, dtype=self.dtype, device=G.device)
-                    self.backend.rank_one_accumulate(FH[name], G.reshape(G.shape[0], -1), H[name], w)
-            H = {name: V[name] + H[name] - alpha * (FH[name] - self.lam[name] * H[name]) for name in H}
-        return H
+                for i, (_, G) in enumerate(self._grouped(chunk)):
+                    w = torch.full(G.shape[:2], 1.0 / self.n, dtype=self.dtype, device=G.device)
+                    self.backend.rank_one_accumulate(FH[i], G, H[i], w)
+            H = [v + h - alpha * (fh - lm * h) for v, h, fh, lm in zip(V, H, FH, lam)]
+        return self._unstacked(H)
 
 
 def _weight_names(val_grad_dict: GradDict) -> tuple[list[Hashable], list[str], dict[str, torch.Size]]:

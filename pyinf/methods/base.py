@@ -143,19 +143,21 @@ class Method:
         self.sq_norms = {name: s[k] for g, s in zip(self.groups, norms) for k, name in enumerate(g.names)}
 
     def _set_damping(self, totals: dict[str, float]) -> None:
-        """λ_b from Σ_i ‖g_ib‖² over every rank's samples (relative damping), or the absolute damping."""
-        for b in self.blocks:
+        """λ_b of the blocks named in `totals` from Σ_i ‖g_ib‖² over every rank's samples (relative
+        damping), or the absolute damping."""
+        size = {b.name: b.size for b in self.blocks}
+        for name, total in totals.items():
             if self.damping_mode == "absolute":
-                self.lam[b.name] = self.damping
+                self.lam[name] = self.damping
                 continue
-            lam = self.damping * (totals[b.name] / self.n) / b.size
+            lam = self.damping * (total / self.n) / size[name]
             if lam == 0.0:
                 raise ValueError(
-                    f"block '{b.name}': all train gradients are zero, so relative damping gives λ = 0 "
+                    f"block '{name}': all train gradients are zero, so relative damping gives λ = 0 "
                     f"(PEFT initialises LoRA B to zero, so g_A is zero before training); drop the block, "
                     f"train the adapter first, or use damping_mode='absolute'"
                 )
-            self.lam[b.name] = lam
+            self.lam[name] = lam
 
     def _group_lam(self, g: BlockGroup, dtype: torch.dtype | None = None) -> torch.Tensor:
         """λ of the group's blocks as a `(b, 1, 1)` tensor on the training device."""

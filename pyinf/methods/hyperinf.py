@@ -19,10 +19,43 @@ from __future__ import annotations
 
 import torch
 
+from ..blocks import BlockGroup, stack_group
 from .base import Method
 
 MAX_FLAT_COLS = 8192
+# Float64 GFIMs accumulated at once: a slice of a group (at the 13B shape, 20 blocks of 5120²).
+SLICE_BYTES = 4 << 30
+# Blocks factored at once inside a slice (each needs a k × k factor and inverse beside it).
+SOLVE_GROUP = 4
 
+
+class SymmetricPairs:
+    """b symmetric k × k float64 matrices in ⌈b/2⌉ · k · (k + 1) entries, half the bytes of a stack.
+
+    Matrix 2p keeps its upper triangle (with the diagonal) in columns 1..k of
+    `data[p]`, matrix 2p + 1 its lower triangle in columns 0..k−1: in row i
+    the first uses columns > i, the second columns ≤ i, so they never overlap.
+    """
+
+    def __init__(self, b: int, k: int, device: torch.device):
+        self.data = torch.zeros((b + 1) // 2, k, k + 1, dtype=torch.float64, device=device)
+
+    def put(self, i: int, X: torch.Tensor) -> None:
+        """Store symmetric `X` as matrix `i` (once: adding the triangle's zeros leaves the partner intact)."""
+        p, odd = divmod(i, 2)
+        if odd:
+            self.data[p, :, :-1] += X.tril()
+        else:
+            self.data[p, :, 1:] += X.triu()
+
+    def get(self, i: int) -> torch.Tensor:
+        """Matrix `i`, whole (a new k × k tensor)."""
+        p, odd = divmod(i, 2)
+        if odd:
+            T = self.data[p, :, :-1].tril()
+            return T + T.tril(-1).mT
+        T = self.data[p, :, 1:].triu()
+        return T + T.triu(1).mT
 
 class HyperINF(Method):
     name = "hyperinf"
@@ -46,35 +79,44 @@ class HyperINF(Method):
                 )
 
     def _fit(self, train):
+        """Per slice of a group: one pass over its blocks accumulates their GFIMs in float64 (with
+        n·rows < cols, 8 × 5120 blocks and a few hundred samples, Φ is singular and κ(A) ~ λ_max/λ:
+        fp32 rounding of Φ cost ~1e-4 of the scores at damping 0.01), λ from their traces, then
+        their inverses in place, kept packed (`SymmetricPairs`). G is read once in all; the memory
+        is the packed inverses (half a float64 stack) plus one slice."""
         it, tol = self.opts["iterations"], self.opts["tol"]
-        # GFIMs accumulate straight into one float64 stack per group, which
-        # becomes A in place: no second copy of the largest tensor of the fit.
-        # Each chunk's GFIM is accumulated in float64 too: with n·rows < cols
-        # (8 × 5120 blocks, a few hundred samples) Φ is singular, κ(A) ~ λ_max/λ,
-        # and fp32 rounding of Φ cost ~1e-4 of the scores at damping 0.01.
-        f64 = dict(dtype=torch.float64, device=train.device)
-        stacks = [torch.zeros(len(g.names), g.cols, g.cols, **f64) for g in self.groups]
-        for _, chunk in train.chunks():
-            for i, (g, G) in enumerate(self._grouped(chunk)):
-                stacks[i] += self.backend.gfim(G.unflatten(-1, (g.rows, g.cols)), dtype=torch.float64)
-        self._allreduce_list(stacks)  # GFIM sums over every rank's samples
-        if self.needs_damping:
-            traces = torch.cat([A.diagonal(dim1=1, dim2=2).sum(dim=1) for A in stacks]).tolist()  # one host read
-            self._damping_from_totals(train, dict(zip([n for g in self.groups for n in g.names], traces)))
-        self.inverse: list[torch.Tensor] = []
-        for g in self.groups:
-            A = stacks.pop(0)
-            A /= self.n * g.rows
-            A.diagonal(dim1=1, dim2=2).add_(self._group_lam(g, torch.float64).view(-1, 1))
-            X, residual, steps = self.backend.spd_inverse(A, iterations=it, tol=tol, solver=self.opts["solver"])
-            del A
-            if steps == it and residual >= tol:  # only Schulz iterates; Cholesky reports 0 steps
-                self._warn_not_converged(f"Schulz ({g.cols} × {g.cols})", it, residual, tol)
-            self.inverse.append(X)
+        self.inverse = [SymmetricPairs(len(g.names), g.cols, train.device) for g in self.groups]
+        for gi, g in enumerate(self.groups):
+            step = max(1, min(len(g.names), SLICE_BYTES // (g.cols * g.cols * 8)))
+            for lo in range(0, len(g.names), step):
+                sub = BlockGroup(g.names[lo : lo + step], g.rows, g.cols)
+                A = torch.zeros(len(sub.names), g.cols, g.cols, dtype=torch.float64, device=train.device)
+                for _, chunk in train.chunks(sub.names):
+                    A += self.backend.gfim(stack_group(chunk, sub).unflatten(-1, (g.rows, g.cols)), dtype=torch.float64)
+                self._allreduce(A)  # GFIM sums over every rank's samples
+                if self.needs_damping:
+                    traces = A.diagonal(dim1=1, dim2=2).sum(dim=1).tolist()  # one host read a slice
+                    self._damping_from_totals(train, dict(zip(sub.names, traces)))
+                A /= self.n * g.rows
+                A.diagonal(dim1=1, dim2=2).add_(self._group_lam(sub, torch.float64).view(-1, 1))
+                for s in range(0, len(sub.names), SOLVE_GROUP):
+                    part = A[s : s + SOLVE_GROUP]
+                    _, residual, steps = self.backend.spd_inverse(
+                        part, iterations=it, tol=tol, solver=self.opts["solver"], out=part)
+                    if steps == it and residual >= tol:  # only Schulz iterates; Cholesky reports 0 steps
+                        self._warn_not_converged(f"Schulz ({g.cols} × {g.cols})", it, residual, tol)
+                for k in range(len(sub.names)):
+                    self.inverse[gi].put(lo + k, A[k])
+                del A
 
     def precondition(self, queries):
-        V = self._stacked(queries, torch.float64)
-        return self._unstacked([
-            (v.unflatten(-1, (g.rows, g.cols)) @ X.unsqueeze(1)).flatten(-2)
-            for g, v, X in zip(self.groups, V, self.inverse)
-        ])
+        """H_j = V_j A⁻¹ per block, in float64, returned in the compute dtype: the scoring pass then
+        runs the backend's kernels on G as stored (no float64 copy of G; at the 8 × 5120 shapes of
+        tests/test_real_shapes.py the scores stay within 1e-4 of float64)."""
+        H = []
+        for g, V, X in zip(self.groups, self._stacked(queries), self.inverse):
+            h = torch.empty_like(V)
+            for k in range(len(g.names)):  # float64 one block at a time
+                h[k] = (V[k].double().view(-1, g.rows, g.cols) @ X.get(k)).view(V.shape[1], -1)
+            H.append(h)
+        return self._unstacked(H)
