@@ -12,10 +12,9 @@ size, and wall time (capture + fit + score). Saves `demo_scores.pt`,
 from __future__ import annotations
 
 import json
-import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
