@@ -288,8 +288,20 @@ class Method:
         return [(g, stack_group(chunk, g)) for g in self.groups]
 
     def _stacked(self, queries: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
-        """Queries {name: (m, rows, cols)} as one `(b, m, D)` stack per group, in the compute dtype."""
-        return [stack_group(queries, g).to(dtype or self.dtype) for g in self.groups]
+        """Queries {name: (m, rows, cols)} as one `(b, m, D)` stack per group, in the compute dtype (or
+        `dtype`): a view when they are one already, else one copy straight into the stack's dtype."""
+        dtype = dtype or self.dtype
+        out = []
+        for g in self.groups:
+            first = queries[g.names[0]]
+            if first.dtype == dtype:
+                out.append(stack_group(queries, g))
+                continue
+            stack = torch.empty(len(g.names), first.shape[0], g.size, dtype=dtype, device=first.device)
+            for k, name in enumerate(g.names):
+                stack[k].copy_(queries[name].reshape(first.shape[0], -1))
+            out.append(stack)
+        return out
 
     def _unstacked(self, stacks: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per-group `(b, m, D)` stacks -> {name: (m, D)} views (what `precondition` returns)."""
