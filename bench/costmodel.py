@@ -296,7 +296,8 @@ class MetaRun(TorchDispatchMode):
 
 # -- the two entry paths ---------------------------------------------------------------------------
 def meta_grads(shape: Shape, count: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return {f"block{i}": torch.empty(count, shape.rows, shape.cols, dtype=dtype, device=META) for i in range(shape.blocks)}
+    return {f"block{i}": torch.empty(count, shape.rows, shape.cols, dtype=dtype, device=META)
+            for i in range(shape.blocks)}
 
 
 def attributor_store(shape: Shape, train: dict[str, torch.Tensor]):

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import pyinf
-from pyinf.blocks import Block
+from pyinf.blocks import Block, GradientSource
 from pyinf.methods import get_method
 from pyinf.store import make_store
 
@@ -118,7 +118,7 @@ def test_counting_backend_is_transparent(small):
     """Scores through the counting wrapper are the torch backend's, and every call is recorded."""
     train, queries, _ = small
     rec = cm.Recorder()
-    counted = get_method("datainf")(cm.CountingBackend(rec)).fit(pyinf.blocks.GradientSource(train, 4))
+    counted = get_method("datainf")(cm.CountingBackend(rec)).fit(GradientSource(train, 4))
     got = counted.influence(queries)
     want = pyinf.influence(train, queries, method="datainf", backend="torch", chunk_size=4)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
