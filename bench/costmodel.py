@@ -31,7 +31,7 @@ How (the numbers are counts on the real code, not estimates):
 
 Entry paths (each mirrors the code it names; update it with that code):
 
-- "influence": `pyinf.influence`: `as_blocks`, `GradientSource` with the
+- "influence": `pyinf.influence`: `as_blocks`, `TensorSource` with the
   default chunk size, `method.fit(train)`, `method.influence(queries)`;
   train and queries bf16.
 - "attributor": `Attributor.fit`/`score` with `store="auto"` on a GPU: the
@@ -60,7 +60,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pyinf.backends import get_backend
-from pyinf.blocks import Block, GradientSource, as_blocks
+from pyinf.blocks import Block, TensorSource, as_blocks
 from pyinf.methods import get_method
 from pyinf.store import make_store
 
@@ -173,8 +173,8 @@ class Recorder:
         """Within the `with`, each iteration of `source.chunks()` that yields is one pass (an instance patch)."""
         inner = source.chunks
 
-        def chunks():
-            it, index = inner(), None
+        def chunks(names=None):
+            it, index = inner(names), None
             try:
                 for item in it:
                     if index is None:
@@ -343,7 +343,7 @@ def run(method: str, path: str, shape: Shape = SHAPE_13B, options: dict | None =
             m = get_method(method)(CountingBackend(rec), **options)
             rec.phased(m)
             if path == "influence":  # pyinf.influence, default chunk size
-                source = GradientSource(as_blocks(train, "train_grads"))
+                source = TensorSource(as_blocks(train, "train_grads"))
                 V = as_blocks(queries, "query_grads", blocks=source.blocks)
                 with rec.counted_passes(source):
                     m.fit(source)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import pyinf
-from pyinf.blocks import Block, GradientSource
+from pyinf.blocks import Block, TensorSource
 from pyinf.methods import get_method
 from pyinf.store import make_store
 
@@ -91,34 +91,39 @@ def test_hand_count_datainf(small):
 
 
 def test_hand_count_exact(small):
-    """The Gram by chunk pairs: 6 pairs x 3 blocks; a diagonal pair reads its chunk once, the others two."""
+    """The Woodbury Gram block by block: one pass over each block's chunks gathers its n samples (no
+    calls inside), one gram call on the gathered copy; then one scoring pass of dots, 3 chunks x 3 blocks."""
     _, queries, store = small
     r = cm.run("exact", "attributor", store=store, queries=queries)
     assert r["stopped"] is None and r["scores_shape"] == [M, N]
-    # the outer Gram pass (its calls are in the inner passes), one inner pass per outer chunk, the dots
-    assert r["calls_per_pass"] == [0, 3, 6, 9, 9]
-    assert r["calls_by_primitive"] == {"gram": 18, "dots": 9}
-    # per block: diagonal pairs 4 + 4 + 2 samples, off-diagonal (4 + 4) + (2 + 4) + (2 + 4): 30 = 3 n
-    assert r["gram_reads_of_g"] == 3.0
-    assert r["gram_launches_per_block_group"] == 6.0
-    assert r["reads_of_g"] == 4.0
-    assert r["reads_of_g_by_phase"] == {"fit": 3.0, "influence": 1.0}
+    assert r["calls_per_pass"] == [0, 0, 0, 9]
+    assert r["calls_by_primitive"] == {"gram": 3, "dots": 9}
+    assert r["calls_on_copies_of_g"] == 3  # the gathered blocks
+    assert r["gram_reads_of_g"] == 1.0
+    assert r["gram_launches_per_block_group"] == 1.0
+    assert r["reads_of_g"] == 2.0
+    assert r["reads_of_g_by_phase"] == {"fit": 1.0, "influence": 1.0}
 
 
 def test_over_budget_stop():
-    """`stop_over_budget` ends a run at call MAX_CALLS_PER_PASS + 1 of a pass, and says so."""
-    shape = cm.Shape(blocks=cm.MAX_CALLS_PER_PASS + 1, rows=1, cols=3, n=2, m=1)
-    r = cm.run("tracin", "influence", shape=shape, stop_over_budget=True)
-    assert r["stopped"] == f"more than {cm.MAX_CALLS_PER_PASS} primitive calls in pass 0"
-    assert r["calls"] == cm.MAX_CALLS_PER_PASS + 1 and r["scores_shape"] is None
-    assert any("primitive calls in a pass" in v for v in cm.violations(r))
+    """`stop_over_budget` ends a run at call MAX_CALLS_PER_PASS + 1 of a pass, and says so: one block
+    of one sample per chunk makes one score call per sample."""
+    n = cm.MAX_CALLS_PER_PASS + 1
+    gen = torch.Generator().manual_seed(0)
+    rec = cm.Recorder(stop_over_budget=True)
+    source = TensorSource({"a": torch.randn(n, 1, 3, generator=gen)}, chunk_size=1)
+    m = get_method("tracin")(cm.CountingBackend(rec)).fit(source)
+    with pytest.raises(cm.OverBudget, match=f"more than {cm.MAX_CALLS_PER_PASS} primitive calls in pass 0"):
+        with rec.counted_passes(source):
+            m.influence({"a": torch.randn(1, 1, 3, generator=gen)})
+    assert len(rec.calls) == n
 
 
 def test_counting_backend_is_transparent(small):
     """Scores through the counting wrapper are the torch backend's, and every call is recorded."""
     train, queries, _ = small
     rec = cm.Recorder()
-    counted = get_method("datainf")(cm.CountingBackend(rec)).fit(GradientSource(train, 4))
+    counted = get_method("datainf")(cm.CountingBackend(rec)).fit(TensorSource(train, 4))
     got = counted.influence(queries)
     want = pyinf.influence(train, queries, method="datainf", backend="torch", chunk_size=4)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

@@ -72,9 +72,11 @@ class Backend(ABC):
         the compute dtype; float64: accumulated in float64, see the module docstring)."""
 
     @abstractmethod
-    def gfim(self, G: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def gfim(self, G: torch.Tensor, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """`G` ([b,] c, rows, cols) -> `([b,] cols, cols)`: Σ_i g_iᵀ g_i per block (rows = 1: GᵀG),
-        exactly symmetric, in `dtype` (as for `gram`)."""
+        exactly symmetric, in `dtype` (as for `gram`). With `out` (its dtype is the dtype), the sum is
+        added into `out` in place and `out` returned, not symmetrised: accumulate every chunk, then
+        `torch_backend.symmetrize_(out)` once (no (b, cols, cols) temporary per chunk)."""
 
     @abstractmethod
     def score(self, H: torch.Tensor, G: torch.Tensor) -> torch.Tensor:

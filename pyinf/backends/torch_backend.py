@@ -48,10 +48,14 @@ class TorchBackend(Backend):
         G1 = _upcast(G1, dtype=dtype)
         return G1 @ _upcast(G2, G1).mT
 
-    def gfim(self, G, dtype=None):
-        G = _upcast(G, dtype=dtype)
+    def gfim(self, G, dtype=None, out=None):
+        G = _upcast(G, dtype=dtype if out is None else out.dtype)
         flat = G.reshape(*G.shape[:-3], -1, G.shape[-1])
-        return symmetric_from_upper(flat.mT @ flat)
+        if out is None:
+            return symmetrize_(flat.mT @ flat)
+        if flat.dim() == 2:
+            return out.addmm_(flat.mT, flat)
+        return out.baddbmm_(flat.mT, flat)  # accumulates without a (b, cols, cols) temporary
 
     def score(self, H, G):
         S = H @ _upcast(G, H).mT
@@ -61,15 +65,18 @@ class TorchBackend(Backend):
         return spd_inverse(A, iterations=iterations, tol=tol, solver=solver, out=out)
 
 
-def symmetric_from_upper(A: torch.Tensor) -> torch.Tensor:
-    """A with its strict lower triangle replaced by the upper one's mirror: exactly symmetric.
+def symmetrize_(A: torch.Tensor) -> torch.Tensor:
+    """A (k, k) or (b, k, k), in place: its strict lower triangle replaced by the upper one's mirror.
 
     A BLAS GEMM computing XᵀX need not give bitwise-equal (i, j) and (j, i)
     entries (it may sum them in different orders); the Cholesky and Schulz
-    steps downstream assume exact symmetry.
+    steps downstream assume exact symmetry. One block at a time: the only
+    temporary is one k × k triangle.
     """
-    upper = torch.triu(A)
-    return upper + torch.triu(A, 1).transpose(-1, -2)
+    for M in A.reshape(-1, *A.shape[-2:]):
+        M.triu_()
+        M += M.triu(1).mT
+    return A
 
 
 SOLVERS = ("auto", "schulz", "cholesky")

@@ -119,10 +119,11 @@ class TritonBackend(Backend):
             return self._ref.gram(G1, G2, dtype)
         return self._gram.gram(G1.contiguous(), G2.contiguous())
 
-    def gfim(self, G, dtype=None):
-        if self._use_ref(G, dtype=dtype):
-            return self._ref.gfim(G, dtype)
-        return self._gfim.gfim(G.contiguous())
+    def gfim(self, G, dtype=None, out=None):
+        if self._use_ref(G, dtype=dtype if out is None else out.dtype):
+            return self._ref.gfim(G, dtype, out)
+        F = self._gfim.gfim(G.contiguous())
+        return F if out is None else out.add_(F)
 
     def score(self, H, G):
         if self._use_ref(H, G):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from ..backends.torch_backend import symmetrize_
 from ..blocks import BlockGroup, stack_group
 from .base import Method
 
@@ -92,22 +93,22 @@ class HyperINF(Method):
                 sub = BlockGroup(g.names[lo : lo + step], g.rows, g.cols)
                 A = torch.zeros(len(sub.names), g.cols, g.cols, dtype=torch.float64, device=train.device)
                 for _, chunk in train.chunks(sub.names):
-                    A += self.backend.gfim(stack_group(chunk, sub).unflatten(-1, (g.rows, g.cols)), dtype=torch.float64)
-                self._allreduce(A)  # GFIM sums over every rank's samples
+                    self.backend.gfim(stack_group(chunk, sub).unflatten(-1, (g.rows, g.cols)), out=A)
+                symmetrize_(self._allreduce(A))  # GFIM sums over every rank's samples
                 if self.needs_damping:
                     traces = A.diagonal(dim1=1, dim2=2).sum(dim=1).tolist()  # one host read a slice
                     self._damping_from_totals(train, dict(zip(sub.names, traces)))
                 A /= self.n * g.rows
                 A.diagonal(dim1=1, dim2=2).add_(self._group_lam(sub, torch.float64).view(-1, 1))
                 for s in range(0, len(sub.names), SOLVE_GROUP):
-                    part = A[s : s + SOLVE_GROUP]
                     _, residual, steps = self.backend.spd_inverse(
-                        part, iterations=it, tol=tol, solver=self.opts["solver"], out=part)
+                        A[s : s + SOLVE_GROUP], iterations=it, tol=tol, solver=self.opts["solver"],
+                        out=A[s : s + SOLVE_GROUP])
                     if steps == it and residual >= tol:  # only Schulz iterates; Cholesky reports 0 steps
                         self._warn_not_converged(f"Schulz ({g.cols} × {g.cols})", it, residual, tol)
                 for k in range(len(sub.names)):
                     self.inverse[gi].put(lo + k, A[k])
-                del A
+                del A, _  # `_` views A: the next slice's A replaces it, not joins it
 
     def precondition(self, queries):
         """H_j = V_j A⁻¹ per block, in float64, returned in the compute dtype: the scoring pass then
