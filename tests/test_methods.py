@@ -574,3 +574,17 @@ def test_passes_over_the_training_gradients(monkeypatch, method, passes):
     pyinf.influence(train, query, method=method, chunk_size=16, **opts)
     blocks_read = [len(train) if names is None else len(names) for names in reads]
     assert sum(blocks_read) / len(train) == (passes if passes is not None else 1 + 5 + 1), reads
+
+
+def test_hyperinf_packed_pairs_round_trip():
+    """hyperinf keeps its inverses as packed symmetric pairs (half a float64 stack): every matrix of an
+    odd count comes back bitwise, whichever of a pair was stored first."""
+    from pyinf.methods.hyperinf import pack, packed_pairs, unpack
+
+    gen = torch.Generator().manual_seed(0)
+    mats = [(lambda a: a + a.T)(torch.randn(7, 7, generator=gen, dtype=torch.float64)) for _ in range(5)]
+    pairs = packed_pairs(5, 7, torch.device("cpu"))
+    assert pairs.shape == (3, 7, 8)
+    for i in (1, 0, 4, 3, 2):
+        pack(pairs, i, mats[i])
+    assert all(torch.equal(unpack(pairs, i), mats[i]) for i in range(5))

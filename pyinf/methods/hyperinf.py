@@ -30,33 +30,32 @@ SLICE_BYTES = 4 << 30
 SOLVE_GROUP = 4
 
 
-class SymmetricPairs:
-    """b symmetric k × k float64 matrices in ⌈b/2⌉ · k · (k + 1) entries, half the bytes of a stack.
+# Packed symmetric pairs: b symmetric k × k float64 matrices in a ((b + 1) // 2, k, k + 1) tensor,
+# half the bytes of a stack. Matrix 2p keeps its upper triangle (with the diagonal) in columns 1..k
+# of pair p, matrix 2p + 1 its lower triangle in columns 0..k−1: in row i the first uses columns > i,
+# the second columns ≤ i, so they never overlap. (A plain tensor: it is saved with the Attributor.)
+def packed_pairs(b: int, k: int, device: torch.device) -> torch.Tensor:
+    return torch.zeros((b + 1) // 2, k, k + 1, dtype=torch.float64, device=device)
 
-    Matrix 2p keeps its upper triangle (with the diagonal) in columns 1..k of
-    `data[p]`, matrix 2p + 1 its lower triangle in columns 0..k−1: in row i
-    the first uses columns > i, the second columns ≤ i, so they never overlap.
-    """
 
-    def __init__(self, b: int, k: int, device: torch.device):
-        self.data = torch.zeros((b + 1) // 2, k, k + 1, dtype=torch.float64, device=device)
+def pack(pairs: torch.Tensor, i: int, X: torch.Tensor) -> None:
+    """Store symmetric `X` as matrix `i` (once: adding the triangle's zeros leaves the partner intact)."""
+    p, odd = divmod(i, 2)
+    if odd:
+        pairs[p, :, :-1] += X.tril()
+    else:
+        pairs[p, :, 1:] += X.triu()
 
-    def put(self, i: int, X: torch.Tensor) -> None:
-        """Store symmetric `X` as matrix `i` (once: adding the triangle's zeros leaves the partner intact)."""
-        p, odd = divmod(i, 2)
-        if odd:
-            self.data[p, :, :-1] += X.tril()
-        else:
-            self.data[p, :, 1:] += X.triu()
 
-    def get(self, i: int) -> torch.Tensor:
-        """Matrix `i`, whole (a new k × k tensor)."""
-        p, odd = divmod(i, 2)
-        if odd:
-            T = self.data[p, :, :-1].tril()
-            return T + T.tril(-1).mT
-        T = self.data[p, :, 1:].triu()
-        return T + T.triu(1).mT
+def unpack(pairs: torch.Tensor, i: int) -> torch.Tensor:
+    """Matrix `i`, whole (a new k × k tensor)."""
+    p, odd = divmod(i, 2)
+    if odd:
+        T = pairs[p, :, :-1].tril()
+        return T + T.tril(-1).mT
+    T = pairs[p, :, 1:].triu()
+    return T + T.triu(1).mT
+
 
 class HyperINF(Method):
     name = "hyperinf"
@@ -83,10 +82,10 @@ class HyperINF(Method):
         """Per slice of a group: one pass over its blocks accumulates their GFIMs in float64 (with
         n·rows < cols, 8 × 5120 blocks and a few hundred samples, Φ is singular and κ(A) ~ λ_max/λ:
         fp32 rounding of Φ cost ~1e-4 of the scores at damping 0.01), λ from their traces, then
-        their inverses in place, kept packed (`SymmetricPairs`). G is read once in all; the memory
+        their inverses in place, kept packed (`packed_pairs`). G is read once in all; the memory
         is the packed inverses (half a float64 stack) plus one slice."""
         it, tol = self.opts["iterations"], self.opts["tol"]
-        self.inverse = [SymmetricPairs(len(g.names), g.cols, train.device) for g in self.groups]
+        self.inverse = [packed_pairs(len(g.names), g.cols, train.device) for g in self.groups]
         for gi, g in enumerate(self.groups):
             step = max(1, min(len(g.names), SLICE_BYTES // (g.cols * g.cols * 8)))
             for lo in range(0, len(g.names), step):
@@ -107,7 +106,7 @@ class HyperINF(Method):
                     if steps == it and residual >= tol:  # only Schulz iterates; Cholesky reports 0 steps
                         self._warn_not_converged(f"Schulz ({g.cols} × {g.cols})", it, residual, tol)
                 for k in range(len(sub.names)):
-                    self.inverse[gi].put(lo + k, A[k])
+                    pack(self.inverse[gi], lo + k, A[k])
                 del A, _  # `_` views A: the next slice's A replaces it, not joins it
 
     def precondition(self, queries):
@@ -118,6 +117,6 @@ class HyperINF(Method):
         for g, V, X in zip(self.groups, self._stacked(queries), self.inverse):
             h = torch.empty_like(V)
             for k in range(len(g.names)):  # float64 one block at a time
-                h[k] = (V[k].double().view(-1, g.rows, g.cols) @ X.get(k)).view(V.shape[1], -1)
+                h[k] = (V[k].double().view(-1, g.rows, g.cols) @ unpack(X, k)).view(V.shape[1], -1)
             H.append(h)
         return self._unstacked(H)
