@@ -88,6 +88,34 @@ def check_f32(name: str, t: torch.Tensor, ndim: int) -> None:
     assert t.is_contiguous(), f"{name} must be contiguous"
 
 
+def rows_contiguous(t: torch.Tensor) -> bool:
+    """Each (rows, cols) matrix of `t` (..., rows, cols) is row-major contiguous; the strides of the
+    leading axes may be anything (a block of a group, a view of a bigger chunk)."""
+    rows, cols = t.shape[-2:]
+    return (cols == 1 or t.stride(-1) == 1) and (rows == 1 or t.stride(-2) == cols)
+
+
+def blocks(name: str, t: torch.Tensor, f32: bool = False) -> torch.Tensor:
+    """`t` (rows, cols) or a group (b, rows, cols) -> a (b, rows, cols) view (b = 1 for 2-D).
+
+    Every block must be row-major contiguous (`rows_contiguous`); the block stride `t.stride(0)` is
+    passed to the kernels as it is. `f32`: a float32 query-side operand, else a gradient storage dtype."""
+    assert t.dim() in (2, 3), f"{name}: expected (rows, cols) or (b, rows, cols), got shape {tuple(t.shape)}"
+    if f32:
+        assert t.dtype == torch.float32, f"{name}: expected float32, got {t.dtype}"
+    else:
+        assert t.dtype in STORAGE_DTYPES, f"{name}: dtype {t.dtype} not in {STORAGE_DTYPES} (float64: use the reference)"
+    assert rows_contiguous(t), f"{name}: every block must be row-major contiguous, got strides {t.stride()}"
+    t = t if t.dim() == 3 else t.unsqueeze(0)
+    assert t.shape[0] >= 1, f"{name}: empty group"
+    return t
+
+
+def block_stride(t: torch.Tensor) -> int:
+    """The block stride of a (b, rows, cols) group in elements (any value for one block)."""
+    return t.stride(0) if t.shape[0] > 1 else t.shape[1] * t.shape[2]
+
+
 def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count

@@ -1,7 +1,11 @@
 """DataInf / LiSSA rank-one accumulation: acc (m, D) += ((V Gᵀ) · w) G, and `weighted_sum` C G.
 
 Shapes: `G` (c, D) float32 / bfloat16 / float16, `V` (m, D), `w` (c,),
-`acc` (m, D), `C` (m, c), all float32.
+`acc` (m, D), `C` (m, c), all float32; or a group of b same-shape blocks with a
+leading block axis on every operand (`G` (b, c, D), `w` (b, c), ...), one
+result per block, in the same two launches as one block (the block is grid
+axis 2; the block strides of G and acc are kernel arguments, so G may be a
+view of a bigger chunk).
 
 Why two launches (and two reads of G) rather than one. Every output element
 acc[j, d] needs the coefficients p_ji = ⟨v_j, g_i⟩ w_i, and each p_ji is a
@@ -37,7 +41,13 @@ half of what BLOCK_D = 64 read, for 74 MB of bf16 G; the 320 programs are
 2.42 waves at one program per SM (fp32/fp16: ~200 registers; bf16: 126-131,
 one or two per SM by Triton version; bench/results/kernels-sm90-i13.md).
 Whether that wave tail costs more than the halved L2 traffic saves needs a
-GPU to tell.
+GPU to tell. P is per block, (b, m, ldp) with block stride m · ldp (a
+multiple of 16: the padding holds in every block). A group of 160 blocks of
+c = 20 (the 13B shape, chunks of 20 samples, m = 100) is 320 × 160 = 51,200
+programs (no wave tail), reading 160 × 320 × 100 × 32 × 4 B = 655 MB of P from
+L2 for 262 MB of G; there acc, read and written once (2 × 160 × 100 × 40960 ×
+4 B = 5.2 GB), is 20× the bytes of G: at m = 100 the chunk size, not this
+kernel, sets the cost of a call (acc traffic / G bytes = 8m / (c · itemsize)).
 """
 from __future__ import annotations
 
@@ -58,13 +68,17 @@ except ImportError:  # pragma: no cover - imported by path while developing
 @triton.jit
 def _weighted_sum_kernel(
     P, G, ACC,
-    c, D, m, ldp,
+    c, D, m, ldp, spb, sgb, sab,
     ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr, MODE: tl.constexpr, NATIVE_BF16: tl.constexpr,
 ):
     pid_d = tl.program_id(0).to(tl.int64)
     pid_m = tl.program_id(1).to(tl.int64)
+    pid_b = tl.program_id(2).to(tl.int64)  # the block of the group
+    P += pid_b * spb
+    G += pid_b * sgb
+    ACC += pid_b * sab
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     mask_d = offs_d < D
@@ -97,17 +111,23 @@ def _config(c: int, D: int, m: int, fma: bool) -> dict:
     return dict(BLOCK_M=BLOCK_M, BLOCK_C=32, BLOCK_D=BLOCK_D, num_warps=8 if BLOCK_M >= 64 else 4)
 
 
+#: CUDA's limit on grid axis 2, the block axis of the launch
+MAX_BLOCKS = 65535
+
+
 def _launch(P: torch.Tensor, c: int, G: torch.Tensor, out: torch.Tensor, accumulate: bool,
             precision: str | None) -> None:
-    """`P` (m, ldp): the coefficients, rows padded with zeros to ldp = `_nd.padded_len(c)`."""
-    m, ldp = P.shape
-    D = G.shape[1]
+    """`P` (b, m, ldp) contiguous: the coefficients, rows padded with zeros to ldp = `_nd.padded_len(c)`;
+    `G` (b, c, D) and `out` (b, m, D) groups of row-major blocks (any block strides). One launch."""
+    b, m, ldp = P.shape
+    D = G.shape[2]
+    assert b <= MAX_BLOCKS, f"{b} blocks in one group: at most {MAX_BLOCKS} (split the group)"
     p = _util.dot_precision(G.dtype, G.device, precision)
     ip, split = _util.tl_precision(p)
     cfg = _config(c, D, m, ip == "ieee" and not split)
-    grid = (_util.cdiv(D, cfg["BLOCK_D"]), _util.cdiv(m, cfg["BLOCK_M"]))
+    grid = (_util.cdiv(D, cfg["BLOCK_D"]), _util.cdiv(m, cfg["BLOCK_M"]), b)
     _weighted_sum_kernel[grid](
-        P, G, out, c, D, m, ldp,
+        P, G, out, c, D, m, ldp, m * ldp, _util.block_stride(G), _util.block_stride(out),
         ACCUMULATE=accumulate,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], BLOCK_D=cfg["BLOCK_D"],
         PRECISION=ip, MODE=1 if split else 0, NATIVE_BF16=not _util.interpreting(),
@@ -117,39 +137,45 @@ def _launch(P: torch.Tensor, c: int, G: torch.Tensor, out: torch.Tensor, accumul
 
 def rank_one_accumulate(acc: torch.Tensor, G: torch.Tensor, V: torch.Tensor, w: torch.Tensor, *,
                         precision: str | None = None) -> None:
-    """In place `acc (m, D) += ((V Gᵀ) * w) G` (two reads of G, see the module docstring)."""
-    _util.check_storage("G", G, 2)
-    c, D = G.shape
-    _util.check_f32("V", V, 2)
-    m = V.shape[0]
-    _util.check_f32("acc", acc, 2)
-    assert acc.shape == (m, D), f"acc has shape {tuple(acc.shape)}, expected {(m, D)}"
-    _util.check_f32("w", w, 1)
-    assert w.shape == (c,), f"w has shape {tuple(w.shape)}, expected {(c,)}"
-    P = _nd.launch(G, V, norms=False, dots=True, precision=precision, padded=True)[1]  # (m, ldp), zero pad
-    P[:, :c].mul_(w)  # w folded in once here, not per D tile; the pad columns stay 0
-    _launch(P, c, G, acc, True, precision)
+    """In place `acc ([b,] m, D) += ((V Gᵀ) * w) G` per block, `w` ([b,] c) (two reads of G, see the module
+    docstring; two launches for the whole group)."""
+    G3 = _util.blocks("G", G)
+    b, c, D = G3.shape
+    assert V.dim() == acc.dim() == G.dim() and w.dim() == G.dim() - 1, (
+        f"V {tuple(V.shape)}, acc {tuple(acc.shape)}, w {tuple(w.shape)}: need the block axis of G {tuple(G.shape)}")
+    V3, acc3 = _util.blocks("V", V, f32=True), _util.blocks("acc", acc, f32=True)
+    m = V3.shape[1]
+    assert V3.shape == (b, m, D), f"V has shape {tuple(V.shape)}, G has {tuple(G.shape)}"
+    assert acc3.shape == (b, m, D), f"acc has shape {tuple(acc.shape)}, expected {tuple(V.shape)}"
+    assert b == 1 or acc3.stride(0) >= m * D, f"acc: overlapping blocks (strides {acc.stride()})"
+    assert w.dtype == torch.float32, f"w: expected float32, got {w.dtype}"
+    assert w.shape == G.shape[:-1], f"w has shape {tuple(w.shape)}, expected {tuple(G.shape[:-1])}"
+    P = _nd.launch(G3, V3, norms=False, dots=True, precision=precision, padded=True)[1]  # (b, m, ldp), zero pad
+    P[..., :c].mul_(w.reshape(b, 1, c))  # w folded in once here, not per D tile; the pad columns stay 0
+    _launch(P, c, G3, acc3, True, precision)
 
 
 def weighted_sum(C: torch.Tensor, G: torch.Tensor, *, precision: str | None = None) -> torch.Tensor:
-    """`C` (m, c) fp32, `G` (c, D) -> `(m, D)` = C G (the second stage above, one read of G)."""
-    _util.check_storage("G", G, 2)
-    c, D = G.shape
-    _util.check_f32("C", C, 2)
-    assert C.shape[1] == c, f"coefficients have shape {tuple(C.shape)}, expected {(C.shape[0], c)}"
+    """`C` ([b,] m, c) fp32, `G` ([b,] c, D) -> `([b,] m, D)` = C G per block (the second stage above, one
+    read of G, one launch)."""
+    G3 = _util.blocks("G", G)
+    b, c, D = G3.shape
+    assert C.dim() == G.dim(), f"C {tuple(C.shape)}: need the block axis of G {tuple(G.shape)}"
+    C3 = _util.blocks("C", C, f32=True)
+    assert C3.shape[0] == b and C3.shape[2] == c, f"coefficients have shape {tuple(C.shape)}, expected (m, c) per block of G {tuple(G.shape)}"
     ldp = _nd.padded_len(c)
-    P = C if ldp == c else torch.nn.functional.pad(C, (0, ldp - c))  # zero columns, 16-byte aligned rows
-    out = torch.empty(C.shape[0], D, dtype=torch.float32, device=G.device)
-    _launch(P, c, G, out, False, precision)
-    return out
+    P = torch.nn.functional.pad(C3, (0, ldp - c)) if ldp != c else C3.contiguous()  # zero columns, aligned rows
+    out = torch.empty(b, C3.shape[1], D, dtype=torch.float32, device=G.device)
+    _launch(P, c, G3, out, False, precision)
+    return out if G.dim() == 3 else out[0]
 
 
 def rank_one_accumulate_reference(acc: torch.Tensor, G: torch.Tensor, V: torch.Tensor, w: torch.Tensor,
                                   upcast: bool = False) -> torch.Tensor:
-    """Returns acc + ((V Gᵀ) w) G (out of place) in fp32 or float64."""
+    """Returns acc + ((V Gᵀ) w) G per block (out of place) in fp32 or float64."""
     dt = torch.float64 if upcast else torch.float32
     G = G.to(dt)
-    return acc.to(dt) + ((V.to(dt) @ G.T) * w.to(dt)) @ G
+    return acc.to(dt) + ((V.to(dt) @ G.mT) * w.to(dt).unsqueeze(-2)) @ G
 
 
 def weighted_sum_reference(C: torch.Tensor, G: torch.Tensor, upcast: bool = False) -> torch.Tensor:

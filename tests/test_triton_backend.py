@@ -82,7 +82,7 @@ def test_norms_dots_split_d_and_many_query_tiles(dtype):
 
 def gpu_blocks(monkeypatch, splits):
     """norms_dots with H100-sized blocks (BLOCK_D = 64: many D tiles) and `splits` D slices, interpreted."""
-    cfg = lambda c, D, m, device, dots: dict(  # noqa: E731
+    cfg = lambda b, c, D, m, device, **kw: dict(  # noqa: E731
         BLOCK_C=32, BLOCK_M=16, BLOCK_D=64, splits=splits, num_warps=4)
     monkeypatch.setattr(k_nd, "_config", cfg)
 
@@ -102,21 +102,30 @@ def test_dots_padded_rows_and_uneven_splits(monkeypatch, dtype):
     assert rel(k_score.score(V, G), k_score.score_reference(V, G, upcast=True)) < TOL[dtype]
 
 
-@pytest.mark.parametrize("dots,m", [(False, 1), (True, 1), (True, 16), (True, 100)])
-def test_norms_dots_splits_fill_whole_waves(monkeypatch, dots, m):
-    """The D split at the 13B shape (c = 900, D = 40960) on 132 SMs runs within 10 % of the ideal time
-    tiles × D tiles / slots, in D-tile steps of one program: waves × (the most D tiles of a slice), counting
+@pytest.mark.parametrize("b,c,dots,m,summed", [(1, 900, False, 1, False), (1, 900, True, 1, False),
+                                                 (1, 900, True, 16, False), (1, 900, True, 100, False),
+                                                 (1, 900, True, 100, True), (160, 20, False, 1, False),
+                                                 (160, 20, True, 16, False), (160, 20, True, 100, False),
+                                                 (160, 20, True, 100, True)])
+def test_norms_dots_splits_fill_whole_waves(monkeypatch, b, c, dots, m, summed):
+    """The reduction split at the 13B shapes (D = 40960; one block of c = 900, or a group of 160 blocks of
+    c = 20; `summed`: score's sum over the blocks) on 132 SMs runs within 10 % of the ideal time tiles ×
+    reduction tiles / slots, in D-tile steps of one program: waves × (the most D tiles of a slice), counting
     the programs an SM holds at once as the launcher does (1 at 8 warps, 4 at 4; the sm_90 compile check
-    asserts these bounds). The former rule ran m = 100 as 540 programs, 4.09 waves: 81 %."""
+    asserts these bounds). The former rule ran m = 100 as 540 programs, 4.09 waves: 81 %. The partials'
+    workspace stays within a quarter of the bytes of bf16 G."""
     monkeypatch.setattr(k_nd._util, "interpreting", lambda: False)
     monkeypatch.setattr(k_nd._util, "num_sms", lambda device: 132)
-    cfg = k_nd._config(900, 40960, m, torch.device("cpu"), dots)
-    tiles = -(-900 // cfg["BLOCK_C"]) * (-(-m // cfg["BLOCK_M"]) if dots else 1)
-    d_tiles, splits = 40960 // cfg["BLOCK_D"], cfg["splits"]
+    D = 40960
+    cfg = k_nd._config(b, c, D, m, torch.device("cpu"), norms=not dots, dots=dots, sum_blocks=summed, itemsize=2)
+    tiles = -(-c // cfg["BLOCK_C"]) * (-(-m // cfg["BLOCK_M"]) if dots else 1) * (1 if summed else b)
+    d_tiles, splits = D // cfg["BLOCK_D"] * (b if summed else 1), cfg["splits"]
     slots = 132 * (1 if cfg["num_warps"] == 8 else 4)
     steps = -(-tiles * splits // slots) * -(-d_tiles // splits)
     assert tiles * d_tiles / slots / steps >= 0.9, (cfg, tiles * splits)
     assert splits <= -(-4 * 132 // tiles)  # never more partials than the former rule
+    workspace = 4 * splits * (1 if summed else b) * (m * k_nd.padded_len(c) if dots else c)
+    assert splits == 1 or workspace <= b * c * D * 2 / 4, (splits, workspace)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -162,6 +171,90 @@ def test_rank_one_accumulate_and_weighted_sum(c, D, dtype):
         k_r1.rank_one_accumulate(acc, G, V, w)
         assert rel(acc, k_r1.rank_one_accumulate_reference(acc0, G, V, w, upcast=True)) < TOL[dtype], (c, D, m)
         assert rel(k_r1.weighted_sum(C, G), k_r1.weighted_sum_reference(C, G, upcast=True)) < TOL[dtype]
+
+
+# (b, c, D, m): one block as a group, c = 1, m not a multiple of 16, m over one 128-row query tile
+BATCHED = [(1, 1, 13, 1), (3, 7, 401, 3), (4, 41, 1271, 19), (2, 1, 129, 130)]
+
+
+def group(b, c, D, m, dtype, seed=0):
+    """A group of b blocks that is a view of a bigger chunk (block stride (c + 5)·D > c·D), and queries."""
+    gen = torch.Generator().manual_seed(seed + 1000 * c + D + m + 7 * b)
+    G = torch.randn(b, c + 5, D, generator=gen).to(dtype)[:, 3 : 3 + c]
+    assert G.stride(0) > c * D and G[0].is_contiguous()
+    return G, torch.randn(b, m, D, generator=gen)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("b,c,D,m", BATCHED, ids=lambda *_: None)
+@pytest.mark.parametrize("splits", [None, 5], ids=["one-slice", "5-slices"])
+def test_batched_kernels(monkeypatch, b, c, D, m, dtype, splits):
+    """Every kernel on a group of blocks against the float64 per-block formulas; with `splits`, H100-sized
+    D tiles in 5 reduction slices: uneven per block, and across block boundaries for the summed score."""
+    if splits:
+        gpu_blocks(monkeypatch, splits)
+    G, V = group(b, c, D, m, dtype)
+    G64, V64 = G.double(), V.double()
+    s0, P0 = (G64 * G64).sum(-1), V64 @ G64.mT
+    s, P = k_nd.norms_dots(G, V)
+    assert s.shape == (b, c) and P.shape == (b, m, c) and P.is_contiguous()
+    assert rel(s, s0) < TOL[dtype] and rel(P, P0) < TOL[dtype]
+    assert rel(k_nd.sq_norms(G), s0) < TOL[dtype]
+    assert rel(k_nd.dots(G, V), P0) < TOL[dtype]
+    S = k_score.score(V, G)
+    assert S.shape == (m, c) and rel(S, -P0.sum(0)) < TOL[dtype]
+    assert rel(S, k_score.score_reference(V, G, upcast=True)) < TOL[dtype]
+    gen = torch.Generator().manual_seed(b + c)
+    w, C = torch.rand(b, c, generator=gen), torch.randn(b, m, c, generator=gen)
+    chunk = torch.randn(b, m + 2, D, generator=gen)
+    acc = chunk[:, 1 : 1 + m]  # acc as a view too: block stride (m + 2)·D
+    before = chunk.clone()
+    k_r1.rank_one_accumulate(acc, G, V, w)
+    assert rel(acc, k_r1.rank_one_accumulate_reference(before[:, 1 : 1 + m], G, V, w, upcast=True)) < TOL[dtype]
+    assert torch.equal(chunk[:, 0], before[:, 0]) and torch.equal(chunk[:, -1], before[:, -1])  # nothing else
+    out = k_r1.weighted_sum(C, G)
+    assert out.shape == (b, m, D) and rel(out, C.double() @ G64) < TOL[dtype]
+
+
+class _Counted:
+    """A kernel whose launches (`kernel[grid](...)`) are recorded."""
+
+    def __init__(self, kernel, grids):
+        self.kernel, self.grids = kernel, grids
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+def test_one_launch_per_kernel_for_a_group(monkeypatch):
+    """A group of 8 blocks costs each primitive the kernel launches of one block (the triton_backend table:
+    2 for rank_one_accumulate, 1 for the rest), the block on a grid axis; also on the GPU's split path."""
+    grids = []
+    for mod, name in ((k_nd, "_norms_dots_kernel"), (k_r1, "_weighted_sum_kernel")):
+        monkeypatch.setattr(mod, name, _Counted(getattr(mod, name), grids))
+    be = get_backend("triton", torch.device("cpu"))
+    calls = {
+        "sq_norms": lambda G, V, C, w, acc: be.sq_norms(G),
+        "dots": lambda G, V, C, w, acc: be.dots(G, V),
+        "norms_and_dots": lambda G, V, C, w, acc: be.norms_and_dots(G, V),
+        "score": lambda G, V, C, w, acc: be.score(V, G),
+        "weighted_sum": lambda G, V, C, w, acc: be.weighted_sum(C, G),
+        "rank_one_accumulate": lambda G, V, C, w, acc: be.rank_one_accumulate(acc, G, V, w),
+    }
+    expect = dict(sq_norms=1, dots=1, norms_and_dots=1, score=1, weighted_sum=1, rank_one_accumulate=2)
+    for splits in (None, 3):
+        if splits:
+            gpu_blocks(monkeypatch, splits)
+        for name, call in calls.items():
+            counts = {}
+            for b in (1, 8):
+                G, V = group(b, 5, 300, 3, torch.bfloat16)
+                C, w, acc = torch.randn(b, 3, 5), torch.rand(b, 5), torch.zeros(b, 3, 300)
+                grids.clear()
+                call(G, V, C, w, acc)
+                counts[b] = len(grids)
+            assert counts == {1: expect[name], 8: expect[name]}, (name, splits, counts)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

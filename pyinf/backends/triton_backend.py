@@ -18,6 +18,13 @@ Gradients stay in their stored dtype (float32, bfloat16, float16): tiles are
 converted to fp32 in registers, never upcast in memory; every accumulation is
 fp32. Query-side operands are float32.
 
+Groups of b same-shape blocks (`base.py`): every primitive serves the whole
+group with the launches of the table above, the same count as for one block
+(the block index is a grid axis; the block strides are kernel arguments), so
+a group that is a view of a bigger chunk (block stride > c·D) is not copied.
+`score` sums over the blocks inside the kernel (the blocks are more of its
+reduction), so no (b, m, c) intermediate is made.
+
 Fallbacks to the torch reference (documented, deliberate):
   * float64 anywhere: float64 gradients (a validation setting), and the
     float64-accumulating calls of `base.py` (float64 V / H / C, `gram` / `gfim`
@@ -65,6 +72,12 @@ def _interpreting() -> bool:
     return _util.interpreting()
 
 
+def _rows_contiguous(t: torch.Tensor) -> bool:
+    from pyinf.kernels import _util
+
+    return _util.rows_contiguous(t)
+
+
 class TritonBackend(Backend):
     name = "triton"
 
@@ -83,35 +96,42 @@ class TritonBackend(Backend):
     def _f32(t: torch.Tensor) -> torch.Tensor:
         return t.to(torch.float32).contiguous()
 
+    @staticmethod
+    def _blocks(G: torch.Tensor) -> torch.Tensor:
+        """G as the kernels take it: each block row-major; a group's block stride is kept (no copy of a view)."""
+        return G if _rows_contiguous(G) else G.contiguous()
+
     # -- primitives ------------------------------------------------------
     def sq_norms(self, G):
         if self._use_ref(G):
             return self._ref.sq_norms(G)
-        return self._nd.sq_norms(G.contiguous())
+        return self._nd.sq_norms(self._blocks(G))
 
     def dots(self, G, V):
         if self._use_ref(G, V):
             return self._ref.dots(G, V)
-        return self._nd.dots(G.contiguous(), self._f32(V))
+        return self._nd.dots(self._blocks(G), self._f32(V))
 
     def norms_and_dots(self, G, V):
         if self._use_ref(G, V):
             return self._ref.norms_and_dots(G, V)
-        return self._nd.norms_dots(G.contiguous(), self._f32(V))
+        return self._nd.norms_dots(self._blocks(G), self._f32(V))
 
     def weighted_sum(self, C, G):
         if self._use_ref(C, G):
             return self._ref.weighted_sum(C, G)
-        return self._r1.weighted_sum(self._f32(C), G.contiguous())
+        return self._r1.weighted_sum(self._f32(C), self._blocks(G))
 
     def rank_one_accumulate(self, acc, G, V, w):
         if self._use_ref(acc, G, V, w):
             return self._ref.rank_one_accumulate(acc, G, V, w)
-        if acc.dtype == torch.float32 and acc.is_contiguous():
-            self._r1.rank_one_accumulate(acc, G.contiguous(), self._f32(V), self._f32(w))
+        G, V, w = self._blocks(G), self._f32(V), self._f32(w)
+        if acc.dtype == torch.float32 and _rows_contiguous(acc) and (acc.dim() == 2 or acc.shape[0] == 1
+                                                                      or acc.stride(0) >= acc[0].numel()):
+            self._r1.rank_one_accumulate(acc, G, V, w)
         else:
             tmp = self._f32(acc)
-            self._r1.rank_one_accumulate(tmp, G.contiguous(), self._f32(V), self._f32(w))
+            self._r1.rank_one_accumulate(tmp, G, V, w)
             acc.copy_(tmp)
 
     def gram(self, G1, G2, dtype=None):
@@ -128,7 +148,7 @@ class TritonBackend(Backend):
     def score(self, H, G):
         if self._use_ref(H, G):
             return self._ref.score(H, G)
-        return self._score.score(self._f32(H), G.contiguous())
+        return self._score.score(self._f32(H), self._blocks(G))
 
     def spd_inverse(self, A, *, iterations, tol, solver="auto", out=None):
         b, k, _ = A.shape
