@@ -8,7 +8,8 @@
 //    (`bits << 16`); everything else (queries, weights, outputs) is float32;
 //    accumulation is float32;
 //  * every buffer is C-contiguous (any object exporting the buffer protocol:
-//    numpy arrays and memmaps, tensor.numpy() views); nothing is copied;
+//    numpy arrays and memmaps, tensor.numpy() views), or a group of blocks
+//    (see Group below) each C-contiguous; nothing is copied;
 //  * bad inputs raise ValueError; the GIL is released around the kernels.
 //
 // Portability: the module is compiled for a baseline x86-64 target; with GCC on
@@ -132,15 +133,6 @@ inline std::string shape_str(const py::buffer_info& b) {
   return out + ")";
 }
 
-inline bool is_c_contiguous(const py::buffer_info& b) {
-  py::ssize_t expected = b.itemsize;
-  for (py::ssize_t d = b.ndim - 1; d >= 0; --d) {
-    if (b.shape[d] > 1 && b.strides[d] != expected) return false;
-    expected *= b.shape[d];
-  }
-  return true;
-}
-
 inline bool is_f32(const py::buffer_info& b) {
   return b.itemsize == 4 &&
          (b.format == "f" || b.format == "<f" || b.format == "=f");
@@ -169,26 +161,6 @@ inline py::buffer_info request(const py::buffer& obj, const char* name,
   }
 }
 
-inline void check(const py::buffer_info& b, const char* name,
-                  py::ssize_t ndim) {
-  if (b.ndim != ndim)
-    throw py::value_error(std::string(name) + " must be " +
-                          std::to_string(ndim) + "-D, got shape " +
-                          shape_str(b));
-  if (!is_c_contiguous(b))
-    throw py::value_error(std::string(name) + " must be C-contiguous (shape " +
-                          shape_str(b) + ")");
-}
-
-// A float32 buffer (V, weights, outputs).
-inline void check_f32(const py::buffer_info& b, const char* name,
-                      py::ssize_t ndim) {
-  if (!is_f32(b))
-    throw py::value_error(std::string(name) + " must be float32, got format '" +
-                          b.format + "'");
-  check(b, name, ndim);
-}
-
 // The storage kind of a gradient buffer: force -1 auto, 0 f32, 1 bf16 bits.
 inline Kind grad_kind(const py::buffer_info& G, const char* name, int force) {
   if (is_f32(G) && force != 1) return Kind::F32;
@@ -204,14 +176,74 @@ inline Kind grad_kind(const py::buffer_info& G, const char* name, int force) {
       "got format '" + G.format + "' itemsize " + std::to_string(G.itemsize));
 }
 
-inline void expect_shape(const py::buffer_info& b, const char* name,
-                         int64_t d0, int64_t d1, const char* what) {
-  if (b.shape[0] != d0 || (b.ndim > 1 && b.shape[1] != d1))
-    throw py::value_error(std::string(name) + " must have shape (" +
-                          std::to_string(d0) +
-                          (b.ndim > 1 ? ", " + std::to_string(d1) : std::string(",")) +
-                          ")" + (what[0] ? std::string(" = ") + what : std::string()) +
-                          ", got " + shape_str(b));
+// ------------------------------------------------------------------ groups
+// The backends' batch axis: a buffer of `nd` dims (2: a matrix, 1: a vector)
+// is one block; of nd + 1 dims, a group (b, ...) of b same-shape blocks.
+// Every block is row-major contiguous; the block stride may be anything >= 0
+// (a group that is a view of a bigger chunk is read in place), but the blocks
+// of an output must not overlap.
+struct Group {
+  bool batched;
+  int64_t b, rows, cols;  // rows = 1 for vectors
+  int64_t stride;         // block stride, in elements
+};
+
+inline Group group_of(const py::buffer_info& info, const char* name,
+                      py::ssize_t nd, bool writable) {
+  if (info.ndim != nd && info.ndim != nd + 1)
+    throw py::value_error(std::string(name) + " must be " + std::to_string(nd) +
+                          "-D, or " + std::to_string(nd + 1) +
+                          "-D for a group of blocks, got shape " + shape_str(info));
+  Group g;
+  g.batched = info.ndim == nd + 1;
+  const py::ssize_t o = g.batched ? 1 : 0, is = info.itemsize;
+  g.b = g.batched ? info.shape[0] : 1;
+  g.cols = info.shape[info.ndim - 1];
+  g.rows = nd == 2 ? info.shape[o] : 1;
+  if (!((g.cols <= 1 || info.strides[info.ndim - 1] == is) &&
+        (nd == 1 || g.rows <= 1 || info.strides[o] == g.cols * is)))
+    throw py::value_error(std::string(name) + " must be C-contiguous" +
+                          (g.batched ? " in each block" : "") + " (shape " +
+                          shape_str(info) + ")");
+  g.stride = g.rows * g.cols;
+  if (g.batched && g.b > 1) {
+    const py::ssize_t s0 = info.strides[0];
+    if (s0 < 0 || s0 % is != 0)
+      throw py::value_error(std::string(name) +
+                            ": the block stride must be a non-negative multiple "
+                            "of the item size, got " + std::to_string(s0) + " bytes");
+    g.stride = s0 / is;
+    if (writable && g.stride < g.rows * g.cols)
+      throw py::value_error(std::string(name) + ": its blocks overlap (block stride " +
+                            std::to_string(g.stride) + " < " +
+                            std::to_string(g.rows * g.cols) + " elements)");
+  }
+  return g;
+}
+
+// A float32 group (queries, weights, outputs).
+inline Group f32_group(const py::buffer_info& info, const char* name,
+                       py::ssize_t nd, bool writable) {
+  if (!is_f32(info))
+    throw py::value_error(std::string(name) + " must be float32, got format '" +
+                          info.format + "'");
+  return group_of(info, name, nd, writable);
+}
+
+// `x` has the block axis of G (both one block, or both groups of G.b) and
+// blocks of (rows, cols).
+inline void expect_group(const Group& G, const Group& x, const py::buffer_info& info,
+                         const char* name, int64_t rows, int64_t cols,
+                         const char* what) {
+  if (x.batched != G.batched || x.b != G.b || x.rows != rows || x.cols != cols) {
+    const bool matrix = info.ndim - (x.batched ? 1 : 0) == 2;
+    std::string want = G.batched ? "(" + std::to_string(G.b) + ", " : "(";
+    if (matrix) want += std::to_string(rows) + ", ";
+    want += std::to_string(cols) + (G.batched || matrix ? ")" : ",)");
+    throw py::value_error(std::string(name) + " must have shape " + want +
+                          (what[0] ? std::string(" = ") + what : std::string()) +
+                          ", got " + shape_str(info));
+  }
 }
 
 }  // namespace pyinf
@@ -220,8 +252,11 @@ inline void expect_shape(const py::buffer_info& b, const char* name,
 void pyinf_register_norms_dots(pybind11::module_& mod);
 void pyinf_register_passes(pybind11::module_& mod);
 
-// Pass 1 of csrc/passes.cpp with the squared norms: norms[i] = ||g_i||^2,
-// dots[j, i] = <v_j, g_i>; called without the GIL, all pointers valid.
-void pyinf_norms_dots_pass(bool bf16, const void* G, int64_t c, int64_t D,
-                           const float* V, int64_t m, float* norms,
-                           float* dots);
+// Pass 1 of csrc/passes.cpp with the squared norms, per block k < b of a
+// group: norms[k][i] = ||g_i||^2, dots[k][j, i] = <v_j, g_i>; block k's
+// operands start k block strides (in elements) after block 0's.  Called
+// without the GIL, all pointers valid.
+void pyinf_norms_dots_pass(bool bf16, const void* G, int64_t sG, int64_t b,
+                           int64_t c, int64_t D, const float* V, int64_t sV,
+                           int64_t m, float* norms, int64_t sN, float* dots,
+                           int64_t sD);

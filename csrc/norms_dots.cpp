@@ -13,7 +13,9 @@
 //
 // G may be float32 or bfloat16 (passed as a 16-bit integer buffer holding the
 // raw bf16 bits; converted on the fly as `bits << 16` reinterpreted as fp32).
-// V and the outputs are float32.  Everything must be C-contiguous.
+// V and the outputs are float32.  Every operand is one C-contiguous block, or
+// a group of blocks with a leading block axis (common.h: Group), served as one
+// job on the pool (passes.cpp: run_group).
 
 #include "common.h"
 
@@ -34,35 +36,34 @@ void norms_and_dots_impl(const py::buffer& G_obj, const py::buffer& V_obj,
   py::buffer_info Dt = request(d_obj, "dots_out", true);
 
   const Kind kind = grad_kind(G, "G", force);
-  check_f32(V, "V", 2);
-  check_f32(S, "s_out", 1);
-  check_f32(Dt, "dots_out", 2);
-  check(G, "G", 2);
+  const Group gg = group_of(G, "G", 2, false);
+  const Group gv = f32_group(V, "V", 2, false);
+  const Group gs = f32_group(S, "s_out", 1, true);
+  const Group gd = f32_group(Dt, "dots_out", 2, true);
 
-  const int64_t c = G.shape[0], D = G.shape[1], m = V.shape[0];
-  if (V.shape[1] != D)
+  const int64_t b = gg.b, c = gg.rows, D = gg.cols, m = gv.rows;
+  if (gv.cols != D)
     throw py::value_error("V must have D = " + std::to_string(D) +
                           " columns like G " + shape_str(G) + ", got V " +
                           shape_str(V));
-  if (S.shape[0] != c)
-    throw py::value_error("s_out must have shape (" + std::to_string(c) +
-                          ",), got " + shape_str(S));
-  if (Dt.shape[0] != m || Dt.shape[1] != c)
-    throw py::value_error("dots_out must have shape (" + std::to_string(m) +
-                          ", " + std::to_string(c) + ") = (V rows, G rows), got " +
-                          shape_str(Dt));
+  expect_group(gg, gv, V, "V", m, D, "(m, D of G)");
+  expect_group(gg, gs, S, "s_out", 1, c, "(G rows,)");
+  expect_group(gg, gd, Dt, "dots_out", m, c, "(V rows, G rows)");
 
-  const float* Vp = static_cast<const float*>(V.ptr);
   float* sp = static_cast<float*>(S.ptr);
   float* dp = static_cast<float*>(Dt.ptr);
-  if (c == 0) return;
+  if (c == 0 || b == 0) return;
   py::gil_scoped_release nogil;
   if (D == 0) {
-    std::fill(sp, sp + c, 0.0f);
-    std::fill(dp, dp + m * c, 0.0f);
+    for (int64_t k = 0; k < b; ++k) {
+      std::fill(sp + k * gs.stride, sp + k * gs.stride + c, 0.0f);
+      std::fill(dp + k * gd.stride, dp + k * gd.stride + m * c, 0.0f);
+    }
     return;
   }
-  pyinf_norms_dots_pass(kind == Kind::BF16, G.ptr, c, D, Vp, m, sp, dp);
+  pyinf_norms_dots_pass(kind == Kind::BF16, G.ptr, gg.stride, b, c, D,
+                        static_cast<const float*>(V.ptr), gv.stride, m, sp,
+                        gs.stride, dp, gd.stride);
 }
 
 }  // namespace
@@ -79,7 +80,9 @@ void pyinf_register_norms_dots(py::module_& mod) {
       "One read of G (c, D): s_out[i] = ||G[i]||^2 and dots_out[j, i] = <V[j], G[i]>.\n"
       "G: float32, or a uint16/int16 buffer holding bfloat16 bits (dispatch on\n"
       "the buffer format).  V: float32 (m, D).  s_out: float32 (c,).\n"
-      "dots_out: float32 (m, c).  All C-contiguous; accumulation in float32.");
+      "dots_out: float32 (m, c).  All C-contiguous; accumulation in float32.\n"
+      "A group of b blocks: every operand with a leading block axis, (b, c, D),\n"
+      "(b, m, D), (b, c), (b, m, c); each block C-contiguous, any block stride.");
   mod.def(
       "norms_and_dots_bf16",
       [](const py::buffer& G, const py::buffer& V, const py::buffer& s_out,

@@ -38,6 +38,12 @@
 //    row (the dots need the whole row before the axpy) plus a barrier per row
 //    block.  weighted_sum is pass 2 alone with coef = C.
 //
+// Groups (the backends' batch axis): every function also takes b same-shape
+// blocks, each operand with a leading block axis (G (b, c, D), V (b, m, D),
+// w (b, c), ...; each block C-contiguous, the block stride anything, so a
+// view of a bigger chunk is read in place), one result per block, as ONE job
+// on the pool (run_group): the items of all blocks are claimed together.
+//
 // When D is so large that 4 rows do not fit in L2 (D > ~64 K bf16), pass 2
 // re-reads the rows from L3/DRAM.
 //
@@ -346,22 +352,37 @@ float* scratch(size_t n) {
   return buf.get();
 }
 
+// Multiply-adds per row of G.
+int64_t row_work(Op op, const Args& a) {
+  return a.D * std::max<int64_t>(1, op == Op::RankOne ? 2 * a.m
+                                                      : a.m + (a.norms_out ? 1 : 0));
+}
+
+// The items one block's pass is cut into: at least kItemWork each, at most
+// one per block of kR rows.
+int64_t max_items(Op op, const Args& a) {
+  const int64_t nblocks = (a.c + kR - 1) / kR;
+  return std::max<int64_t>(1, std::min<int64_t>(nblocks, a.c * row_work(op, a) / kItemWork));
+}
+
+// Stripes of an accumulating pass over one block (see run()).
+int64_t stripes(const Args& a, int64_t items, int nt) {
+  int64_t S = nt > 1 ? std::min<int64_t>(items, kStripesPerThread * nt) : 1;
+  S = std::min<int64_t>(S, std::max<int64_t>(1, a.c / kMinStripeRows));
+  return std::min<int64_t>(S, 1 + kMaxPrivateBytes / (a.m * a.D * 4));
+}
+
+// One block's pass.
 void run(Op op, Kind kind, const Args& a, float* out) {
   auto rows = kind == Kind::F32 ? rows_f32 : rows_bf16;
   const int64_t c = a.c, nblocks = (c + kR - 1) / kR;
   const int nt = effective_threads();
-  // multiply-adds per row of G
-  const int64_t per_row =
-      a.D * std::max<int64_t>(1, op == Op::RankOne ? 2 * a.m
-                                                   : a.m + (a.norms_out ? 1 : 0));
-  const int64_t work = c * per_row;
-  const int64_t max_items =
-      std::max<int64_t>(1, std::min<int64_t>(nblocks, work / kItemWork));
+  const int64_t items = max_items(op, a);
 
   if (op == Op::Dots) {
     // Disjoint outputs: items of `step` rows, claimed in any order.
-    const int64_t items = nt > 1 ? max_items : 1;
-    const int64_t step = kR * ((nblocks + items - 1) / items);
+    const int64_t n_items = nt > 1 ? items : 1;
+    const int64_t step = kR * ((nblocks + n_items - 1) / n_items);
     const int64_t n = (c + step - 1) / step;
     auto item = [&](int64_t s) {
       const int64_t r0 = s * step;
@@ -384,9 +405,7 @@ void run(Op op, Kind kind, const Args& a, float* out) {
   // through L2/L3, ~2.4 / rows of the time of a stripe of `rows` rows (2·m·D
   // multiply-adds a row): stripes have at least kMinStripeRows rows (~2 %).
   const int64_t acc_n = a.m * a.D;
-  int64_t S = nt > 1 ? std::min<int64_t>(max_items, kStripesPerThread * nt) : 1;
-  S = std::min<int64_t>(S, std::max<int64_t>(1, c / kMinStripeRows));
-  S = std::min<int64_t>(S, 1 + kMaxPrivateBytes / (acc_n * 4));
+  const int64_t S = stripes(a, items, nt);
   if (S <= 1) {
     rows(op, a, 0, c, out, false);
     return;
@@ -420,88 +439,154 @@ void run(Op op, Kind kind, const Args& a, float* out) {
   fold_ready();  // everything has finished
 }
 
-struct Checked {
-  py::buffer_info G;
-  Kind kind;
-  int64_t c, D;
+// A group of b blocks of the same shape: block k's operands are block 0's
+// (`a`, `out`) advanced by k block strides (in elements; G's in bytes).
+struct Job {
+  Args a;
+  float* out;  // RankOne, WeightedSum: block 0's (m, D) accumulator
+  int64_t b;
+  int64_t sG, sV, sW, sC, sDots, sNorms, sOut;
+
+  Args block(int64_t k) const {
+    Args x = a;
+    x.G = static_cast<const char*>(a.G) + k * sG;
+    if (x.V) x.V += k * sV;
+    if (x.w) x.w += k * sW;
+    if (x.C) x.C += k * sC;
+    if (x.dots_out) x.dots_out += k * sDots;
+    if (x.norms_out) x.norms_out += k * sNorms;
+    return x;
+  }
+  float* out_of(int64_t k) const { return out ? out + k * sOut : nullptr; }
 };
 
-Checked check_G(const py::buffer& obj) {
-  Checked out{request(obj, "G", false), Kind::F32, 0, 0};
-  out.kind = grad_kind(out.G, "G", -1);
-  check(out.G, "G", 2);
-  out.c = out.G.shape[0];
-  out.D = out.G.shape[1];
-  return out;
+// A group's pass on the pool, as ONE job (one wake-up, one join), not b:
+//  * dots: items are ranges of the b · ⌈c/kR⌉ row blocks of the group, sized
+//    as in run() by the work of the whole group (at least kItemWork each);
+//  * accumulating passes write one output per block: items are ranges of
+//    whole blocks, each block the plain sequential pass (no stripes, no
+//    buffers); but when a block is big enough for stripes and the group has
+//    fewer blocks than threads, the blocks run one after the other, each
+//    striped by run().
+// Which of these runs depends on the shape and the thread count only: the
+// results are bitwise reproducible for a given thread count, as in run().
+void run_group(Op op, Kind kind, const Job& j) {
+  if (j.b == 1) {
+    run(op, kind, j.a, j.out);
+    return;
+  }
+  auto rows = kind == Kind::F32 ? rows_f32 : rows_bf16;
+  const int64_t c = j.a.c, nblocks = (c + kR - 1) / kR;
+  const int nt = effective_threads();
+  const int64_t work = j.b * c * row_work(op, j.a);
+  if (op == Op::Dots) {
+    const int64_t N = j.b * nblocks;
+    const int64_t n = nt > 1 ? std::max<int64_t>(1, std::min<int64_t>(N, work / kItemWork)) : 1;
+    auto item = [&](int64_t s) {
+      const int64_t hi = N * (s + 1) / n;
+      for (int64_t f = N * s / n; f < hi;) {
+        const int64_t k = f / nblocks, e = std::min(hi, (k + 1) * nblocks);
+        rows(op, j.block(k), (f - k * nblocks) * kR, std::min(c, (e - k * nblocks) * kR), nullptr, false);
+        f = e;
+      }
+    };
+    parallel_for(n, nt, item);
+    return;
+  }
+  if (j.b < nt && stripes(j.a, max_items(op, j.a), nt) > 1) {
+    for (int64_t k = 0; k < j.b; ++k) run(op, kind, j.block(k), j.out_of(k));
+    return;
+  }
+  const int64_t n = nt > 1 ? std::max<int64_t>(1, std::min<int64_t>(j.b, work / kItemWork)) : 1;
+  auto item = [&](int64_t s) {
+    for (int64_t k = j.b * s / n; k < j.b * (s + 1) / n; ++k)
+      rows(op, j.block(k), 0, c, j.out_of(k), false);
+  };
+  parallel_for(n, nt, item);
+}
+
+// G, one block (c, D) or a group (b, c, D): float32 or bf16 bits.
+struct GradGroup {
+  py::buffer_info info;
+  Group g;
+  Kind kind;
+};
+
+GradGroup grad_group(const py::buffer& obj) {
+  py::buffer_info info = request(obj, "G", false);
+  const Kind kind = grad_kind(info, "G", -1);
+  const Group g = group_of(info, "G", 2, false);
+  return {std::move(info), g, kind};
 }
 
 void dots_py(const py::buffer& G_obj, const py::buffer& V_obj,
              const py::buffer& out_obj, float alpha) {
-  Checked g = check_G(G_obj);
+  const GradGroup G = grad_group(G_obj);
   py::buffer_info V = request(V_obj, "V", false);
   py::buffer_info O = request(out_obj, "out", true);
-  check_f32(V, "V", 2);
-  check_f32(O, "out", 2);
-  const int64_t m = V.shape[0];
-  expect_shape(V, "V", m, g.D, "(m, D of G)");
-  expect_shape(O, "out", m, g.c, "(V rows, G rows)");
-  Args a{g.G.ptr, g.c, g.D, m, static_cast<const float*>(V.ptr), nullptr,
-         nullptr, static_cast<float*>(O.ptr), alpha, nullptr};
-  if (g.c == 0 || m == 0) return;
+  const Group gv = f32_group(V, "V", 2, false), go = f32_group(O, "out", 2, true);
+  const int64_t b = G.g.b, c = G.g.rows, D = G.g.cols, m = gv.rows;
+  expect_group(G.g, gv, V, "V", m, D, "(m, D of G)");
+  expect_group(G.g, go, O, "out", m, c, "(V rows, G rows)");
+  if (c == 0 || m == 0 || b == 0) return;
+  Job j{{G.info.ptr, c, D, m, static_cast<const float*>(V.ptr), nullptr, nullptr,
+         static_cast<float*>(O.ptr), alpha, nullptr},
+        nullptr, b, G.g.stride * G.info.itemsize, gv.stride, 0, 0, go.stride, 0, 0};
   py::gil_scoped_release nogil;
-  if (g.D == 0) {
-    std::fill(a.dots_out, a.dots_out + m * g.c, 0.0f);
+  if (D == 0) {
+    for (int64_t k = 0; k < b; ++k) std::fill(j.block(k).dots_out, j.block(k).dots_out + m * c, 0.0f);
     return;
   }
-  run(Op::Dots, g.kind, a, nullptr);
+  run_group(Op::Dots, G.kind, j);
 }
 
 void rank_one_py(const py::buffer& acc_obj, const py::buffer& G_obj,
                  const py::buffer& V_obj, const py::buffer& w_obj) {
-  Checked g = check_G(G_obj);
+  const GradGroup G = grad_group(G_obj);
   py::buffer_info A = request(acc_obj, "acc", true);
   py::buffer_info V = request(V_obj, "V", false);
   py::buffer_info W = request(w_obj, "w", false);
-  check_f32(A, "acc", 2);
-  check_f32(V, "V", 2);
-  check_f32(W, "w", 1);
-  const int64_t m = V.shape[0];
-  expect_shape(V, "V", m, g.D, "(m, D of G)");
-  expect_shape(A, "acc", m, g.D, "(V rows, D of G)");
-  expect_shape(W, "w", g.c, 0, "(G rows,)");
-  if (g.c == 0 || m == 0 || g.D == 0) return;
-  Args a{g.G.ptr, g.c, g.D, m, static_cast<const float*>(V.ptr),
-         static_cast<const float*>(W.ptr), nullptr, nullptr, 1.0f, nullptr};
+  const Group ga = f32_group(A, "acc", 2, true), gv = f32_group(V, "V", 2, false),
+              gw = f32_group(W, "w", 1, false);
+  const int64_t b = G.g.b, c = G.g.rows, D = G.g.cols, m = gv.rows;
+  expect_group(G.g, gv, V, "V", m, D, "(m, D of G)");
+  expect_group(G.g, ga, A, "acc", m, D, "(V rows, D of G)");
+  expect_group(G.g, gw, W, "w", 1, c, "(G rows,)");
+  if (c == 0 || m == 0 || D == 0 || b == 0) return;
+  Job j{{G.info.ptr, c, D, m, static_cast<const float*>(V.ptr),
+         static_cast<const float*>(W.ptr), nullptr, nullptr, 1.0f, nullptr},
+        static_cast<float*>(A.ptr), b, G.g.stride * G.info.itemsize, gv.stride, gw.stride, 0, 0, 0, ga.stride};
   py::gil_scoped_release nogil;
-  run(Op::RankOne, g.kind, a, static_cast<float*>(A.ptr));
+  run_group(Op::RankOne, G.kind, j);
 }
 
 void weighted_sum_py(const py::buffer& C_obj, const py::buffer& G_obj,
                      const py::buffer& out_obj) {
-  Checked g = check_G(G_obj);
+  const GradGroup G = grad_group(G_obj);
   py::buffer_info Cb = request(C_obj, "C", false);
   py::buffer_info O = request(out_obj, "out", true);
-  check_f32(Cb, "C", 2);
-  check_f32(O, "out", 2);
-  const int64_t m = Cb.shape[0];
-  expect_shape(Cb, "C", m, g.c, "(m, G rows)");
-  expect_shape(O, "out", m, g.D, "(C rows, D of G)");
-  float* op = static_cast<float*>(O.ptr);
-  Args a{g.G.ptr, g.c, g.D, m, nullptr, nullptr,
-         static_cast<const float*>(Cb.ptr), nullptr, 1.0f, nullptr};
+  const Group gc = f32_group(Cb, "C", 2, false), go = f32_group(O, "out", 2, true);
+  const int64_t b = G.g.b, c = G.g.rows, D = G.g.cols, m = gc.rows;
+  expect_group(G.g, gc, Cb, "C", m, c, "(m, G rows)");
+  expect_group(G.g, go, O, "out", m, D, "(C rows, D of G)");
+  Job j{{G.info.ptr, c, D, m, nullptr, nullptr, static_cast<const float*>(Cb.ptr),
+         nullptr, 1.0f, nullptr},
+        static_cast<float*>(O.ptr), b, G.g.stride * G.info.itemsize, 0, 0, gc.stride, 0, 0, go.stride};
   py::gil_scoped_release nogil;
-  std::fill(op, op + m * g.D, 0.0f);
-  if (g.c == 0 || m == 0 || g.D == 0) return;
-  run(Op::WeightedSum, g.kind, a, op);
+  for (int64_t k = 0; k < b; ++k) std::fill(j.out_of(k), j.out_of(k) + m * D, 0.0f);
+  if (c == 0 || m == 0 || D == 0) return;
+  run_group(Op::WeightedSum, G.kind, j);
 }
 
 }  // namespace
 
-void pyinf_norms_dots_pass(bool bf16, const void* G, int64_t c, int64_t D,
-                           const float* V, int64_t m, float* norms,
-                           float* dots) {
-  Args a{G, c, D, m, V, nullptr, nullptr, dots, 1.0f, norms};
-  run(Op::Dots, bf16 ? Kind::BF16 : Kind::F32, a, nullptr);
+void pyinf_norms_dots_pass(bool bf16, const void* G, int64_t sG, int64_t b,
+                           int64_t c, int64_t D, const float* V, int64_t sV,
+                           int64_t m, float* norms, int64_t sN, float* dots,
+                           int64_t sD) {
+  const Job j{{G, c, D, m, V, nullptr, nullptr, dots, 1.0f, norms},
+              nullptr, b, sG * (bf16 ? 2 : 4), sV, 0, 0, sD, sN, 0};
+  run_group(Op::Dots, bf16 ? Kind::BF16 : Kind::F32, j);
 }
 
 void pyinf_register_passes(py::module_& mod) {
@@ -521,4 +606,5 @@ void pyinf_register_passes(py::module_& mod) {
           "weighted_sum(C, G, out) -> None\n\n"
           "out (m, D) = C (m, c) @ G (c, D), one read of G.  G: float32 or\n"
           "uint16/int16 bf16 bits; C and out float32 (out is overwritten).");
+  // (each function also takes a group of b blocks: see the header comment)
 }

@@ -90,7 +90,9 @@ def check_f32(name: str, t: torch.Tensor, ndim: int) -> None:
 
 def rows_contiguous(t: torch.Tensor) -> bool:
     """Each (rows, cols) matrix of `t` (..., rows, cols) is row-major contiguous; the strides of the
-    leading axes may be anything (a block of a group, a view of a bigger chunk)."""
+    leading axes may be anything (a block of a group, a view of a bigger chunk). A vector: contiguous."""
+    if t.dim() < 2:
+        return t.numel() <= 1 or t.stride(-1) == 1
     rows, cols = t.shape[-2:]
     return (cols == 1 or t.stride(-1) == 1) and (rows == 1 or t.stride(-2) == cols)
 

@@ -11,6 +11,7 @@ import torch
 import pyinf
 from pyinf import _native
 from pyinf.backends import BACKENDS, CPUBackend, TorchBackend, get_backend
+from pyinf.backends.cpu_backend import _grad_buffer
 
 C = _native.load()  # with PYINF_REQUIRE_NATIVE=1 this raises if the build is missing
 if C is None:  # only reachable outside `make test`
@@ -144,8 +145,6 @@ def test_memmap_input(tmp_path, dtype):
     if dtype == torch.bfloat16:
         t = t.view(torch.bfloat16)
     assert t.data_ptr() == ro.ctypes.data
-    from pyinf.backends.cpu_backend import _grad_buffer
-
     flat = t.reshape(N, -1)
     assert _grad_buffer(flat).ctypes.data == ro.ctypes.data  # zero-copy into C++
     for method in ("datainf", "tracin", "lissa"):
@@ -176,6 +175,70 @@ def test_primitives_match_torch_backend_non_contiguous():
     assert _rel(cpu.weighted_sum(Cm, G), ref.weighted_sum(Cm, G)) < 1e-6
     assert _rel(cpu.gram(G[:5], G), ref.gram(G[:5], G)) < 1e-6
     assert _rel(cpu.gram(G, G[:5]), ref.gram(G, G[:5])) < 1e-6
+
+
+# (b, c, D, m): one block as a group; c = 1; m not a multiple of 16; a group whose dots items cross block
+# boundaries and whose accumulating blocks run in parallel (work > 2 items); blocks big enough for stripes
+BATCHED = [(1, 1, 13, 1), (3, 7, 401, 3), (2, 1, 129, 19), (3, 41, 5000, 16), (2, 300, 2000, 8)]
+PRIMITIVES = ("sq_norms", "dots", "norms_and_dots", "score", "weighted_sum", "rank_one_accumulate")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("b,c,D,m", BATCHED, ids=lambda *_: None)
+@pytest.mark.parametrize("nt", [1, 2, 3], ids=lambda n: f"threads{n}")
+def test_batched_primitives(monkeypatch, b, c, D, m, dtype, nt):
+    """A group of blocks (a view of a bigger chunk: block stride > c·D) in one C++ call per primitive,
+    against the float64 per-block formulas; never the torch reference (patched to fail here); G handed to
+    C++ without a copy; bitwise reproducible for a thread count (3 threads and 2 blocks: the striped blocks
+    run one after the other)."""
+    for name in PRIMITIVES:
+        monkeypatch.setattr(TorchBackend, name, lambda *a, name=name: pytest.fail(f"{name}: torch fallback"))
+    _native.set_num_threads(nt)
+    try:
+        cpu = CPUBackend()
+        gen = torch.Generator().manual_seed(b * 1000 + c + D)
+        G = torch.randn(b, c + 5, D, generator=gen).to(dtype)[:, 3 : 3 + c]
+        assert G.stride(0) > c * D and G[0].is_contiguous()
+        assert np.shares_memory(_grad_buffer(G), (G.view(torch.int16) if dtype == torch.bfloat16 else G).numpy())
+        V, C = torch.randn(b, m, D, generator=gen), torch.randn(b, m, c, generator=gen)
+        w, acc0 = torch.rand(b, c, generator=gen), torch.randn(b, m, D, generator=gen)
+        G64, V64 = G.double(), V.double()
+        s0, P0 = (G64 * G64).sum(-1), V64 @ G64.mT
+        s, P = cpu.norms_and_dots(G, V)
+        assert s.shape == (b, c) and P.shape == (b, m, c)
+        assert _rel(s, s0) < 2e-6 and _rel(P, P0) < 2e-6
+        assert _rel(cpu.sq_norms(G), s0) < 2e-6 and _rel(cpu.dots(G, V), P0) < 2e-6
+        S = cpu.score(V, G)
+        assert S.shape == (m, c) and _rel(S, -P0.sum(0)) < 2e-6
+        out = cpu.weighted_sum(C, G)
+        assert out.shape == (b, m, D) and _rel(out, C.double() @ G64) < 2e-6
+        acc = acc0.clone()
+        cpu.rank_one_accumulate(acc, G, V, w)
+        assert _rel(acc, acc0.double() + (P0 * w.double()[:, None, :]) @ G64) < 2e-6
+        again = acc0.clone()
+        cpu.rank_one_accumulate(again, G, V, w)
+        assert torch.equal(acc, again) and torch.equal(cpu.weighted_sum(C, G), out)
+        assert torch.equal(cpu.norms_and_dots(G, V)[1], P)
+    finally:
+        _native.set_num_threads(0)
+
+
+def test_batched_accumulator_view_and_bad_groups():
+    """acc may be a view (block stride > m·D): updated in place, its neighbours untouched; a G without
+    the block axis of V, or with overlapping output blocks, is a ValueError from C++."""
+    cpu = CPUBackend()
+    G, V, w = torch.randn(3, 5, 40), torch.randn(3, 2, 40), torch.rand(3, 5)
+    chunk = torch.randn(3, 4, 40)
+    before = chunk.clone()
+    cpu.rank_one_accumulate(chunk[:, 1:3], G, V, w)
+    expect = before[:, 1:3].double() + ((V.double() @ G.double().mT) * w.double()[:, None]) @ G.double()
+    assert _rel(chunk[:, 1:3], expect) < 2e-6
+    assert torch.equal(chunk[:, 0], before[:, 0]) and torch.equal(chunk[:, 3], before[:, 3])
+    with pytest.raises(ValueError, match="V"):
+        C.dots(G.numpy(), V[0].numpy(), np.zeros((3, 2, 5), np.float32))
+    with pytest.raises(ValueError, match="overlap"):
+        same = np.lib.stride_tricks.as_strided(np.zeros((2, 5), np.float32), shape=(3, 2, 5), strides=(0, 20, 4))
+        C.dots(G.numpy(), V.numpy(), same)
 
 
 def test_float64_and_float16_fall_back_to_reference():

@@ -57,6 +57,7 @@ from __future__ import annotations
 import torch
 
 from .. import _native
+from ..kernels._util import rows_contiguous
 from .torch_backend import TorchBackend
 
 #: above this many query rows the dots / axpy are compute-bound GEMMs: use BLAS.
@@ -65,19 +66,23 @@ MAX_STREAM_M = 64
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 
 
+def _blocks(t: torch.Tensor) -> torch.Tensor:
+    """`t` with every block row-major contiguous: as it is when it is (a group's block stride is kept:
+    a view of a bigger chunk is not copied), else a contiguous copy."""
+    t = t.detach()
+    return t if rows_contiguous(t) else t.contiguous()
+
+
 def _grad_buffer(G: torch.Tensor):
-    """`G` (c, D) float32 / bfloat16 CPU tensor -> a zero-copy numpy view (bf16 as int16 bits)."""
-    G = G.detach()
-    if not G.is_contiguous():
-        G = G.contiguous()
+    """`G` ([b,] c, D) float32 / bfloat16 CPU tensor -> a zero-copy numpy view (bf16 as int16 bits)."""
+    G = _blocks(G)
     if G.dtype == torch.bfloat16:
         return G.view(torch.int16).numpy()
     return G.numpy()
 
 
 def _f32(t: torch.Tensor):
-    t = t.detach()
-    return (t if t.is_contiguous() else t.contiguous()).numpy()
+    return _blocks(t).numpy()
 
 
 class CPUBackend(TorchBackend):
@@ -95,7 +100,7 @@ class CPUBackend(TorchBackend):
     # -- dispatch helpers ------------------------------------------------
     @staticmethod
     def _native_ok(G: torch.Tensor, *others: torch.Tensor) -> bool:
-        if G.device.type != "cpu" or G.dtype not in _NATIVE_DTYPES or G.dim() != 2:
+        if G.device.type != "cpu" or G.dtype not in _NATIVE_DTYPES or G.dim() not in (2, 3):
             return False
         return all(o.device.type == "cpu" and o.dtype == torch.float32 for o in others)
 
@@ -103,46 +108,47 @@ class CPUBackend(TorchBackend):
     def sq_norms(self, G):
         if not self._native_ok(G):
             return super().sq_norms(G)
-        s = torch.empty(G.shape[0], dtype=torch.float32)
-        self._C.norms_and_dots(
-            _grad_buffer(G), torch.empty(0, G.shape[1]).numpy(), s.numpy(), torch.empty(0, G.shape[0]).numpy()
-        )
+        lead = G.shape[:-2]  # the block axis of a group, if any
+        s = torch.empty(*lead, G.shape[-2], dtype=torch.float32)
+        none = torch.empty(*lead, 0, G.shape[-1])  # m = 0 queries: the norms alone
+        self._C.norms_and_dots(_grad_buffer(G), none.numpy(), s.numpy(), torch.empty(*lead, 0, G.shape[-2]).numpy())
         return s
 
     def norms_and_dots(self, G, V):
         if not self._native_ok(G, V):
             return super().norms_and_dots(G, V)
-        s = torch.empty(G.shape[0], dtype=torch.float32)
-        P = torch.empty(V.shape[0], G.shape[0], dtype=torch.float32)
+        s = torch.empty(G.shape[:-1], dtype=torch.float32)
+        P = torch.empty(*V.shape[:-1], G.shape[-2], dtype=torch.float32)
         self._C.norms_and_dots(_grad_buffer(G), _f32(V), s.numpy(), P.numpy())
         return s, P
 
     def _dots(self, G, V, alpha):
-        P = torch.empty(V.shape[0], G.shape[0], dtype=torch.float32)
+        P = torch.empty(*V.shape[:-1], G.shape[-2], dtype=torch.float32)
         self._C.dots(_grad_buffer(G), _f32(V), P.numpy(), alpha)
         return P
 
     def dots(self, G, V):
-        if not self._native_ok(G, V) or V.shape[0] > MAX_STREAM_M:
+        if not self._native_ok(G, V) or V.shape[-2] > MAX_STREAM_M:
             return super().dots(G, V)
         return self._dots(G, V, 1.0)
 
     def score(self, H, G):
-        if not self._native_ok(G, H) or H.shape[0] > MAX_STREAM_M:
+        if not self._native_ok(G, H) or H.shape[-2] > MAX_STREAM_M:
             return super().score(H, G)
-        return self._dots(G, H, -1.0)
+        S = self._dots(G, H, -1.0)
+        return S if S.dim() == 2 else S.sum(0)  # a group: the (b, m, c) block scores summed in block order
 
     def weighted_sum(self, C, G):
-        if not self._native_ok(G, C) or C.shape[0] > MAX_STREAM_M:
+        if not self._native_ok(G, C) or C.shape[-2] > MAX_STREAM_M:
             return super().weighted_sum(C, G)
-        out = torch.empty(C.shape[0], G.shape[1], dtype=torch.float32)
+        out = torch.empty(*C.shape[:-1], G.shape[-1], dtype=torch.float32)
         self._C.weighted_sum(_f32(C), _grad_buffer(G), out.numpy())
         return out
 
     def rank_one_accumulate(self, acc, G, V, w):
-        if not self._native_ok(G, acc, V, w) or V.shape[0] > MAX_STREAM_M:
+        if not self._native_ok(G, acc, V, w) or V.shape[-2] > MAX_STREAM_M:
             return super().rank_one_accumulate(acc, G, V, w)
-        if acc.is_contiguous():
+        if rows_contiguous(acc) and (acc.dim() == 2 or acc.shape[0] == 1 or acc.stride(0) >= acc[0].numel()):
             self._C.rank_one_accumulate(acc.detach().numpy(), _grad_buffer(G), _f32(V), _f32(w))
         else:
             tmp = acc.contiguous()
@@ -151,11 +157,12 @@ class CPUBackend(TorchBackend):
 
     def gram(self, G1, G2, dtype=None):
         if (G1.dtype not in _NATIVE_DTYPES or G2.dtype not in _NATIVE_DTYPES or G1.device.type != "cpu"
-                or dtype == torch.float64):
+                or dtype == torch.float64 or G1.dim() not in (2, 3)):
             return super().gram(G1, G2, dtype)
-        if G2.shape[0] <= MAX_STREAM_M and G2.shape[0] <= G1.shape[0]:
-            return self._dots(G1, G2.float(), 1.0).T.contiguous()
-        if G1.shape[0] <= MAX_STREAM_M:
+        c1, c2 = G1.shape[-2], G2.shape[-2]
+        if c2 <= MAX_STREAM_M and c2 <= c1:
+            return self._dots(G1, G2.float(), 1.0).mT.contiguous()
+        if c1 <= MAX_STREAM_M:
             return self._dots(G2, G1.float(), 1.0)
         return super().gram(G1, G2, dtype)
 
