@@ -470,9 +470,17 @@ struct Job {
 //    striped by run().
 // Which of these runs depends on the shape and the thread count only: the
 // results are bitwise reproducible for a given thread count, as in run().
+// WeightedSum's outputs are not zero-filled beforehand: a block run by run()
+// is filled just before it, a block run by rows() takes its output as zeros
+// (`fresh`), so that each block's output is written while it is hot in cache.
 void run_group(Op op, Kind kind, const Job& j) {
+  const int64_t mD = j.a.m * j.a.D;
+  auto run_block = [&](int64_t k) {
+    if (op == Op::WeightedSum) std::fill(j.out_of(k), j.out_of(k) + mD, 0.0f);
+    run(op, kind, j.block(k), j.out_of(k));
+  };
   if (j.b == 1) {
-    run(op, kind, j.a, j.out);
+    run_block(0);
     return;
   }
   auto rows = kind == Kind::F32 ? rows_f32 : rows_bf16;
@@ -494,13 +502,13 @@ void run_group(Op op, Kind kind, const Job& j) {
     return;
   }
   if (j.b < nt && stripes(j.a, max_items(op, j.a), nt) > 1) {
-    for (int64_t k = 0; k < j.b; ++k) run(op, kind, j.block(k), j.out_of(k));
+    for (int64_t k = 0; k < j.b; ++k) run_block(k);
     return;
   }
   const int64_t n = nt > 1 ? std::max<int64_t>(1, std::min<int64_t>(j.b, work / kItemWork)) : 1;
   auto item = [&](int64_t s) {
     for (int64_t k = j.b * s / n; k < j.b * (s + 1) / n; ++k)
-      rows(op, j.block(k), 0, c, j.out_of(k), false);
+      rows(op, j.block(k), 0, c, j.out_of(k), op == Op::WeightedSum);
   };
   parallel_for(n, nt, item);
 }
@@ -573,9 +581,11 @@ void weighted_sum_py(const py::buffer& C_obj, const py::buffer& G_obj,
          nullptr, 1.0f, nullptr},
         static_cast<float*>(O.ptr), b, G.g.stride * G.info.itemsize, 0, 0, gc.stride, 0, 0, go.stride};
   py::gil_scoped_release nogil;
-  for (int64_t k = 0; k < b; ++k) std::fill(j.out_of(k), j.out_of(k) + m * D, 0.0f);
-  if (c == 0 || m == 0 || D == 0) return;
-  run_group(Op::WeightedSum, G.kind, j);
+  if (c == 0 || m == 0 || D == 0) {
+    for (int64_t k = 0; k < b; ++k) std::fill(j.out_of(k), j.out_of(k) + m * D, 0.0f);
+    return;
+  }
+  run_group(Op::WeightedSum, G.kind, j);  // fills out
 }
 
 }  // namespace

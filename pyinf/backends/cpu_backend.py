@@ -7,7 +7,8 @@ the fly instead of materialising an fp32 copy of every chunk, which is what
 the reference does before calling BLAS. Where a dense GEMM is the whole job,
 PyTorch's own BLAS is the faster tool and is kept.
 
-Path of each primitive (fp32 or bf16 G, fp32 query-side operands):
+Path of each primitive (fp32 or bf16 G, fp32 query-side operands; one block
+or a group, see below):
 
 =====================  ==========================================================
 primitive              path
@@ -36,8 +37,35 @@ runs a float64 BLAS GEMM), float16 storage (no fp16 kernels), query-side
 operands that are not float32, tensors not on the CPU. Inputs are handed to C++
 as zero-copy numpy views (`tensor.numpy()`, bf16 as `view(torch.int16)`), so a
 tensor made by `torch.from_numpy(np.memmap(...))` is read straight from the
-page cache; a non-contiguous input is made contiguous once. Outputs are
-allocated with torch and filled in place through their numpy views.
+page cache; an input whose blocks are not C-contiguous is made contiguous
+once. Outputs are allocated with torch and filled in place through their
+numpy views.
+
+Groups of b same-shape blocks (`base.py`) are one C++ call per primitive:
+each pass of `pyinf._C` takes operands with a leading block axis (each block
+C-contiguous, any block stride: a group that is a view of a bigger chunk is
+read in place) and runs the whole group as one job on the worker pool
+(csrc/passes.cpp `run_group`: the dots' items are ranges of the rows of all
+blocks, the accumulating passes' items whole blocks). `score` of a group is
+the C++ dots with alpha = −1 per block, (b, m, c), summed over the blocks in
+block order (torch `.sum(0)`); the m > ``MAX_STREAM_M`` and float64 paths are
+the reference's batched GEMMs, as for one block. Chosen over a Python loop
+over the blocks (one C++ call each on zero-copy views of G[k]) by measuring
+both, `python bench/cpu_group.py` (b = 16 blocks of 8 × 512, c = 20, m = 16,
+G a view with block stride > c·D; 2-core shared VM, Intel Xeon, load average
+3-5 from other jobs; per call, loop time / batched time, median of 7 rounds
+of 100 calls; run 1 / run 2, a minute apart):
+
+  threads  fp32: norms_and_dots  dots       rank_one   weighted_sum  bf16: all four
+  1              1.15/1.16       1.12/1.10  1.11/1.08  1.23/1.26     1.11-1.27
+  2              1.73/1.02       1.70/0.96  2.12/1.03  1.81/1.04     1.00-2.17
+
+e.g. fp32 dots at 1 thread: loop 874 µs, batched 778 µs. The loop pays the
+per-call overhead 16 times (at 1 thread: 76-231 µs more a call, 5-14 µs a
+block), and its per-block calls (20 × 4096 × 16 = 1.3 M multiply-adds) are
+below the pool's item size (4 M), so it never uses a second thread; the
+batched call cuts the group into items and used the second thread in run 1
+(1.7-2.2×), not in run 2, when the other core was busy with other jobs.
 
 Threads: `pyinf._native.set_num_threads` (default: OMP_NUM_THREADS or the
 CPUs available). The passes run on the extension's own worker pool, not
