@@ -133,6 +133,7 @@ C = 900                        # training samples per chunk
 ROWS, COLS = 8, 5120           # one LoRA r=8 block (A or Bᵀ): 8 × 5120
 D = ROWS * COLS                # 40960 parameters per block
 NB = 2                         # blocks per batched launch (160 on the real run: only the grid grows)
+GROUP, GROUP_C = 160, 20       # a block group at the 13B shape: 160 blocks per launch, chunks of 20 samples
 QUERIES = (1, 16, 100)         # m, query gradients
 SCHULZ_K = (900, 5120)         # Schulz inverse sizes: c × c Gram, 5120² GFIM
 GROUPS, TOKENS, HIDDEN = 4, 4096, 5120  # grouped LoRA: k groups of M = 32 × 128 rows, K = N = 5120
@@ -191,6 +192,16 @@ def cases(k: dict[str, ModuleType]) -> list[Case]:
                 lambda dt=dt, m=m: r1.rank_one_accumulate(t(m, D), t(C, D, dtype=dt), t(m, D), t(C)))
             add("rank_one_accumulate", f"weighted_sum {tag} m={m}", DEFAULT,
                 lambda dt=dt, m=m: r1.weighted_sum(t(m, C), t(C, D, dtype=dt)))
+    # one launch per kernel for the group; G a view of a chunk twice as long (block stride 2·c·D)
+    grp = lambda: t(GROUP, 2 * GROUP_C, D, dtype=torch.bfloat16)[:, :GROUP_C]  # noqa: E731
+    gm, gtag = QUERIES[-1], f"bf16 b={GROUP} c={GROUP_C}"
+    add("norms_dots", f"sq_norms {gtag}", DEFAULT, lambda: nd.sq_norms(grp()))
+    add("norms_dots", f"norms_dots {gtag} m={gm}", DEFAULT, lambda: nd.norms_dots(grp(), t(GROUP, gm, D)))
+    add("score", f"score {gtag} m={gm}", DEFAULT, lambda: score.score(t(GROUP, gm, D), grp()))
+    add("rank_one_accumulate", f"rank_one_accumulate {gtag} m={gm}", DEFAULT,
+        lambda: r1.rank_one_accumulate(t(GROUP, gm, D), grp(), t(GROUP, gm, D), t(GROUP, GROUP_C)))
+    add("rank_one_accumulate", f"weighted_sum {gtag} m={gm}", DEFAULT,
+        lambda: r1.weighted_sum(t(GROUP, gm, GROUP_C), grp()))
     for kk in SCHULZ_K:
         add("schulz", f"schulz residual k={kk}", DEFAULT, lambda kk=kk: sch.residual(*(t(1, kk, kk),) * 3))
         add("schulz", f"schulz update k={kk}", DEFAULT, lambda kk=kk: sch.update(*(t(1, kk, kk),) * 3))

@@ -46,7 +46,8 @@ more traffic). At the 13B shape (bf16, D = 40960, m = 100, 132 SMs):
     wave; workspace 132 × 100 × 32 × 4 B = 1.7 MB = 0.6 % of G.
 With splits = 1 the kernel writes the outputs directly. Norms are written by
 the query-tile-0 programs only. Offsets are int64 (c × D exceeds 2³¹ at the
-13B shape).
+13B shape); the step counter t is int32 (its division by d_tiles, once per
+step, is inline in int32; in int64 it is a call, which spilled at m ≤ 16).
 
 Padded rows of P. The dots are stored with a row stride `ldp` = c rounded up
 to a multiple of 16 (the columns c..ldp hold exact zeros: those G rows load
@@ -89,15 +90,17 @@ def _norms_dots_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     mask_c = offs_c < c
     mask_m = offs_m < m
-    # reduction steps t = block · d_tiles + D tile; this program's slice of its `span` tiles, balanced
-    t_lo = pid_b * d_tiles + pid_s * span // splits
-    t_hi = pid_b * d_tiles + (pid_s + 1) * span // splits
+    # reduction steps t = block · d_tiles + D tile; this program's slice of its `span` tiles, balanced.
+    # t < b · d_tiles < 2³¹: int32, whose division is inline (int64's is a call: it spilled)
+    t_lo = (pid_b * d_tiles + pid_s * span // splits).to(tl.int32)
+    t_hi = (pid_b * d_tiles + (pid_s + 1) * span // splits).to(tl.int32)
 
     sq = tl.zeros((BLOCK_C,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     for t in range(t_lo, t_hi):
         k = t // d_tiles
-        offs_d = (t - k * d_tiles) * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
+        offs_d = ((t - k * d_tiles) * BLOCK_D).to(tl.int64) + tl.arange(0, BLOCK_D).to(tl.int64)
+        k = k.to(tl.int64)
         mask_d = offs_d < D
         g = tl.load(G + k * sgb + offs_c[:, None] * D + offs_d[None, :], mask=mask_c[:, None] & mask_d[None, :],
                     other=0.0)
@@ -184,6 +187,7 @@ def launch(G: torch.Tensor, V: torch.Tensor | None, *, norms: bool, dots: bool, 
     cfg = _config(b, c, D, m, G.device, norms=norms, dots=dots, sum_blocks=sum_blocks, itemsize=G.element_size())
     BLOCK_D = cfg["BLOCK_D"]
     d_tiles = _util.cdiv(D, BLOCK_D)
+    assert b * d_tiles < 2**31, f"{b} blocks of {d_tiles} D tiles: the step counter is int32"
     n_out = 1 if sum_blocks else b
     span = b * d_tiles if sum_blocks else d_tiles
     splits = min(splits or cfg["splits"], span)

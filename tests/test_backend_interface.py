@@ -120,7 +120,7 @@ def test_unknown_backend():
         get_backend("nope", torch.device("cpu"))
 
 
-BATCHED = [(3, 1, 1, 1), (4, 7, 13, 3), (3, 41, 401, 5), (2, 5, 1271, 16)]  # (b, c, D, m)
+BATCHED = [(3, 1, 1, 1), (1, 3, 17, 2), (4, 7, 13, 3), (3, 41, 401, 5), (2, 5, 1271, 16)]  # (b, c, D, m)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -223,6 +223,29 @@ def test_batched_primitives(monkeypatch, b, c, D, m, dtype, nt):
         _native.set_num_threads(0)
 
 
+def test_one_native_call_per_primitive_for_a_group(monkeypatch):
+    """A group of 8 blocks costs each primitive one call into pyinf._C, as one block does."""
+    cpu = CPUBackend()
+    calls = []
+
+    class Counting:
+        def __getattr__(self, name):
+            fn = getattr(C, name)
+            return lambda *a: (calls.append(name), fn(*a))[1]
+
+    monkeypatch.setattr(cpu, "_C", Counting())
+    for b in (1, 8):
+        G = torch.randn(b, 6, 50).bfloat16()
+        V, Cm, w, acc = torch.randn(b, 3, 50), torch.randn(b, 3, 6), torch.rand(b, 6), torch.zeros(b, 3, 50)
+        for name, call in (("sq_norms", lambda: cpu.sq_norms(G)), ("dots", lambda: cpu.dots(G, V)),
+                           ("norms_and_dots", lambda: cpu.norms_and_dots(G, V)), ("score", lambda: cpu.score(V, G)),
+                           ("weighted_sum", lambda: cpu.weighted_sum(Cm, G)),
+                           ("rank_one_accumulate", lambda: cpu.rank_one_accumulate(acc, G, V, w))):
+            calls.clear()
+            call()
+            assert len(calls) == 1, (name, b, calls)
+
+
 def test_batched_accumulator_view_and_bad_groups():
     """acc may be a view (block stride > m·D): updated in place, its neighbours untouched; a G without
     the block axis of V, or with overlapping output blocks, is a ValueError from C++."""
