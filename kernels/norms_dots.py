@@ -19,7 +19,11 @@ t = k · d_tiles + (D tile): per block, a program's range lies in one block k
 summed, the range runs across blocks, which are just more of the reduction
 (axis 0 = sample tiles). With m ≤ 128 there is one query tile, so every byte
 of G is read exactly once per call; the V tile (m × BLOCK_D) is re-read per
-sample tile from L2.
+sample tile from L2. V itself is read once per call too, m × D × 4 B per
+block against c × D × itemsize of G: at the 13B group with chunks of c = 20
+and m = 100, V (2.6 GB) is 10× the bytes of G (262 MB), i.e. small chunks
+make the query side, not G, the traffic of a call (V / G = 4m / (c ·
+itemsize); c ≥ 2m keeps V within G for bf16).
 
 Split of the reduction (two-stage, deterministic). A chunk of c = 900
 samples of one block gives only 15 to 29 sample tiles, far too few programs

@@ -46,8 +46,9 @@ multiple of 16: the padding holds in every block). A group of 160 blocks of
 c = 20 (the 13B shape, chunks of 20 samples, m = 100) is 320 × 160 = 51,200
 programs (no wave tail), reading 160 × 320 × 100 × 32 × 4 B = 655 MB of P from
 L2 for 262 MB of G; there acc, read and written once (2 × 160 × 100 × 40960 ×
-4 B = 5.2 GB), is 20× the bytes of G: at m = 100 the chunk size, not this
-kernel, sets the cost of a call (acc traffic / G bytes = 8m / (c · itemsize)).
+4 B = 5.2 GB), is 20× the bytes of G, and V, read by the dots, 10×: at
+m = 100 the chunk size, not this kernel, sets the cost of a call (acc
+traffic / G bytes = 8m / (c · itemsize)).
 """
 from __future__ import annotations
 
