@@ -26,7 +26,11 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # call, which covers one group of same-shape blocks, reads MIN_CALL_BYTES (a
 # launch then moves enough bytes to hide its fixed cost). At the 13B LoRA
 # shape (160 blocks of 8 x 5120, one group, bf16): 20 samples a chunk, 262 MB
-# a call, 45 calls a pass for n = 900.
+# a call, 45 calls a pass for n = 900. The query side is read once per call
+# too (m x D x 4 B: 2.6 GB at m = 100, 10x the chunk's G), so a pass moves
+# 2m/(c·itemsize/2) times more query bytes than gradient bytes: with many
+# queries, a larger `chunk_size` (c >= 2m for bf16) trades chunk memory for
+# that traffic (not measured on a GPU yet; the cost model counts G only).
 CHUNK_BYTES = 1 << 28
 MIN_CALL_BYTES = 32 << 20
 
