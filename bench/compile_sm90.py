@@ -78,8 +78,12 @@ matter: 3.6 runs the wheel's ``bin/ptxas`` (CUDA 12.8) for sm_90, 3.9 runs
 counts differ between the two; 3.9 warns when TRITON_DEFAULT_FP_FUSION is
 unset (it is set to 1 here, the default of both); the hook gets an extra
 ``target`` in 3.9 (unused here, keyword arguments).
-Autotuned kernels (``@triton.autotune``) are not supported: pyinf has none,
-and such a launcher would fail here, loudly.
+Autotuned launchers (``triton.autotune``: gram, gfim and schulz on a GPU, see
+``kernels/_autotune.py``): the autotuner is not run (it would time the configs
+on a GPU); instead every config of its list is recorded as a launch of its own,
+case label + `` [tile AxBxC wW sS]`` (tile sizes, num_warps, num_stages), in
+the case's class, since any of them may win on the GPU: a default config that
+spills fails the check whichever config it is.
 """
 from __future__ import annotations
 
@@ -122,6 +126,7 @@ from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime import driver  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -202,9 +207,16 @@ def cases(k: dict[str, ModuleType]) -> list[Case]:
         lambda: r1.rank_one_accumulate(t(GROUP, gm, D), grp(), t(GROUP, gm, D), t(GROUP, GROUP_C)))
     add("rank_one_accumulate", f"weighted_sum {gtag} m={gm}", DEFAULT,
         lambda: r1.weighted_sum(t(GROUP, gm, GROUP_C), grp()))
+    def schulz(kk, step, prec="ieee"):
+        """A Schulz step as schulz_inverse runs it: k × k padded to n × n (n = k rounded up to 16)."""
+        n = -(-kk // 16) * 16
+        if step == "residual":
+            return lambda: sch.residual(*(t(1, n, n),) * 3, kk, precision=prec)
+        return lambda: sch.update(*(t(1, n, n),) * 3, precision=prec)
+
     for kk in SCHULZ_K:
-        add("schulz", f"schulz residual k={kk}", DEFAULT, lambda kk=kk: sch.residual(*(t(1, kk, kk),) * 3))
-        add("schulz", f"schulz update k={kk}", DEFAULT, lambda kk=kk: sch.update(*(t(1, kk, kk),) * 3))
+        for step in ("residual", "update"):
+            add("schulz", f"schulz {step} k={kk}", DEFAULT, schulz(kk, step))
     for tag, dt in DTYPES.items():
         for r in LORA_RANKS:
             add("grouped_lora", f"grouped_lora {tag} r={r} M={TOKENS} +{tag} base", DEFAULT, lora(dt, r, base_dt=dt))
@@ -247,10 +259,8 @@ def cases(k: dict[str, ModuleType]) -> list[Case]:
                     lora(dt, r, base_dt=dt, prec=p))
     for kk in SCHULZ_K:
         for p in ("tf32x3", "tf32"):
-            add("schulz", f"schulz residual k={kk} prec={p}", OPT_IN,
-                lambda kk=kk, p=p: sch.residual(*(t(1, kk, kk),) * 3, precision=p))
-            add("schulz", f"schulz update k={kk} prec={p}", OPT_IN,
-                lambda kk=kk, p=p: sch.update(*(t(1, kk, kk),) * 3, precision=p))
+            for step in ("residual", "update"):
+                add("schulz", f"schulz {step} k={kk} prec={p}", OPT_IN, schulz(kk, step, p))
 
     # -- edge shapes: compile only ---------------------------------------------------
     bf16 = torch.bfloat16
@@ -263,12 +273,16 @@ def cases(k: dict[str, ModuleType]) -> list[Case]:
         add("per_sample_outer", f"edge per_sample_outer {tag} B=T=DU=DV=1", EDGE,
             lambda dt=dt: pso.per_sample_outer(t(1, 1, 1, dtype=dt), t(1, 1, 1, dtype=dt)))
     add("gfim", "edge gfim bf16 c=1 rows=1 cols=3", EDGE, lambda: gfim.gfim(t(1, 1, 3, dtype=bf16)))
+    add("gram", "edge gram fp16 c1=1 c2=3 D=17", EDGE,
+        lambda: gram.gram(t(1, 1, 17, dtype=torch.float16), t(1, 3, 17, dtype=torch.float16)))
+    add("gfim", "edge gfim fp16 c=1 rows=1 cols=3", EDGE, lambda: gfim.gfim(t(1, 1, 3, dtype=torch.float16)))
     add("norms_dots", "edge norms_dots bf16 c=D=m=1", EDGE, lambda: nd.norms_dots(t(1, 1, dtype=bf16), t(1, 1)))
     add("norms_dots", "edge norms_dots fp32 c=5 D=100 m=3", EDGE, lambda: nd.norms_dots(t(5, 100), t(3, 100)))
     add("rank_one_accumulate", "edge rank_one_accumulate bf16 c=D=m=1", EDGE,
         lambda: r1.rank_one_accumulate(t(1, 1), t(1, 1, dtype=bf16), t(1, 1), t(1)))
-    add("schulz", "edge schulz residual k=1", EDGE, lambda: sch.residual(*(t(1, 1, 1),) * 3))
-    add("schulz", "edge schulz update k=1", EDGE, lambda: sch.update(*(t(1, 1, 1),) * 3))
+    for kk in (1, 7):
+        for step in ("residual", "update"):
+            add("schulz", f"edge schulz {step} k={kk}", EDGE, schulz(kk, step))
     return out
 
 
@@ -356,6 +370,7 @@ class Launch:
     constexprs: dict | None = None
     attrs: dict | None = None
     options: Any = None        # the backend's options object
+    config: str = ""           # " [tile ...]": one config of an autotuned launcher
 
 
 class FakeCudaIndexing(TorchFunctionMode):
@@ -377,9 +392,18 @@ def recording(launches: list[Launch]):
     backend = make_backend(TARGET)
 
     def run(self, *args, grid, warmup, **kwargs):
-        launches.append(Launch(self, tuple(grid) if not callable(grid) else ("fn",)))
+        if callable(grid):  # grid(meta), as an autotuned launch passes it: meta = the arguments by name
+            grid = grid({**dict(zip(self.arg_names, args)), **kwargs})
+        launches.append(Launch(self, tuple(grid)))
         ptr = lambda a: DevicePointer(a) if isinstance(a, torch.Tensor) else a  # noqa: E731
         return jit_run(self, *map(ptr, args), grid=grid, warmup=warmup, **{k: ptr(v) for k, v in kwargs.items()})
+
+    def tuned_run(self, *args, grid, warmup, **kwargs):  # every config, none timed (module docstring)
+        for cfg in self.configs:
+            first = len(launches)
+            self.fn.run(*args, grid=grid, warmup=warmup, **kwargs, **cfg.all_kwargs())
+            for rec in launches[first:]:
+                rec.config = f" [tile {'x'.join(map(str, cfg.kwargs.values()))} w{cfg.num_warps} s{cfg.num_stages}]"
 
     def hook(*, key, compile, **_):
         rec = launches[-1]
@@ -389,13 +413,13 @@ def recording(launches: list[Launch]):
         rec.attrs = compile["configs"][0]
         return True  # skip: no compilation, no launch
 
-    saved_hook = knobs.runtime.jit_cache_hook
-    JITFunction.run, knobs.runtime.jit_cache_hook = run, hook
+    saved_hook, tuner_run = knobs.runtime.jit_cache_hook, Autotuner.run
+    JITFunction.run, Autotuner.run, knobs.runtime.jit_cache_hook = run, tuned_run, hook
     try:
         with FakeTensorMode(), FakeCudaIndexing():
             yield
     finally:
-        JITFunction.run, knobs.runtime.jit_cache_hook = jit_run, saved_hook
+        JITFunction.run, Autotuner.run, knobs.runtime.jit_cache_hook = jit_run, tuner_run, saved_hook
 
 
 # --------------------------------------------------------------------------- #
@@ -670,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
                 failures.append(f"{case.label}: {name} was not specialised (Triton API change?)")
                 continue
             spec = by_key.setdefault((name, l.key), Spec(name, l, [], set()))
-            spec.cases.append(case.label)
+            spec.cases.append(case.label + l.config)
             spec.kinds.add(case.kind)
     specs = list(by_key.values())
     covered = {s.kernel for s in specs}

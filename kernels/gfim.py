@@ -13,8 +13,11 @@ diagonal are computed (half the FLOPs: at the 13B shape the GFIM is
 tile twice, at (i, j) and transposed at (j, i), so the whole output is written
 by the kernel (no torch mirror pass, no extra cols² buffers); a diagonal tile
 stores its upper half and mirrors it, so Φ is exactly symmetric (the Cholesky
-and Schulz steps downstream assume it) whatever order the MMA sums in. Precision as in
-`gram.py`: bf16 gradients -> exact bf16 MMAs with fp32 accumulation.
+and Schulz steps downstream assume it) whatever order the MMA sums in. On a GPU
+BLOCK, BLOCK_K and the warps are chosen by `triton.autotune` among `TILES_16`
+(16-bit operands) or `TILES_32` (fp32 operands), as in `gram.py`; the first of
+each list is the former fixed 64 × 32. Precision as in `gram.py`: bf16 (fp16)
+gradients -> exact bf16 (fp16) MMAs with fp32 accumulation.
 """
 from __future__ import annotations
 
@@ -23,19 +26,28 @@ import triton
 import triton.language as tl
 
 try:  # installed as pyinf.kernels
-    from . import _util
+    from . import _autotune, _util
     from ._dot import mma
     from .gram import _modes
 except ImportError:  # pragma: no cover - imported by path while developing
+    import _autotune  # type: ignore
     import _util  # type: ignore
     from _dot import mma  # type: ignore
     from gram import _modes  # type: ignore
 
+#: (BLOCK, BLOCK_K, num_warps, num_stages) tried by the autotuner on a GPU, picked by compiling candidates
+#: for sm_90 as in gram.py: none spills at the 13B shapes or in the opt-in precisions on Triton 3.6 or 3.9.
+#: 128 × 128 tiles take 8 warps (4 spilled 244-1692 B); with 16-bit operands they spill (108-320 B) at the
+#: degenerate edge shape c·rows = 1, cols = 3 only, kept for the arithmetic intensity of 5120² GFIMs.
+TILES_16 = [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 4), (128, 64, 8, 3)]
+TILES_32 = [(64, 32, 4, 3), (64, 16, 4, 4), (128, 32, 8, 3), (128, 16, 8, 4)]
 
-@triton.jit
+
+@triton.jit(do_not_specialize=["SIZE_CLASS"])
 def _gfim_kernel(
     X, O,
     N, cols,
+    SIZE_CLASS,  # the autotune key only (_autotune.size_class)
     BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, MODE: tl.constexpr, NATIVE_BF16: tl.constexpr,
 ):
@@ -65,6 +77,10 @@ def _gfim_kernel(
         tl.store(O + offs_j[None, :] * cols + offs_i[:, None], acc, mask=mask & (offs_i[:, None] < offs_j[None, :]))
 
 
+_TUNED = {wide: _autotune.tuned(_gfim_kernel, ("BLOCK", "BLOCK_K"), TILES_16 if wide else TILES_32,
+                                 key=["PRECISION", "MODE"]) for wide in (True, False)}
+
+
 def gfim(G: torch.Tensor, *, precision: str | None = None) -> torch.Tensor:
     """`G` ([b,] c, rows, cols) -> `([b,] cols, cols)` fp32 = Σ_i g_iᵀ g_i per block."""
     squeeze = G.dim() == 3
@@ -74,14 +90,16 @@ def gfim(G: torch.Tensor, *, precision: str | None = None) -> torch.Tensor:
     b, c, rows, cols = G.shape
     N = c * rows
     out = torch.empty(b, cols, cols, dtype=torch.float32, device=G.device)
-    if _util.interpreting():
-        BLOCK, BK, nw = _util.clamp_pow2(cols, 16, 512), _util.clamp_pow2(N, 16, 256), 4  # big tiles, as in gram.py
-    else:
-        BLOCK, BK, nw = 64, 32, 4
     ip, mode = _modes(G.dtype, G.dtype, G.device, precision)
-    t = _util.cdiv(cols, BLOCK)
-    _gfim_kernel[(t, t, b)](G, out, N, cols, BLOCK=BLOCK, BLOCK_K=BK,
-                            PRECISION=ip, MODE=mode, NATIVE_BF16=not _util.interpreting(), num_warps=nw)
+    args = (G, out, N, cols, _autotune.size_class(N, cols, b))
+    if _util.interpreting():  # one fixed config, big tiles, as in gram.py
+        BLOCK, BK = _util.clamp_pow2(cols, 16, 512), _util.clamp_pow2(N, 16, 256)
+        t = _util.cdiv(cols, BLOCK)
+        _gfim_kernel[(t, t, b)](*args, BLOCK=BLOCK, BLOCK_K=BK, PRECISION=ip, MODE=mode, NATIVE_BF16=False,
+                                num_warps=4)
+    else:
+        grid = lambda meta: (_util.cdiv(cols, meta["BLOCK"]), _util.cdiv(cols, meta["BLOCK"]), b)  # noqa: E731
+        _TUNED[mode >= 2][grid](*args, PRECISION=ip, MODE=mode, NATIVE_BF16=True)
     return out[0] if squeeze else out
 
 

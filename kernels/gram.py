@@ -6,10 +6,16 @@ one block) -> `(b, c1, c2)` float32. All blocks of one shape go in one launch
 
 Tiling: a plain tiled GEMM, one program per (BLOCK_I × BLOCK_J) output tile
 and block, looping over D in BLOCK_K steps; the grid has
-(c1/64)·(c2/64)·b programs, plenty without a split over D. Precision: both
-operands bf16 -> one bf16 MMA per tile (exact products, fp32 accumulation);
-otherwise `tl.dot` in the default precision of `_util.dot_precision`
-(tf32x3 on tensor-core GPUs, ieee under the interpreter).
+(c1/BLOCK_I)·(c2/BLOCK_J)·b programs, plenty without a split over D. On a GPU
+the tile is chosen by `triton.autotune` (`_autotune.py`) among `TILES_16`
+(both operands 16-bit: larger K steps, since a 16-bit tile is half the bytes)
+or `TILES_32` (fp32 operands); the first of each list is the former fixed
+64 × 64 × 32. All of them compile for sm_90 without spills
+(`bench/compile_sm90.py`); which one wins is for the GPU to say (not timed).
+Precision: both operands bf16 (or both fp16) -> one bf16 (fp16) MMA per tile
+(exact products, fp32 accumulation); otherwise `tl.dot` in the default
+precision of `_util.dot_precision` (tf32x3 on tensor-core GPUs, ieee under
+the interpreter).
 """
 from __future__ import annotations
 
@@ -18,17 +24,27 @@ import triton
 import triton.language as tl
 
 try:  # installed as pyinf.kernels
-    from . import _util
+    from . import _autotune, _util
     from ._dot import mma
 except ImportError:  # pragma: no cover - imported by path while developing
+    import _autotune  # type: ignore
     import _util  # type: ignore
     from _dot import mma  # type: ignore
 
+#: (BLOCK_I, BLOCK_J, BLOCK_K, num_warps, num_stages) tried by the autotuner on a GPU, picked from ~20
+#: candidates compiled for sm_90 (bench/results/kernels-sm90-i13.md): none spills on Triton 3.6 or 3.9 at
+#: the 13B shapes, the opt-in precisions or the edge shapes. 128-wide tiles take 8 warps (4 warps spilled
+#: at 255 registers in tf32x3 or at the edge shapes) and, with fp32 operands, BLOCK_K = 16 (32 spilled
+#: in the ieee opt-in on Triton 3.6).
+TILES_16 = [(64, 64, 32, 4, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 3)]
+TILES_32 = [(64, 64, 32, 4, 3), (128, 64, 16, 8, 4), (64, 128, 16, 8, 4), (128, 128, 16, 8, 4)]
 
-@triton.jit
+
+@triton.jit(do_not_specialize=["SIZE_CLASS"])
 def _gram_kernel(
     A, B, O,
     c1, c2, D,
+    SIZE_CLASS,  # the autotune key only (_autotune.size_class)
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, MODE: tl.constexpr, NATIVE_BF16: tl.constexpr,
 ):
@@ -52,11 +68,15 @@ def _gram_kernel(
     tl.store(O + offs_i[:, None] * c2 + offs_j[None, :], acc, mask=mask_i[:, None] & mask_j[None, :])
 
 
+_TUNED = {wide: _autotune.tuned(_gram_kernel, ("BLOCK_I", "BLOCK_J", "BLOCK_K"), TILES_16 if wide else TILES_32,
+                                 key=["PRECISION", "MODE"]) for wide in (True, False)}
+
+
 def _modes(a_dtype: torch.dtype, b_dtype: torch.dtype, device: torch.device, precision: str | None) -> tuple[str, int]:
-    """(input_precision, MODE) for a product of two gradient tiles."""
+    """(input_precision, MODE) for a product of two gradient tiles (MODE as in `_dot.mma`)."""
     p = _util.dot_precision(b_dtype, device, precision)
-    if a_dtype == b_dtype == torch.bfloat16 and p != "ieee":
-        return "ieee", 2  # exact bf16 products on the tensor cores
+    if a_dtype == b_dtype and a_dtype in (torch.bfloat16, torch.float16) and p != "ieee":
+        return "ieee", 2 if a_dtype == torch.bfloat16 else 3  # exact 16-bit products on the tensor cores
     if p == "bf16x2":
         return ("ieee", 1) if b_dtype == torch.bfloat16 else ("tf32x3", 0)
     return p, 0
@@ -74,15 +94,17 @@ def gram(G1: torch.Tensor, G2: torch.Tensor, *, precision: str | None = None) ->
     assert G1.device == G2.device
     c2 = G2.shape[1]
     out = torch.empty(b, c1, c2, dtype=torch.float32, device=G1.device)
-    if _util.interpreting():
-        # big tiles: the interpreter re-reads G once per output tile row / column (cost ∝ elements loaded)
-        BI, BJ, BK, nw = _util.clamp_pow2(c1, 16, 256), _util.clamp_pow2(c2, 16, 256), _util.clamp_pow2(D, 16, 512), 4
-    else:
-        BI, BJ, BK, nw = 64, 64, 32, 4
     ip, mode = _modes(G1.dtype, G2.dtype, G1.device, precision)
-    grid = (_util.cdiv(c1, BI), _util.cdiv(c2, BJ), b)
-    _gram_kernel[grid](G1, G2, out, c1, c2, D, BLOCK_I=BI, BLOCK_J=BJ, BLOCK_K=BK,
-                       PRECISION=ip, MODE=mode, NATIVE_BF16=not _util.interpreting(), num_warps=nw)
+    args = (G1, G2, out, c1, c2, D, _autotune.size_class(c1, c2, D, b))
+    if _util.interpreting():
+        # one fixed config, big tiles: the interpreter re-reads G once per output tile row / column
+        # (cost ∝ elements loaded)
+        BI, BJ, BK = _util.clamp_pow2(c1, 16, 256), _util.clamp_pow2(c2, 16, 256), _util.clamp_pow2(D, 16, 512)
+        _gram_kernel[(_util.cdiv(c1, BI), _util.cdiv(c2, BJ), b)](
+            *args, BLOCK_I=BI, BLOCK_J=BJ, BLOCK_K=BK, PRECISION=ip, MODE=mode, NATIVE_BF16=False, num_warps=4)
+    else:
+        grid = lambda meta: (_util.cdiv(c1, meta["BLOCK_I"]), _util.cdiv(c2, meta["BLOCK_J"]), b)  # noqa: E731
+        _TUNED[mode >= 2][grid](*args, PRECISION=ip, MODE=mode, NATIVE_BF16=True)
     return out[0] if squeeze else out
 
 

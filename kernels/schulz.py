@@ -3,13 +3,28 @@
 `A` (b, k, k) SPD (float32 or float64) -> (X ≈ A⁻¹ float64, max relative
 residual ‖I − AX‖_F/√k, steps). All blocks of one size are iterated together.
 
-Kernels (one batched tiled GEMM with two epilogues, grid = (k/BT, k/BT, b)):
+Kernels (one batched tiled GEMM with two epilogues, grid = (n/BT, n/BT, b)):
   * EPI = 0: R = I − A X, and each program also writes Σ R² over its tile
     into a (b, tiles) workspace: the residual norm for the stopping test comes
     out of the same kernel (summed by a tiny torch reduction), no extra pass
     over R.
   * EPI = 1: X_new = X + X R (X is read by the GEMM, so X_new is a second
     buffer; the two are swapped each step).
+Padding: the fp32 stage stores A, X, R as n × n with n = k rounded up to a
+multiple of 16 (`padded`), zero beyond k. The identity of R = I − AX is
+written for i < k only, so the padding stays exactly zero under the
+iteration (rows and columns ≥ k of A, X and R are zero, hence of AX, X R and
+X_new too) and adds nothing to ‖R‖. With the row stride and the masks at a
+multiple of 16, every global access is a 16-byte vector whatever k is (at
+k = 900 they were 4-byte scalars, see `bench/compile_sm90.py`), for the
+default FMA path and the tensor-core opt-ins alike; the cost is (n/k)³ - 1
+more FLOPs (4 % at k = 900, 0 at 5120).
+Tiles: on a GPU BLOCK, BLOCK_K and the warps are chosen by `triton.autotune`
+among `TILES` (`_autotune.py`, keyed on n, b, the precision and the
+epilogue); the first is the former fixed 64 × 32. The Σ R² workspace is
+sized for the smallest BLOCK of the list and zeroed (a bigger tile leaves
+part of it unwritten), and the autotuner zeroes it again after its
+benchmark runs.
 
 Precision schedule (and why):
   1. fp32 storage, `tl.dot(input_precision="ieee")` by default: every MMA
@@ -38,7 +53,7 @@ Precision schedule (and why):
      squares the residual, so from the fp32 floor one or two steps reach
      1e-8..1e-16: the answer meets the float64 reference whatever κ fp32 could
      handle.
-Memory: a block needs 4 fp32 k² buffers (A, X, R, X_new) then 3 float64 k²
+Memory: a block needs 4 fp32 n² buffers (A, X, R, X_new) then 3 float64 k²
 buffers (X, R, temp): ~40 k² bytes; `schulz_inverse` runs groups of blocks
 sized to 70 % of the free device memory (160 blocks of 5120² need ~170 GB in
 all, so they go in ~2–3 groups on an 80 GB H100).
@@ -52,40 +67,47 @@ import triton
 import triton.language as tl
 
 try:  # installed as pyinf.kernels
-    from . import _util
+    from . import _autotune, _util
 except ImportError:  # pragma: no cover - imported by path while developing
+    import _autotune  # type: ignore
     import _util  # type: ignore
 
 U32 = 2.0**-24  # fp32 unit roundoff
 BYTES_PER_ENTRY = 4 * 4 + 3 * 8  # fp32 A, X, R, X_new + float64 X, R, temp
+PAD = 16  # n = k rounded up to this: 16-byte rows and masks (module docstring)
+#: (BLOCK, BLOCK_K, num_warps, num_stages) tried by the autotuner on a GPU, picked by compiling candidates
+#: for sm_90 as in gram.py (no spills, default ieee and the tf32x3 / tf32 opt-ins, Triton 3.6 and 3.9):
+#: 128-wide tiles with 8 warps (4 spilled 140-1500 B), 32 × 32 for few blocks of small k (more programs).
+TILES = [(64, 32, 4, 3), (128, 32, 8, 3), (128, 16, 8, 3), (32, 32, 4, 3)]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SIZE_CLASS"])
 def _schulz_gemm_kernel(
     L, Rm, C, O, SQ,
-    k, tiles,
+    n, k, tiles,
+    SIZE_CLASS,  # the autotune key only (_autotune.size_class)
     EPI: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """O = I − L Rm (EPI 0, with per-tile Σ O² into SQ) or O = C + L Rm (EPI 1)."""
+    """n × n matrices, zero beyond k: O = I_k − L Rm (EPI 0, with per-tile Σ O² into SQ) or O = C + L Rm (EPI 1)."""
     pid_i = tl.program_id(0).to(tl.int64)
     pid_j = tl.program_id(1).to(tl.int64)
     pid_b = tl.program_id(2).to(tl.int64)
-    base = pid_b * k * k
+    base = pid_b * n * n
     offs_i = pid_i * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     offs_j = pid_j * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    mask_i = offs_i < k
-    mask_j = offs_j < k
+    mask_i = offs_i < n
+    mask_j = offs_j < n
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-    for k0 in range(0, k, BLOCK_K):
+    for k0 in range(0, n, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        mask_k = offs_k < k
-        a = tl.load(L + base + offs_i[:, None] * k + offs_k[None, :], mask=mask_i[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(Rm + base + offs_k[:, None] * k + offs_j[None, :], mask=mask_k[:, None] & mask_j[None, :], other=0.0)
+        mask_k = offs_k < n
+        a = tl.load(L + base + offs_i[:, None] * n + offs_k[None, :], mask=mask_i[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(Rm + base + offs_k[:, None] * n + offs_j[None, :], mask=mask_k[:, None] & mask_j[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     mask = mask_i[:, None] & mask_j[None, :]
-    ptrs = base + offs_i[:, None] * k + offs_j[None, :]
+    ptrs = base + offs_i[:, None] * n + offs_j[None, :]
     if EPI == 0:
-        eye = tl.where(offs_i[:, None] == offs_j[None, :], 1.0, 0.0)
+        eye = tl.where((offs_i[:, None] == offs_j[None, :]) & (offs_i[:, None] < k), 1.0, 0.0)  # padding: 0
         out = tl.where(mask, eye - acc, 0.0)
         tl.store(O + ptrs, out, mask=mask)
         tl.store(SQ + pid_b * tiles + pid_i * tl.num_programs(1) + pid_j, tl.sum(tl.sum(out * out, axis=1), axis=0))
@@ -94,36 +116,63 @@ def _schulz_gemm_kernel(
         tl.store(O + ptrs, out, mask=mask)
 
 
-def _blocks(k: int) -> tuple[int, int, int]:
-    if _util.interpreting():
-        return _util.clamp_pow2(k, 16, 64), _util.clamp_pow2(k, 16, 64), 4
-    return 64, 32, 4
+_TUNED = _autotune.tuned(_schulz_gemm_kernel, ("BLOCK", "BLOCK_K"), TILES, key=["PRECISION", "EPI"],
+                         reset_to_zero=["SQ"])
 
 
-def residual(A: torch.Tensor, X: torch.Tensor, R: torch.Tensor, precision: str = "ieee") -> torch.Tensor:
-    """R ← I − A X (in place, fp32) and return the per-block ‖R‖_F (float64, (b,))."""
-    for name, t in (("A", A), ("X", X), ("R", R)):
-        _util.check_f32(name, t, 3)
+def padded(A: torch.Tensor) -> torch.Tensor:
+    """`A` (b, k, k) -> (b, n, n) fp32, n = k rounded up to a multiple of 16, zero beyond k."""
     b, k, _ = A.shape
-    assert A.shape == X.shape == R.shape == (b, k, k), "A, X, R must all be (b, k, k)"
-    BT, BK, nw = _blocks(k)
-    t = _util.cdiv(k, BT)
-    sq = torch.empty(b, t * t, dtype=torch.float32, device=A.device)
-    _schulz_gemm_kernel[(t, t, b)](A, X, A, R, sq, k, t * t, EPI=0, BLOCK=BT, BLOCK_K=BK,
-                                   PRECISION=precision, num_warps=nw)
+    n = _util.cdiv(k, PAD) * PAD
+    out = torch.zeros(b, n, n, dtype=torch.float32, device=A.device)
+    out[:, :k, :k] = A
+    return out
+
+
+def _check(names: tuple[str, ...], ts: tuple[torch.Tensor, ...], k: int | None) -> tuple[int, int, int]:
+    """(b, n, k) of n × n fp32 operands, k ≤ n the size without padding (default n)."""
+    for name, t in zip(names, ts):
+        _util.check_f32(name, t, 3)
+    b, n, _ = ts[0].shape
+    assert all(t.shape == (b, n, n) for t in ts), f"{', '.join(names)} must all be (b, n, n)"
+    k = n if k is None else k
+    assert 0 < k <= n, f"k = {k} must be in [1, n = {n}]"
+    return b, n, k
+
+
+def _launch(L, Rm, C, O, SQ, b: int, n: int, k: int, tiles: int, epi: int, precision: str) -> None:
+    args = (L, Rm, C, O, SQ, n, k, tiles, _autotune.size_class(n, b))
+    if _util.interpreting():  # one fixed config; the interpreter costs ~1 ms a program: few, big ones
+        BT = _util.clamp_pow2(n, 16, 64)
+        t = _util.cdiv(n, BT)
+        _schulz_gemm_kernel[(t, t, b)](*args, EPI=epi, BLOCK=BT, BLOCK_K=BT, PRECISION=precision, num_warps=4)
+    else:
+        grid = lambda meta: (_util.cdiv(n, meta["BLOCK"]), _util.cdiv(n, meta["BLOCK"]), b)  # noqa: E731
+        _TUNED[grid](*args, EPI=epi, PRECISION=precision)
+
+
+def _max_tiles(n: int) -> int:
+    """Programs per block of the smallest BLOCK that may run (interpreter: the one it runs)."""
+    bt = _util.clamp_pow2(n, 16, 64) if _util.interpreting() else min(c[0] for c in TILES)
+    return _util.cdiv(n, bt) ** 2
+
+
+def residual(A: torch.Tensor, X: torch.Tensor, R: torch.Tensor, k: int | None = None,
+             precision: str = "ieee") -> torch.Tensor:
+    """R ← I_k − A X (in place, fp32) and return the per-block ‖R‖_F (float64, (b,)).
+
+    A, X, R: (b, n, n), zero in rows and columns ≥ k (`padded`); k defaults to n."""
+    b, n, k = _check(("A", "X", "R"), (A, X, R), k)
+    tiles = _max_tiles(n)
+    sq = torch.zeros(b, tiles, dtype=torch.float32, device=A.device)  # a bigger BLOCK writes fewer tiles
+    _launch(A, X, A, R, sq, b, n, k, tiles, 0, precision)
     return sq.double().sum(1).sqrt()
 
 
 def update(X: torch.Tensor, R: torch.Tensor, out: torch.Tensor, precision: str = "ieee") -> torch.Tensor:
-    """out ← X + X R = X (2I − A X) (fp32)."""
-    for name, t in (("X", X), ("R", R), ("out", out)):
-        _util.check_f32(name, t, 3)
-    b, k, _ = X.shape
-    assert X.shape == R.shape == out.shape == (b, k, k)
-    BT, BK, nw = _blocks(k)
-    t = _util.cdiv(k, BT)
-    _schulz_gemm_kernel[(t, t, b)](X, R, X, out, out, k, t * t, EPI=1, BLOCK=BT, BLOCK_K=BK,
-                                   PRECISION=precision, num_warps=nw)
+    """out ← X + X R = X (2I − A X) (fp32; (b, n, n), padding stays zero)."""
+    b, n, _ = _check(("X", "R", "out"), (X, R, out), None)
+    _launch(X, R, X, out, out, b, n, n, 1, 1, precision)
     return out
 
 
@@ -131,24 +180,25 @@ def _group_size(b: int, k: int, device: torch.device) -> int:
     if device.type != "cuda":
         return b
     free, _ = torch.cuda.mem_get_info(device)
-    return max(1, min(b, int(0.7 * free) // (BYTES_PER_ENTRY * k * k)))
+    n = _util.cdiv(k, PAD) * PAD
+    return max(1, min(b, int(0.7 * free) // (BYTES_PER_ENTRY * n * n)))
 
 
 def _schulz_group(A: torch.Tensor, iterations: int, tol: float, precision: str) -> tuple[torch.Tensor, float, int]:
     b, k, _ = A.shape
     sk = math.sqrt(k)
-    A32 = A.float().contiguous()
+    A32 = padded(A)
     norm_a = torch.linalg.matrix_norm(A.double())
-    X = torch.eye(k, dtype=torch.float32, device=A.device).repeat(b, 1, 1)
-    X /= norm_a.float().reshape(-1, 1, 1)
+    X = torch.zeros_like(A32)
+    X.diagonal(dim1=1, dim2=2)[:, :k] = (1.0 / norm_a).float()[:, None]
     R, Xn = torch.empty_like(X), torch.empty_like(X)
     res, prev, step = math.inf, math.inf, 0
-    # stage 1: fp32 Triton steps, while they lower the residual (module docstring)
+    # stage 1: fp32 Triton steps on the padded n × n, while they lower the residual (module docstring)
     while True:
-        res_b = residual(A32, X, R, precision) / sk
+        res_b = residual(A32, X, R, k, precision) / sk
         res = float(res_b.max())
         if res < tol or step == iterations:
-            return X.double(), res, step
+            return X[:, :k, :k].double(), res, step
         floor_b = U32 * norm_a * torch.linalg.matrix_norm(X).double() / sk
         if bool((res_b <= floor_b).all()) or res >= prev:
             break
@@ -159,7 +209,7 @@ def _schulz_group(A: torch.Tensor, iterations: int, tol: float, precision: str) 
     del A32, R, Xn
     # stage 2: float64 refinement (torch / cuBLAS)
     A64 = A.double()
-    X64 = X.double()
+    X64 = X[:, :k, :k].double()
     del X
     eye = torch.eye(k, dtype=torch.float64, device=A.device)
     while True:

@@ -13,8 +13,9 @@ configs):
   package is passed with ``--kernels``.
 
 Fails on a compile error, a kernel that no case launches, or register spills
-in a default (non-opt-in) config at the Llama-2-13B shapes. Each run takes
-one to two minutes on a 2-core machine.
+in a default (non-opt-in) config at the Llama-2-13B shapes (every config of
+an autotuned launcher counts as default). Each run takes two to five minutes
+on a 2-core machine.
 """
 import importlib.util
 import json
@@ -72,6 +73,7 @@ def test_kernels_compile_for_sm90(python, extra, tmp_path):
     assert default and all(r["ok"] and r["spill_stores"] == 0 and r["spill_loads"] == 0 for r in default)
     assert any(r["mma"].startswith("wgmma") for r in default), "no default config uses Hopper's wgmma"
     _check_access_widths_and_grids(default)
+    _check_autotuned_configs(default)
 
 
 def _check_access_widths_and_grids(default):
@@ -90,3 +92,29 @@ def _check_access_widths_and_grids(default):
     assert len(groups) == 5, groups  # compiled as default configs: no spills, the widths above
     one_group = [r for r in by("._grouped_lora_kernel") if "k=1" in " ".join(r["cases"])]
     assert one_group and all(r["grid"][0] * r["grid"][1] >= 132 for r in one_group), "one group leaves SMs idle"
+    # Schulz on k × k padded to a multiple of 16: 16-byte accesses at k = 900 too (they were 4-byte scalars);
+    # the residual's one Σ R² per program is the 4-byte store
+    schulz = by("._schulz_gemm_kernel")
+    assert {c.split(" [")[0] for r in schulz for c in r["cases"]} >= {"schulz residual k=900", "schulz update k=900"}
+    for r in schulz:
+        g = r["gmem"]
+        assert g["cp.async"] == [16] and g["ld"] in ([], [16]) and 16 in g["st"] and set(g["st"]) <= {4, 16}, (
+            r["cases"][0], g)
+    # fp16 gradients: one exact fp16 MMA, as bf16 (they went through tf32x3)
+    fp16 = [r for r in by("._gram_kernel") + by("._gfim_kernel") if " fp16 " in r["cases"][0]]
+    assert fp16 and all(r["mma_detail"].endswith(".f16") for r in fp16), [(r["cases"][0], r["mma"]) for r in fp16]
+
+
+def _check_autotuned_configs(default):
+    """Every config the autotuner may pick on a GPU is compiled as a default config (so it may not spill)."""
+    from pyinf.kernels import gfim, gram, schulz
+
+    def tags(configs):
+        return {f"{'x'.join(map(str, c[:-2]))} w{c[-2]} s{c[-1]}" for c in configs}
+
+    for case, configs in (("gram bf16 c=900 D=40960", gram.TILES_16), ("gram fp32 c=900 D=40960", gram.TILES_32),
+                          ("gfim fp16 c=900 8x5120", gfim.TILES_16), ("gfim fp32 c=900 8x5120", gfim.TILES_32),
+                          ("schulz residual k=900", schulz.TILES), ("schulz update k=5120", schulz.TILES)):
+        compiled = {c.split(" [tile ")[1].rstrip("]") for r in default for c in r["cases"]
+                    if c.startswith(case + " [tile ")}
+        assert compiled == tags(configs), (case, compiled)

@@ -20,6 +20,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover - conftest set
 
 import pyinf  # noqa: E402
 from pyinf.backends import BACKENDS, get_backend  # noqa: E402
+from pyinf.kernels import _autotune, _util  # noqa: E402
 from pyinf.kernels import gfim as k_gfim  # noqa: E402
 from pyinf.kernels import gram as k_gram  # noqa: E402
 from pyinf.kernels import norms_dots as k_nd  # noqa: E402
@@ -28,7 +29,9 @@ from pyinf.kernels import schulz as k_schulz  # noqa: E402
 from pyinf.kernels import score as k_score  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16]
-TOL = {torch.float32: 2e-6, torch.bfloat16: 2e-6}  # vs float64 on the STORED values: both accumulate in fp32
+GRAM_DTYPES = DTYPES + [torch.float16]  # gram / gfim: fp16 has an MMA mode of its own (_dot.mma MODE 3)
+TOL = {torch.float32: 2e-6, torch.bfloat16: 2e-6, torch.float16: 2e-6}  # vs float64 on the STORED values: both
+# accumulate in fp32
 CS, DS, MS = (1, 7, 41), (13, 401, 1271), (1, 3, 16)
 
 
@@ -257,27 +260,102 @@ def test_one_launch_per_kernel_for_a_group(monkeypatch):
             assert counts == {1: expect[name], 8: expect[name]}, (name, splits, counts)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", GRAM_DTYPES, ids=str)
 @pytest.mark.parametrize("b,c1,c2,D", [(1, 1, 1, 13), (1, 7, 41, 401), (3, 41, 70, 129)])
 def test_gram(b, c1, c2, D, dtype):
+    """16-bit inputs also with precision="tf32x3": the one-MMA modes (bf16: MODE 2, fp16: MODE 3, whose native
+    fp16 tl.dot the interpreter runs as the GPU does) instead of the interpreter's default ieee."""
     gen = torch.Generator().manual_seed(c1 * c2 + D)
     G1 = torch.randn(b, c1, D, generator=gen).to(dtype)
     G2 = torch.randn(b, c2, D, generator=gen).to(dtype)
-    assert rel(k_gram.gram(G1, G2), k_gram.gram_reference(G1, G2, upcast=True)) < TOL[dtype]
-    assert rel(k_gram.gram(G1[0], G2[0]), k_gram.gram_reference(G1[0], G2[0], upcast=True)) < TOL[dtype]
+    ref = k_gram.gram_reference(G1, G2, upcast=True)
+    assert rel(k_gram.gram(G1, G2), ref) < TOL[dtype]
+    assert rel(k_gram.gram(G1[0], G2[0]), ref[0]) < TOL[dtype]
+    if dtype != torch.float32:
+        assert rel(k_gram.gram(G1, G2, precision="tf32x3"), ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", GRAM_DTYPES, ids=str)
 @pytest.mark.parametrize("b,c,rows,cols", [(1, 1, 1, 13), (1, 7, 3, 33), (3, 41, 8, 70)])
 def test_gfim(b, c, rows, cols, dtype):
     """70 columns = 2 × 2 tiles: the mirrored (transposed) stores of the off-diagonal tile."""
     gen = torch.Generator().manual_seed(c * rows + cols)
     G = torch.randn(b, c, rows, cols, generator=gen).to(dtype)
+    ref = k_gfim.gfim_reference(G, upcast=True)
     out = k_gfim.gfim(G)
     assert out.shape == (b, cols, cols)
-    assert rel(out, k_gfim.gfim_reference(G, upcast=True)) < TOL[dtype]
+    assert rel(out, ref) < TOL[dtype]
     assert torch.equal(out, out.transpose(1, 2))
-    assert rel(k_gfim.gfim(G[0]), k_gfim.gfim_reference(G[0], upcast=True)) < TOL[dtype]
+    assert rel(k_gfim.gfim(G[0]), ref[0]) < TOL[dtype]
+    if dtype != torch.float32:
+        out = k_gfim.gfim(G, precision="tf32x3")
+        assert rel(out, ref) < TOL[dtype] and torch.equal(out, out.transpose(1, 2))
+
+
+def test_mma_modes_on_a_gpu(monkeypatch):
+    """What gram / gfim multiply with on a tensor-core GPU: one exact MMA when both operands are bf16 or both
+    fp16 (fp16 went through tf32x3 before), the split modes otherwise."""
+    monkeypatch.setattr(_util, "interpreting", lambda: False)
+    monkeypatch.setattr(_util, "_has_tensor_cores", lambda device: True)
+    monkeypatch.delenv("PYINF_TRITON_PRECISION", raising=False)
+    f32, bf16, f16, cuda = torch.float32, torch.bfloat16, torch.float16, torch.device("cuda")
+    assert k_gram._modes(f16, f16, cuda, None) == ("ieee", 3)
+    assert k_gram._modes(bf16, bf16, cuda, None) == ("ieee", 2)
+    assert k_gram._modes(f32, f32, cuda, None) == ("tf32x3", 0)
+    assert k_gram._modes(f32, bf16, cuda, None) == ("ieee", 1)
+    assert k_gram._modes(f32, f16, cuda, None) == ("tf32x3", 0)
+    assert k_gram._modes(f16, f16, cuda, "ieee") == ("ieee", 0)  # the opt-out: FMA on the CUDA cores
+
+
+def test_size_class():
+    """The autotune key: one bucket per power of two of each size, the sizes told apart by position."""
+    sc = _autotune.size_class
+    assert sc(900, 900, 40960) == sc(513, 1024, 32769) != sc(1025, 900, 40960)
+    assert sc(900, 5120) != sc(5120, 900) and sc(1) == sc(1, 1) == 0
+
+
+def _run_autotuned(monkeypatch, tuners, winner: int, launch):
+    """`launch()` through the GPU path (`triton.autotune`, no interpreter shortcut) with a stand-in timer under
+    which config `winner` is fastest: every config of the list runs once (the benchmark), then the winner."""
+    monkeypatch.setattr(_util, "interpreting", lambda: False)
+    for tuner in tuners:
+        times = iter(range(len(tuner.configs)))
+
+        def bench(kernel_call, quantiles, times=times):
+            kernel_call()
+            t = next(times)
+            return [0.0 if t == winner else 1.0 + t] * 3
+
+        monkeypatch.setitem(vars(tuner), "do_bench", bench)  # shadows Autotuner.do_bench (a cached_property)
+        monkeypatch.setattr(tuner, "cache", {})  # tune afresh
+    return launch()
+
+
+@pytest.mark.parametrize("winner", range(4))
+def test_autotuned_launch_path(monkeypatch, winner):
+    """The launch a GPU takes, run by the interpreter: whichever config wins, gram, gfim and the Schulz step are
+    right (grids from the config; the fp16 one-MMA mode; Schulz's Σ R² workspace, which a bigger winning tile
+    fills less than the configs benchmarked before it did)."""
+    assert all(len(t) == 4 for t in (k_gram.TILES_16, k_gram.TILES_32, k_gfim.TILES_16, k_gfim.TILES_32,
+                                     k_schulz.TILES))
+    gen = torch.Generator().manual_seed(winner)
+    for dtype, prec in ((torch.float32, None), (torch.float16, "tf32x3")):
+        G1, G2 = torch.randn(2, 41, 150, generator=gen).to(dtype), torch.randn(2, 70, 150, generator=gen).to(dtype)
+        out = _run_autotuned(monkeypatch, k_gram._TUNED.values(), winner, lambda: k_gram.gram(G1, G2, precision=prec))
+        assert rel(out, k_gram.gram_reference(G1, G2, upcast=True)) < TOL[dtype]
+        G = torch.randn(2, 9, 3, 140, generator=gen).to(dtype)
+        out = _run_autotuned(monkeypatch, k_gfim._TUNED.values(), winner, lambda: k_gfim.gfim(G, precision=prec))
+        assert rel(out, k_gfim.gfim_reference(G, upcast=True)) < TOL[dtype] and torch.equal(out, out.mT)
+    k = 140
+    A = spd(2, k).float()
+    X = torch.eye(k).repeat(2, 1, 1) / torch.linalg.matrix_norm(A).reshape(-1, 1, 1)
+    Xn_ref, r_ref = k_schulz.schulz_step_reference(A, X, upcast=True)
+    Ap, Xp = k_schulz.padded(A), k_schulz.padded(X)
+    R = torch.empty_like(Ap)
+    r = _run_autotuned(monkeypatch, [k_schulz._TUNED], winner, lambda: k_schulz.residual(Ap, Xp, R, k))
+    assert rel(r, r_ref) < 1e-5
+    Xn = _run_autotuned(monkeypatch, [k_schulz._TUNED], winner, lambda: k_schulz.update(Xp, R, torch.empty_like(Xp)))
+    assert rel(Xn[:, :k, :k], Xn_ref) < 1e-5 and not Xn[:, k:].any() and not Xn[:, :, k:].any()
 
 
 def spd(b, k, cond=1e3, seed=0):
@@ -287,17 +365,32 @@ def spd(b, k, cond=1e3, seed=0):
     return (Q * ev) @ Q.transpose(1, 2) * 37.0
 
 
-@pytest.mark.parametrize("k", [1, 7, 33, 70])
+@pytest.mark.parametrize("k", [1, 7, 33, 70, 80])
 def test_schulz_step_and_residual(k):
+    """On the padded n × n (n = k rounded up to 16; 80 needs none) as schulz_inverse runs them: the k × k
+    corner is the step, and the padding stays exactly zero (no identity there, nothing in ‖R‖)."""
     A = spd(2, k).float()
     X = torch.eye(k).repeat(2, 1, 1) / torch.linalg.matrix_norm(A).reshape(-1, 1, 1)
     X = X + 1e-3 * torch.randn(2, k, k, generator=torch.Generator().manual_seed(k))
     Xn_ref, r_ref = k_schulz.schulz_step_reference(A, X, upcast=True)
-    R = torch.empty_like(X)
-    r = k_schulz.residual(A, X, R)
+    Ap, Xp = k_schulz.padded(A), k_schulz.padded(X)
+    n = Ap.shape[-1]
+    assert n % 16 == 0 and n - 16 < k <= n
+    R = torch.empty_like(Ap)
+    r = k_schulz.residual(Ap, Xp, R, k)
     assert rel(r, r_ref) < 1e-5
-    Xn = k_schulz.update(X, R, torch.empty_like(X))
-    assert rel(Xn, Xn_ref) < 1e-5
+    Xn = k_schulz.update(Xp, R, torch.empty_like(Xp))
+    assert rel(Xn[:, :k, :k], Xn_ref) < 1e-5
+    for t in (R, Xn):
+        assert not t[:, k:].any() and not t[:, :, k:].any()
+
+
+def test_schulz_bad_input():
+    A = torch.zeros(1, 16, 16)
+    with pytest.raises(AssertionError, match="k = 17"):
+        k_schulz.residual(A, A.clone(), A.clone(), 17)
+    with pytest.raises(AssertionError, match="must all be"):
+        k_schulz.update(A, A.clone(), torch.zeros(1, 32, 32))
 
 
 @pytest.mark.parametrize("k,cond", [(7, 10.0), (33, 1e3), (70, 1e4)])
