@@ -4,10 +4,12 @@
     python bench/compare_sm90.py BEFORE.json AFTER.json [--kernels norms_dots,rank_one_accumulate,...]
 
 One row per case label of the AFTER run's default and opt-in classes (edge shapes left out): registers,
-spill bytes, shared memory, global access widths in bytes per thread (cp.async / ld / st; 4 or less is
-scalar), programs launched (the grid of the case's specialisation; compile_sm90 records the first case's),
-programs resident per SM (`compile_sm90.blocks_per_sm`) and the waves on 132 SMs = programs / (132 ×
-per SM). Compiled only: nothing here ran on a GPU.
+spill bytes, shared memory, the MMA instruction (shape.type; "none": FMA), global access widths in bytes
+per thread (cp.async / ld / st; 4 or less is scalar), programs launched (the grid of the case's
+specialisation; compile_sm90 records the first case's), programs resident per SM
+(`compile_sm90.blocks_per_sm`) and the waves on 132 SMs = programs / (132 × per SM). An autotuned case
+("… [tile …]", one row per config) is set against the BEFORE row of the same label without the suffix
+(the former fixed config). Compiled only: nothing here ran on a GPU.
 """
 from __future__ import annotations
 
@@ -33,11 +35,12 @@ def _widths(r: dict) -> str:
 
 def _cells(r: dict | None) -> list[str]:
     if r is None:
-        return ["-"] * 6
+        return ["-"] * 7
     programs = math.prod(r["grid"])
     per_sm = r.get("blocks_per_sm")
     waves = f"{programs / (SMS * per_sm):.2f}" if per_sm else "?"
-    return [str(r["regs"]), f"{r['spill_stores']}/{r['spill_loads']}", str(r["smem"]), _widths(r),
+    return [str(r["regs"]), f"{r['spill_stores']}/{r['spill_loads']}", str(r["smem"]), r["mma_detail"] or r["mma"],
+            _widths(r),
             f"{programs} ({'×'.join(map(str, r['grid']))})", f"{per_sm} / {waves}"]
 
 
@@ -50,7 +53,7 @@ def main() -> None:
     runs = [json.load(open(p)) for p in (a.before, a.after)]
     kernels = a.kernels.split(",")
     before, after = (_rows(r, kernels) for r in runs)
-    head = ["regs", "spill B", "smem B", "access widths B", "programs (grid)", "per SM / waves"]
+    head = ["regs", "spill B", "smem B", "MMA", "access widths B", "programs (grid)", "per SM / waves"]
     print(f"Triton {runs[1]['triton']} ({runs[1]['ptxas']})\n")
     print("| kernel | case | class | " + " | ".join(f"before {h}" for h in head) + " | "
           + " | ".join(f"after {h}" for h in head) + " |")

@@ -276,6 +276,10 @@ def cases(k: dict[str, ModuleType]) -> list[Case]:
     add("gram", "edge gram fp16 c1=1 c2=3 D=17", EDGE,
         lambda: gram.gram(t(1, 1, 17, dtype=torch.float16), t(1, 3, 17, dtype=torch.float16)))
     add("gfim", "edge gfim fp16 c=1 rows=1 cols=3", EDGE, lambda: gfim.gfim(t(1, 1, 3, dtype=torch.float16)))
+    # rows not a multiple of 16 elements: the first config only (kernels/_autotune.py), the others spill there
+    add("gram", f"edge gram bf16 c={C} D={D + 1}", EDGE,
+        lambda: gram.gram(t(1, C, D + 1, dtype=bf16), t(1, C, D + 1, dtype=bf16)))
+    add("gfim", f"edge gfim fp32 c={C} {ROWS}x33", EDGE, lambda: gfim.gfim(t(1, C, ROWS, 33)))
     add("norms_dots", "edge norms_dots bf16 c=D=m=1", EDGE, lambda: nd.norms_dots(t(1, 1, dtype=bf16), t(1, 1)))
     add("norms_dots", "edge norms_dots fp32 c=5 D=100 m=3", EDGE, lambda: nd.norms_dots(t(5, 100), t(3, 100)))
     add("rank_one_accumulate", "edge rank_one_accumulate bf16 c=D=m=1", EDGE,

@@ -16,7 +16,8 @@ stores its upper half and mirrors it, so Φ is exactly symmetric (the Cholesky
 and Schulz steps downstream assume it) whatever order the MMA sums in. On a GPU
 BLOCK, BLOCK_K and the warps are chosen by `triton.autotune` among `TILES_16`
 (16-bit operands) or `TILES_32` (fp32 operands), as in `gram.py`; the first of
-each list is the former fixed 64 × 32. Precision as in `gram.py`: bf16 (fp16)
+each list is the former fixed 64 × 32, and the only one when cols is not a
+multiple of 16. Precision as in `gram.py`: bf16 (fp16)
 gradients -> exact bf16 (fp16) MMAs with fp32 accumulation.
 """
 from __future__ import annotations
@@ -99,7 +100,7 @@ def gfim(G: torch.Tensor, *, precision: str | None = None) -> torch.Tensor:
                                 num_warps=4)
     else:
         grid = lambda meta: (_util.cdiv(cols, meta["BLOCK"]), _util.cdiv(cols, meta["BLOCK"]), b)  # noqa: E731
-        _TUNED[mode >= 2][grid](*args, PRECISION=ip, MODE=mode, NATIVE_BF16=True)
+        _TUNED[mode >= 2][cols % 16 == 0][grid](*args, PRECISION=ip, MODE=mode, NATIVE_BF16=True)
     return out[0] if squeeze else out
 
 

@@ -10,8 +10,9 @@ and block, looping over D in BLOCK_K steps; the grid has
 the tile is chosen by `triton.autotune` (`_autotune.py`) among `TILES_16`
 (both operands 16-bit: larger K steps, since a 16-bit tile is half the bytes)
 or `TILES_32` (fp32 operands); the first of each list is the former fixed
-64 × 64 × 32. All of them compile for sm_90 without spills
-(`bench/compile_sm90.py`); which one wins is for the GPU to say (not timed).
+64 × 64 × 32, and the only one when D is not a multiple of 16 (`_autotune.tuned`).
+All of them compile for sm_90 without spills (`bench/compile_sm90.py`); which
+one wins is for the GPU to say (not timed).
 Precision: both operands bf16 (or both fp16) -> one bf16 (fp16) MMA per tile
 (exact products, fp32 accumulation); otherwise `tl.dot` in the default
 precision of `_util.dot_precision` (tf32x3 on tensor-core GPUs, ieee under
@@ -104,7 +105,7 @@ def gram(G1: torch.Tensor, G2: torch.Tensor, *, precision: str | None = None) ->
             *args, BLOCK_I=BI, BLOCK_J=BJ, BLOCK_K=BK, PRECISION=ip, MODE=mode, NATIVE_BF16=False, num_warps=4)
     else:
         grid = lambda meta: (_util.cdiv(c1, meta["BLOCK_I"]), _util.cdiv(c2, meta["BLOCK_J"]), b)  # noqa: E731
-        _TUNED[mode >= 2][grid](*args, PRECISION=ip, MODE=mode, NATIVE_BF16=True)
+        _TUNED[mode >= 2][D % 16 == 0][grid](*args, PRECISION=ip, MODE=mode, NATIVE_BF16=True)
     return out[0] if squeeze else out
 
 

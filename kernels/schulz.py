@@ -148,7 +148,7 @@ def _launch(L, Rm, C, O, SQ, b: int, n: int, k: int, tiles: int, epi: int, preci
         _schulz_gemm_kernel[(t, t, b)](*args, EPI=epi, BLOCK=BT, BLOCK_K=BT, PRECISION=precision, num_warps=4)
     else:
         grid = lambda meta: (_util.cdiv(n, meta["BLOCK"]), _util.cdiv(n, meta["BLOCK"]), b)  # noqa: E731
-        _TUNED[grid](*args, EPI=epi, PRECISION=precision)
+        _TUNED[n % PAD == 0][grid](*args, EPI=epi, PRECISION=precision)
 
 
 def _max_tiles(n: int) -> int:

@@ -335,26 +335,35 @@ def _run_autotuned(monkeypatch, tuners, winner: int, launch):
 def test_autotuned_launch_path(monkeypatch, winner):
     """The launch a GPU takes, run by the interpreter: whichever config wins, gram, gfim and the Schulz step are
     right (grids from the config; the fp16 one-MMA mode; Schulz's Σ R² workspace, which a bigger winning tile
-    fills less than the configs benchmarked before it did)."""
-    assert all(len(t) == 4 for t in (k_gram.TILES_16, k_gram.TILES_32, k_gfim.TILES_16, k_gfim.TILES_32,
-                                     k_schulz.TILES))
+    fills less than the configs benchmarked before it did). Rows not a multiple of 16 (D = 150, cols = 70) take
+    the first config alone."""
+    tiles = (k_gram.TILES_16, k_gram.TILES_32, k_gfim.TILES_16, k_gfim.TILES_32, k_schulz.TILES)
+    assert all(len(t) == 4 for t in tiles)
+    for tuners in (k_gram._TUNED[True], k_gram._TUNED[False], k_gfim._TUNED[True], k_gfim._TUNED[False],
+                   k_schulz._TUNED):
+        assert len(tuners[True].configs) == 4 and len(tuners[False].configs) == 1
+    gram_tuners = [t for d in k_gram._TUNED.values() for t in d.values()]
+    gfim_tuners = [t for d in k_gfim._TUNED.values() for t in d.values()]
     gen = torch.Generator().manual_seed(winner)
     for dtype, prec in ((torch.float32, None), (torch.float16, "tf32x3")):
-        G1, G2 = torch.randn(2, 41, 150, generator=gen).to(dtype), torch.randn(2, 70, 150, generator=gen).to(dtype)
-        out = _run_autotuned(monkeypatch, k_gram._TUNED.values(), winner, lambda: k_gram.gram(G1, G2, precision=prec))
-        assert rel(out, k_gram.gram_reference(G1, G2, upcast=True)) < TOL[dtype]
-        G = torch.randn(2, 9, 3, 140, generator=gen).to(dtype)
-        out = _run_autotuned(monkeypatch, k_gfim._TUNED.values(), winner, lambda: k_gfim.gfim(G, precision=prec))
-        assert rel(out, k_gfim.gfim_reference(G, upcast=True)) < TOL[dtype] and torch.equal(out, out.mT)
+        for D, cols in ((160, 144), (150, 70)):
+            G1 = torch.randn(2, 41, D, generator=gen).to(dtype)
+            G2 = torch.randn(2, 70, D, generator=gen).to(dtype)
+            out = _run_autotuned(monkeypatch, gram_tuners, winner, lambda: k_gram.gram(G1, G2, precision=prec))
+            assert rel(out, k_gram.gram_reference(G1, G2, upcast=True)) < TOL[dtype]
+            G = torch.randn(2, 9, 3, cols, generator=gen).to(dtype)
+            out = _run_autotuned(monkeypatch, gfim_tuners, winner, lambda: k_gfim.gfim(G, precision=prec))
+            assert rel(out, k_gfim.gfim_reference(G, upcast=True)) < TOL[dtype] and torch.equal(out, out.mT)
     k = 140
     A = spd(2, k).float()
     X = torch.eye(k).repeat(2, 1, 1) / torch.linalg.matrix_norm(A).reshape(-1, 1, 1)
     Xn_ref, r_ref = k_schulz.schulz_step_reference(A, X, upcast=True)
     Ap, Xp = k_schulz.padded(A), k_schulz.padded(X)
     R = torch.empty_like(Ap)
-    r = _run_autotuned(monkeypatch, [k_schulz._TUNED], winner, lambda: k_schulz.residual(Ap, Xp, R, k))
+    tuners = k_schulz._TUNED.values()
+    r = _run_autotuned(monkeypatch, tuners, winner, lambda: k_schulz.residual(Ap, Xp, R, k))
     assert rel(r, r_ref) < 1e-5
-    Xn = _run_autotuned(monkeypatch, [k_schulz._TUNED], winner, lambda: k_schulz.update(Xp, R, torch.empty_like(Xp)))
+    Xn = _run_autotuned(monkeypatch, tuners, winner, lambda: k_schulz.update(Xp, R, torch.empty_like(Xp)))
     assert rel(Xn[:, :k, :k], Xn_ref) < 1e-5 and not Xn[:, k:].any() and not Xn[:, :, k:].any()
 
 
