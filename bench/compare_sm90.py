@@ -60,7 +60,7 @@ def main() -> None:
     print("|" + "---|" * (3 + 2 * len(head)))
     for case, r in after.items():
         print(f"| `{r['kernel'].split('.')[-1]}` | {case} | {r['class']} | "
-              + " | ".join(_cells(before.get(case)) + _cells(r)) + " |")
+              + " | ".join(_cells(before.get(case, before.get(case.split(" [tile ")[0]))) + _cells(r)) + " |")
 
 
 if __name__ == "__main__":

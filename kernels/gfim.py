@@ -38,8 +38,8 @@ except ImportError:  # pragma: no cover - imported by path while developing
 
 #: (BLOCK, BLOCK_K, num_warps, num_stages) tried by the autotuner on a GPU, picked by compiling candidates
 #: for sm_90 as in gram.py: none spills at the 13B shapes or in the opt-in precisions on Triton 3.6 or 3.9.
-#: 128 × 128 tiles take 8 warps (4 spilled 244-1692 B); with 16-bit operands they spill (108-320 B) at the
-#: degenerate edge shape c·rows = 1, cols = 3 only, kept for the arithmetic intensity of 5120² GFIMs.
+#: 128-wide tiles take 8 warps (4 spilled 244-1692 B). They spill (108-320 B) when cols is not a multiple
+#: of 16 (cols = 3, 33), which therefore takes the first config alone (_autotune.tuned).
 TILES_16 = [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 4), (128, 64, 8, 3)]
 TILES_32 = [(64, 32, 4, 3), (64, 16, 4, 4), (128, 32, 8, 3), (128, 16, 8, 4)]
 
