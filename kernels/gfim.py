@@ -92,15 +92,16 @@ def gfim(G: torch.Tensor, *, precision: str | None = None) -> torch.Tensor:
     N = c * rows
     out = torch.empty(b, cols, cols, dtype=torch.float32, device=G.device)
     ip, mode = _modes(G.dtype, G.dtype, G.device, precision)
-    args = (G, out, N, cols, _autotune.size_class(N, cols, b))
+    args = (G, out, N, cols)
     if _util.interpreting():  # one fixed config, big tiles, as in gram.py
         BLOCK, BK = _util.clamp_pow2(cols, 16, 512), _util.clamp_pow2(N, 16, 256)
         t = _util.cdiv(cols, BLOCK)
-        _gfim_kernel[(t, t, b)](*args, BLOCK=BLOCK, BLOCK_K=BK, PRECISION=ip, MODE=mode, NATIVE_BF16=False,
-                                num_warps=4)
+        _gfim_kernel[(t, t, b)](*args, SIZE_CLASS=0, BLOCK=BLOCK, BLOCK_K=BK, PRECISION=ip, MODE=mode,
+                                NATIVE_BF16=False, num_warps=4)
     else:
-        grid = lambda meta: (_util.cdiv(cols, meta["BLOCK"]), _util.cdiv(cols, meta["BLOCK"]), b)  # noqa: E731
-        _TUNED[mode >= 2][cols % 16 == 0][grid](*args, PRECISION=ip, MODE=mode, NATIVE_BF16=True)
+        grid = lambda meta, nb: (_util.cdiv(cols, meta["BLOCK"]), _util.cdiv(cols, meta["BLOCK"]), nb)  # noqa: E731
+        _autotune.launch(_TUNED[mode >= 2][cols % 16 == 0], grid, args, b, (N, cols),
+                         PRECISION=ip, MODE=mode, NATIVE_BF16=True)
     return out[0] if squeeze else out
 
 

@@ -96,16 +96,18 @@ def gram(G1: torch.Tensor, G2: torch.Tensor, *, precision: str | None = None) ->
     c2 = G2.shape[1]
     out = torch.empty(b, c1, c2, dtype=torch.float32, device=G1.device)
     ip, mode = _modes(G1.dtype, G2.dtype, G1.device, precision)
-    args = (G1, G2, out, c1, c2, D, _autotune.size_class(c1, c2, D, b))
+    args = (G1, G2, out, c1, c2, D)
     if _util.interpreting():
         # one fixed config, big tiles: the interpreter re-reads G once per output tile row / column
         # (cost ∝ elements loaded)
         BI, BJ, BK = _util.clamp_pow2(c1, 16, 256), _util.clamp_pow2(c2, 16, 256), _util.clamp_pow2(D, 16, 512)
         _gram_kernel[(_util.cdiv(c1, BI), _util.cdiv(c2, BJ), b)](
-            *args, BLOCK_I=BI, BLOCK_J=BJ, BLOCK_K=BK, PRECISION=ip, MODE=mode, NATIVE_BF16=False, num_warps=4)
+            *args, SIZE_CLASS=0, BLOCK_I=BI, BLOCK_J=BJ, BLOCK_K=BK, PRECISION=ip, MODE=mode, NATIVE_BF16=False,
+            num_warps=4)
     else:
-        grid = lambda meta: (_util.cdiv(c1, meta["BLOCK_I"]), _util.cdiv(c2, meta["BLOCK_J"]), b)  # noqa: E731
-        _TUNED[mode >= 2][D % 16 == 0][grid](*args, PRECISION=ip, MODE=mode, NATIVE_BF16=True)
+        grid = lambda meta, nb: (_util.cdiv(c1, meta["BLOCK_I"]), _util.cdiv(c2, meta["BLOCK_J"]), nb)  # noqa: E731
+        _autotune.launch(_TUNED[mode >= 2][D % 16 == 0], grid, args, b, (c1, c2, D),
+                         PRECISION=ip, MODE=mode, NATIVE_BF16=True)
     return out[0] if squeeze else out
 
 

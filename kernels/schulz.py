@@ -20,8 +20,8 @@ k = 900 they were 4-byte scalars, see `bench/compile_sm90.py`), for the
 default FMA path and the tensor-core opt-ins alike; the cost is (n/k)³ - 1
 more FLOPs (4 % at k = 900, 0 at 5120).
 Tiles: on a GPU BLOCK, BLOCK_K and the warps are chosen by `triton.autotune`
-among `TILES` (`_autotune.py`, keyed on n, b, the precision and the
-epilogue); the first is the former fixed 64 × 32. The Σ R² workspace is
+among `TILES` (`_autotune.py`, keyed on n, the precision and the epilogue);
+the first is the former fixed 64 × 32. The Σ R² workspace is
 sized for the smallest BLOCK of the list and zeroed (a bigger tile leaves
 part of it unwritten), and the autotuner zeroes it again after its
 benchmark runs.
@@ -141,20 +141,23 @@ def _check(names: tuple[str, ...], ts: tuple[torch.Tensor, ...], k: int | None) 
 
 
 def _launch(L, Rm, C, O, SQ, b: int, n: int, k: int, tiles: int, epi: int, precision: str) -> None:
-    args = (L, Rm, C, O, SQ, n, k, tiles, _autotune.size_class(n, b))
+    args = (L, Rm, C, O, SQ, n, k, tiles)
     if _util.interpreting():  # one fixed config; the interpreter costs ~1 ms a program: few, big ones
         BT = _util.clamp_pow2(n, 16, 64)
         t = _util.cdiv(n, BT)
-        _schulz_gemm_kernel[(t, t, b)](*args, EPI=epi, BLOCK=BT, BLOCK_K=BT, PRECISION=precision, num_warps=4)
+        _schulz_gemm_kernel[(t, t, b)](*args, SIZE_CLASS=0, EPI=epi, BLOCK=BT, BLOCK_K=BT, PRECISION=precision,
+                                       num_warps=4)
     else:
-        grid = lambda meta: (_util.cdiv(n, meta["BLOCK"]), _util.cdiv(n, meta["BLOCK"]), b)  # noqa: E731
-        _TUNED[n % PAD == 0][grid](*args, EPI=epi, PRECISION=precision)
+        grid = lambda meta, nb: (_util.cdiv(n, meta["BLOCK"]), _util.cdiv(n, meta["BLOCK"]), nb)  # noqa: E731
+        _autotune.launch(_TUNED[n % PAD == 0], grid, args, b, (n,), EPI=epi, PRECISION=precision)
 
 
 def _max_tiles(n: int) -> int:
-    """Programs per block of the smallest BLOCK that may run (interpreter: the one it runs)."""
+    """Programs per block of the smallest BLOCK that may run (interpreter: the one it runs), rounded up to
+    a multiple of 4: each block's row of the workspace starts 16-byte aligned, as the slices of
+    `_autotune.launch` then do (one specialisation)."""
     bt = _util.clamp_pow2(n, 16, 64) if _util.interpreting() else min(c[0] for c in TILES)
-    return _util.cdiv(n, bt) ** 2
+    return _util.cdiv(_util.cdiv(n, bt) ** 2, 4) * 4
 
 
 def residual(A: torch.Tensor, X: torch.Tensor, R: torch.Tensor, k: int | None = None,

@@ -315,9 +315,11 @@ def test_size_class():
 
 
 def _run_autotuned(monkeypatch, tuners, winner: int, launch):
-    """`launch()` through the GPU path (`triton.autotune`, no interpreter shortcut) with a stand-in timer under
-    which config `winner` is fastest: every config of the list runs once (the benchmark), then the winner."""
+    """`launch()` through the GPU path (`_autotune.launch`, no interpreter shortcut) with a stand-in timer under
+    which config `winner` is fastest: every config of the list runs once (the benchmark), then the winner.
+    Returns (launch's result, kernel launches)."""
     monkeypatch.setattr(_util, "interpreting", lambda: False)
+    launches = []
     for tuner in tuners:
         times = iter(range(len(tuner.configs)))
 
@@ -326,9 +328,14 @@ def _run_autotuned(monkeypatch, tuners, winner: int, launch):
             t = next(times)
             return [0.0 if t == winner else 1.0 + t] * 3
 
+        def run(*args, tuner=tuner, run=tuner.run, **kwargs):
+            launches.append(tuner)
+            return run(*args, **kwargs)
+
         monkeypatch.setitem(vars(tuner), "do_bench", bench)  # shadows Autotuner.do_bench (a cached_property)
         monkeypatch.setattr(tuner, "cache", {})  # tune afresh
-    return launch()
+        monkeypatch.setattr(tuner, "run", run)
+    return launch(), len(launches)
 
 
 @pytest.mark.parametrize("winner", range(4))
@@ -336,7 +343,8 @@ def test_autotuned_launch_path(monkeypatch, winner):
     """The launch a GPU takes, run by the interpreter: whichever config wins, gram, gfim and the Schulz step are
     right (grids from the config; the fp16 one-MMA mode; Schulz's Σ R² workspace, which a bigger winning tile
     fills less than the configs benchmarked before it did). Rows not a multiple of 16 (D = 150, cols = 70) take
-    the first config alone."""
+    the first config alone. Every batch here is two launches: the blocks tuned on (_autotune.TUNE_WAVES waves
+    of programs; `num_sms` is 1 on the CPU), then the rest with the config chosen."""
     tiles = (k_gram.TILES_16, k_gram.TILES_32, k_gfim.TILES_16, k_gfim.TILES_32, k_schulz.TILES)
     assert all(len(t) == 4 for t in tiles)
     for tuners in (k_gram._TUNED[True], k_gram._TUNED[False], k_gfim._TUNED[True], k_gfim._TUNED[False],
@@ -347,13 +355,14 @@ def test_autotuned_launch_path(monkeypatch, winner):
     gen = torch.Generator().manual_seed(winner)
     for dtype, prec in ((torch.float32, None), (torch.float16, "tf32x3")):
         for D, cols in ((160, 144), (150, 70)):
-            G1 = torch.randn(2, 41, D, generator=gen).to(dtype)
-            G2 = torch.randn(2, 70, D, generator=gen).to(dtype)
-            out = _run_autotuned(monkeypatch, gram_tuners, winner, lambda: k_gram.gram(G1, G2, precision=prec))
-            assert rel(out, k_gram.gram_reference(G1, G2, upcast=True)) < TOL[dtype]
+            G1 = torch.randn(3, 41, D, generator=gen).to(dtype)
+            G2 = torch.randn(3, 70, D, generator=gen).to(dtype)
+            out, n = _run_autotuned(monkeypatch, gram_tuners, winner, lambda: k_gram.gram(G1, G2, precision=prec))
+            assert rel(out, k_gram.gram_reference(G1, G2, upcast=True)) < TOL[dtype] and n == 2
             G = torch.randn(2, 9, 3, cols, generator=gen).to(dtype)
-            out = _run_autotuned(monkeypatch, gfim_tuners, winner, lambda: k_gfim.gfim(G, precision=prec))
+            out, n = _run_autotuned(monkeypatch, gfim_tuners, winner, lambda: k_gfim.gfim(G, precision=prec))
             assert rel(out, k_gfim.gfim_reference(G, upcast=True)) < TOL[dtype] and torch.equal(out, out.mT)
+            assert n == 2
     k = 140
     A = spd(2, k).float()
     X = torch.eye(k).repeat(2, 1, 1) / torch.linalg.matrix_norm(A).reshape(-1, 1, 1)
@@ -361,10 +370,10 @@ def test_autotuned_launch_path(monkeypatch, winner):
     Ap, Xp = k_schulz.padded(A), k_schulz.padded(X)
     R = torch.empty_like(Ap)
     tuners = k_schulz._TUNED.values()
-    r = _run_autotuned(monkeypatch, tuners, winner, lambda: k_schulz.residual(Ap, Xp, R, k))
-    assert rel(r, r_ref) < 1e-5
-    Xn = _run_autotuned(monkeypatch, tuners, winner, lambda: k_schulz.update(Xp, R, torch.empty_like(Xp)))
-    assert rel(Xn[:, :k, :k], Xn_ref) < 1e-5 and not Xn[:, k:].any() and not Xn[:, :, k:].any()
+    r, n = _run_autotuned(monkeypatch, tuners, winner, lambda: k_schulz.residual(Ap, Xp, R, k))
+    assert rel(r, r_ref) < 1e-5 and n == 2
+    Xn, n = _run_autotuned(monkeypatch, tuners, winner, lambda: k_schulz.update(Xp, R, torch.empty_like(Xp)))
+    assert rel(Xn[:, :k, :k], Xn_ref) < 1e-5 and not Xn[:, k:].any() and not Xn[:, :, k:].any() and n == 2
 
 
 def spd(b, k, cond=1e3, seed=0):
