@@ -207,6 +207,7 @@ def cases(k: dict[str, ModuleType]) -> list[Case]:
         lambda: r1.rank_one_accumulate(t(GROUP, gm, D), grp(), t(GROUP, gm, D), t(GROUP, GROUP_C)))
     add("rank_one_accumulate", f"weighted_sum {gtag} m={gm}", DEFAULT,
         lambda: r1.weighted_sum(t(GROUP, gm, GROUP_C), grp()))
+
     def schulz(kk, step, prec="ieee"):
         """A Schulz step as schulz_inverse runs it: k × k padded to n × n (n = k rounded up to 16)."""
         n = -(-kk // 16) * 16
