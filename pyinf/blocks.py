@@ -212,6 +212,10 @@ class GradientSource:
       of the data, else None) and `offset` (the global index of its first
       sample; 0 without `comm`).
 
+    - `factors`: the K-FAC token statistics of the training data (a
+      `pyinf.factors.FactorStats`), or None where the source has none (tensors
+      given to `pyinf.influence`): kfac and ekfac need them.
+
     `groups` (same-shape blocks, `group_blocks`) and `num_chunks` follow.
     """
 
@@ -223,6 +227,7 @@ class GradientSource:
     chunk_size: int
     comm = None
     offset = 0
+    factors = None
 
     def chunks(self, names=None) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         raise NotImplementedError

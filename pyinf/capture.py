@@ -75,6 +75,14 @@ back-propagated) is never counted twice. With non-reentrant checkpointing
 the captured inputs of the first forward stay alive until the backward (one
 `(B, T, d_in)` tensor per captured module's input).
 
+K-FAC statistics: with `factors` (a `pyinf.factors.FactorStats`, while its
+`active` flag is on) the same hooks add each block's token sums of the two
+factors' outer products (`Σ_t p_t p_tᵀ`, `Σ_t q_t q_tᵀ`, see `pyinf.factors`)
+in the same pass; for the true Fisher (`factors.fisher == "true"`) a second
+forward and backward on `fisher_batch(model, batch)` (labels sampled from the
+model, `pyinf.losses.sample_labels`) adds them instead, and the gradients stay
+those of the batch's own labels.
+
 On CUDA (when triton is importable) the outer products and the per-sample
 squared norms come from one Triton kernel (`pyinf.kernels.per_sample_outer`);
 elsewhere from a batched fp32 matmul; embedding rows from a scatter-add. `last_sq_norms` holds `{block: (B,)}`
@@ -93,6 +101,7 @@ from torch import nn
 
 from .blocks import Block
 from .losses import default_loss, model_device, move_to_device
+from .oom import is_oom
 from .optional_kernel import OptionalKernel
 
 __all__ = ["GradientCapture", "per_sample_grads"]
@@ -450,6 +459,8 @@ class GradientCapture:
         loss: LossFn | None = None,
         mask_padding: bool = False,
         use_triton: bool | None = None,
+        factors=None,
+        fisher_batch: Callable[[nn.Module, Mapping[str, Any]], Mapping[str, Any]] | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -461,6 +472,9 @@ class GradientCapture:
         self.blocks: list[Block] = [t.block for t in self._targets]
         self.use_triton = use_triton
         self.mask_padding = bool(mask_padding)
+        self.factors = factors
+        self.fisher_batch = fisher_batch
+        self.fisher_loss: LossFn | None = None  # the sampled pass's loss (default: `loss`)
         self.last_sq_norms: dict[str, torch.Tensor] = {}
         self._active = False
         self._reset()
@@ -501,6 +515,9 @@ class GradientCapture:
         self._seen: set[str] = set()
         self._B = 0
         self._mask: torch.Tensor | None = None
+        self._stat_mask: torch.Tensor | None = None
+        self._phase = "grads"  # "grads" | "factors" (statistics only) | "both"
+        self._added = False
         self._kernel = None
 
     def _forward_hook(self, uses: list[tuple[_Target, _Use]], module, args, kwargs, output):
@@ -531,6 +548,10 @@ class GradientCapture:
                     f"{B} samples; per-sample capture needs the batch in dimension 0"
                 )
             mask = self._mask if self._mask is not None and self._mask.shape == a3.shape[:2] else None
+            if self._phase != "grads":
+                self._add_factors(uses, a3, e3)
+            if self._phase == "factors":
+                return None
             for target, use in uses:
                 g, sq = self._contribution(target, use, a3, e3, mask)
                 name = target.name
@@ -541,6 +562,20 @@ class GradientCapture:
                     self._sq[name] = sq
                 self._count[name] = self._count.get(name, 0) + 1
         return None
+
+    def _add_factors(self, uses: list[tuple[_Target, _Use]], a: torch.Tensor, e: torch.Tensor) -> None:
+        """K-FAC token statistics of this use (`pyinf.factors`): the rows and cols sides of the block's outer
+        products, over the tokens the batch's attention_mask keeps. Embeddings have none."""
+        keep = self._stat_mask
+        keep = keep != 0 if keep is not None and keep.shape == a.shape[:2] else None
+        for t, u in uses:
+            if u.kind in ("linear", "conv1d"):
+                self.factors.add(t.name, *((e, a) if (u.kind == "linear") != t.transpose else (a, e)), keep)
+            elif u.kind == "bias":
+                self.factors.add(t.name, None, e, keep)
+            else:
+                continue
+            self._added = True
 
     def _contribution(self, t: _Target, u: _Use, a: torch.Tensor, e: torch.Tensor, mask):
         """This use's share of the per-sample gradients, in the block's layout: ((B, rows, cols) fp32, norms or None).
@@ -606,6 +641,12 @@ class GradientCapture:
         state = _snapshot(self.model)
         self._reset()
         mask = batch.get("attention_mask")
+        stats = self.factors if self.factors is not None and self.factors.active else None
+        sampled = stats is not None and stats.fisher == "true"
+        if sampled and self.fisher_batch is None:
+            raise ValueError("fisher='true' statistics need fisher_batch (labels sampled from the model)")
+        self._phase = "grads" if stats is None or sampled else "both"
+        self._stat_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         try:
             _enter_capture_mode(self.model, weights, state)
             self._kernel = self._pick_kernel(device)
@@ -631,18 +672,37 @@ class GradientCapture:
                     p.grad = None
                 try:
                     losses.float().sum().backward()
+                    if sampled:  # the true Fisher's statistics: a second backward, on labels drawn from the model
+                        self._phase = "factors"
+                        self._sampled_backward(batch)
                 finally:
                     for p, g in stash:
                         p.grad = g
             return self._collect(device)
+        except Exception as err:
+            if self._added and is_oom(err):  # not retried in halves: the statistics cannot be taken back
+                raise RuntimeError(
+                    "ran out of device memory while accumulating the K-FAC statistics of a batch, which are "
+                    "partly added and cannot be retried in halves; use a smaller batch_size"
+                ) from err
+            raise
         finally:
             self._active = False
             _restore(state)
             self._reset_buffers()
 
+    def _sampled_backward(self, batch: Mapping[str, Any]) -> None:
+        """Forward and backward of the loss on `fisher_batch(model, batch)`; the hooks only add statistics."""
+        with torch.no_grad():
+            fb = self.fisher_batch(self.model, batch)
+        losses = self._check_losses((self.fisher_loss or self.loss)(self.model, fb), fb.get("attention_mask"))
+        if losses.requires_grad:
+            losses.float().sum().backward()
+
     def _reset_buffers(self) -> None:
         self._grads, self._sq, self._count = {}, {}, {}
-        self._mask = None
+        self._mask = self._stat_mask = None
+        self._phase, self._added = "grads", False
         self._kernel = None
 
     @staticmethod
