@@ -66,15 +66,16 @@ class FactorStats:
     def add(self, name: str, p: torch.Tensor | None, q: torch.Tensor, keep: torch.Tensor | None) -> None:
         """Add one use's tokens: p (B, T, rows) or None (a bias: p_t = 1), q (B, T, cols), keep (B, T) bool or None."""
         gi, k = self.index[name]
-        w = None if keep is None else keep.reshape(-1, 1).to(torch.float32)
-        q2 = q.reshape(-1, q.shape[-1]).float()
+        dtype = torch.promote_types(q.dtype, torch.float32)  # a batch's products in float32 (float64 stays)
+        w = None if keep is None else keep.reshape(-1, 1).to(dtype)
+        q2 = q.reshape(-1, q.shape[-1]).to(dtype)
         q2 = q2 if w is None else q2 * w
         count = torch.tensor(float(q2.shape[0]), dtype=torch.float64, device=q2.device) if w is None else w.sum().double()
         self.cols[gi].put(k, (q2.mT @ q2).double())
         if p is None:
             self.rows[gi].put(k, count.view(1, 1).to(self.device))
         else:
-            p2 = p.reshape(-1, p.shape[-1]).float()
+            p2 = p.reshape(-1, p.shape[-1]).to(dtype)
             p2 = p2 if w is None else p2 * w
             self.rows[gi].put(k, (p2.mT @ p2).double())
         self.tokens[gi][k] += count.to(self.device)
