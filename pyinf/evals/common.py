@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-METHODS = ("tracin", "datainf", "exact", "lissa", "hyperinf", "forward")
+METHODS = ("tracin", "datainf", "exact", "lissa", "hyperinf", "kfac", "ekfac", "forward")
 
 
 @dataclass
