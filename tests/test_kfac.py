@@ -362,3 +362,21 @@ def test_sample_labels_causal_and_classification():
     assert drawn.shape == cls["labels"].shape and drawn.dtype == cls["labels"].dtype and (drawn < 3).all()
     with pytest.raises(ValueError, match="fisher='empirical'"):
         sample_labels(tiny_roberta_lora(seed=0, num_labels=1).eval(), make_batch("roberta", B=2, num_labels=1), seed=0)
+
+
+@pytest.mark.parametrize("method,passes", [("kfac", 1), ("ekfac", 2)])
+def test_passes_over_the_training_gradients(method, passes):
+    """kfac reads G only to score (its factors come from the capture); ekfac once more to fit Λ*."""
+    toks, keep = _tokens()
+    m, src = _fit(method, toks, keep)
+    count = 0
+    chunks = src.chunks
+
+    def counting(names=None):
+        nonlocal count
+        count += 1
+        return chunks(names)
+
+    src.chunks = counting
+    m.fit(src).influence(_queries())
+    assert count == passes
