@@ -91,11 +91,11 @@ class KFAC(Method):
                 hi = min(b, lo + step)
                 R, C, N = (t.to(train.device) for t in factors.sums(gi, lo, hi))
                 self._allreduce_list([R, C, N])  # every rank's tokens
-                a, QR_ = torch.linalg.eigh(R / N.view(-1, 1, 1))
-                c, QC_ = torch.linalg.eigh(C / self.n)
+                a, QR_ = torch.linalg.eigh(R.div_(N.view(-1, 1, 1)))
+                c, QC_ = torch.linalg.eigh(C.div_(self.n))
                 QR[lo:hi], QC[lo:hi] = QR_, QC_
                 lam[lo:hi] = a.clamp(min=0)[:, :, None] * c.clamp(min=0)[:, None, :]  # eigh rounds tiny ones < 0
-                del R, C
+                del R, C, QR_, QC_
             self.basis_rows.append(QR)
             self.basis_cols.append(QC)
             kron.append(lam)
