@@ -15,7 +15,7 @@ holds (`pyinf.capture`):
 `FactorStats` keeps, per block, the sums over every training token
 `R = Σ_t p_t p_tᵀ` (rows × rows), `C = Σ_t q_t q_tᵀ` (cols × cols) and the
 token count N: each batch's products in float32, added into float64 totals
-(packed symmetric, `SymmetricPairs`: at the 13B LoRA shape, 160 blocks of
+(packed symmetric pairs, `pyinf.methods.hyperinf.packed_pairs`: at the 13B LoRA shape, 160 blocks of
 8 × 5120, 16.8 GB). Tokens are the positions with `attention_mask != 0` when
 the batch has a `(B, T)` mask (a pad's input would otherwise weigh in the
 input covariance; a pad's δ is zero for the default losses), all positions
@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from .blocks import Block, group_blocks, group_order
-from .methods.hyperinf import SymmetricPairs
+from .methods.hyperinf import pack, packed_pairs, unpack
 
 FISHERS = ("empirical", "true")
 
@@ -56,8 +56,8 @@ class FactorStats:
         self.groups = group_blocks(self.blocks)
         self.device = torch.device(device)
         self.fisher, self.seed = fisher, int(seed)
-        self.rows = [SymmetricPairs(len(g.names), g.rows, self.device) for g in self.groups]
-        self.cols = [SymmetricPairs(len(g.names), g.cols, self.device) for g in self.groups]
+        self.rows = [packed_pairs(len(g.names), g.rows, self.device) for g in self.groups]
+        self.cols = [packed_pairs(len(g.names), g.cols, self.device) for g in self.groups]
         self.tokens = [torch.zeros(len(g.names), dtype=torch.float64, device=self.device) for g in self.groups]
         self.index = {name: (gi, k) for gi, g in enumerate(self.groups) for k, name in enumerate(g.names)}
         self.active = False
@@ -71,20 +71,20 @@ class FactorStats:
         q2 = q.reshape(-1, q.shape[-1]).to(dtype)
         q2 = q2 if w is None else q2 * w
         count = torch.tensor(float(q2.shape[0]), dtype=torch.float64, device=q2.device) if w is None else w.sum().double()
-        self.cols[gi].put(k, (q2.mT @ q2).double())
+        pack(self.cols[gi], k, (q2.mT @ q2).double())
         if p is None:
-            self.rows[gi].put(k, count.view(1, 1).to(self.device))
+            pack(self.rows[gi], k, count.view(1, 1).to(self.device))
         else:
             p2 = p.reshape(-1, p.shape[-1]).to(dtype)
             p2 = p2 if w is None else p2 * w
-            self.rows[gi].put(k, (p2.mT @ p2).double())
+            pack(self.rows[gi], k, (p2.mT @ p2).double())
         self.tokens[gi][k] += count.to(self.device)
 
     # -- reading (the methods) ---------------------------------------------
     def sums(self, gi: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Blocks lo..hi-1 of group gi: R (s, rows, rows), C (s, cols, cols), N (s,), float64, whole matrices."""
-        R = torch.stack([self.rows[gi].get(k) for k in range(lo, hi)])
-        C = torch.stack([self.cols[gi].get(k) for k in range(lo, hi)])
+        R = torch.stack([unpack(self.rows[gi], k) for k in range(lo, hi)])
+        C = torch.stack([unpack(self.cols[gi], k) for k in range(lo, hi)])
         return R, C, self.tokens[gi][lo:hi].clone()
 
     def missing(self) -> list[str]:
@@ -102,7 +102,7 @@ class FactorStats:
         diagonal included) of R then C, as little-endian float64 numpy buffers."""
         for gi, g in enumerate(self.groups):
             for side, k in ((s, k) for k in range(len(g.names)) for s in (self.rows[gi], self.cols[gi])):
-                X = side.get(k)
+                X = unpack(side, k)
                 iu = torch.triu_indices(X.shape[0], X.shape[0], device=X.device)
                 yield X[iu[0], iu[1]].cpu().numpy().astype("<f8", copy=False)
 
@@ -111,15 +111,15 @@ class FactorStats:
         vals = torch.from_numpy(np.frombuffer(raw, dtype="<f8").copy())
         off = 0
         for gi, g in enumerate(self.groups):
-            self.rows[gi].data.zero_()
-            self.cols[gi].data.zero_()
+            self.rows[gi].zero_()
+            self.cols[gi].zero_()
             for k, name in enumerate(g.names):
                 for side, dim in ((self.rows[gi], g.rows), (self.cols[gi], g.cols)):
                     size = dim * (dim + 1) // 2
                     iu = torch.triu_indices(dim, dim)
                     X = torch.zeros(dim, dim, dtype=torch.float64)
                     X[iu[0], iu[1]] = vals[off : off + size]
-                    side.put(k, (X + X.triu(1).mT).to(self.device))
+                    pack(side, k, (X + X.triu(1).mT).to(self.device))
                     off += size
                 self.tokens[gi][k] = float(tokens[name])
         if off != vals.numel():
@@ -137,12 +137,12 @@ class FactorStats:
     def state(self) -> dict:
         """CPU tensors for `Attributor.save` (`from_state` inverts it)."""
         return {"blocks": [(b.name, b.rows, b.cols) for b in self.blocks], "fisher": self.fisher, "seed": self.seed,
-                "rows": [s.data.cpu() for s in self.rows], "cols": [s.data.cpu() for s in self.cols],
+                "rows": [s.cpu() for s in self.rows], "cols": [s.cpu() for s in self.cols],
                 "tokens": [t.cpu() for t in self.tokens]}
 
     @classmethod
     def from_state(cls, state: dict, device) -> "FactorStats":
         self = cls([Block(*b) for b in state["blocks"]], device, state["fisher"], state["seed"])
         for dst, src in zip(self.rows + self.cols + self.tokens, state["rows"] + state["cols"] + state["tokens"]):
-            (dst.data if isinstance(dst, SymmetricPairs) else dst).copy_(src)
+            dst.copy_(src)
         return self

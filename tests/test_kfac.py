@@ -27,13 +27,6 @@ SHAPES = {"A1": (3, 17), "A2": (3, 17), "Bt": (5, 4), "bias": (1, 6)}
 N, T, M = 23, 7, 4
 
 
-# The Triton backend's kernels take 2-D (c, D) chunks until the block-batched backends land (another
-# issue): the grouped (b, c, D) calls of every method fail there today.
-BACKEND_PARAMS = [pytest.param(b, marks=pytest.mark.xfail(b == "triton", raises=AssertionError, strict=False,
-                                                          reason="triton backend: 2-D chunks only, batched pending"))
-                  for b in sorted(BACKENDS)]
-
-
 def _tokens(seed=0):
     """Per-token factors p (n, T, rows) (None for the bias), q (n, T, cols) and a keep mask (n, T), float64."""
     g = torch.Generator().manual_seed(seed)
@@ -150,7 +143,7 @@ def test_chunking_and_grouping_do_not_change_scores(method):
     assert _rel(a, b) < 1e-12
 
 
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
 @pytest.mark.parametrize("method", ["kfac", "ekfac"])
 def test_backends_agree_in_float32(method, backend):
     toks, keep = _tokens()
@@ -281,7 +274,7 @@ def test_attributor_stores_agree(llama, method, tmp_path):
         assert torch.equal(S, ref)
 
 
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
 @pytest.mark.parametrize("method", ["kfac", "ekfac"])
 def test_attributor_backends_agree(llama, method, backend):
     model, train, queries = llama
