@@ -31,6 +31,6 @@ class EKFAC(KFAC):
         for _, chunk in train.chunks():
             for gi, (g, G) in enumerate(self._grouped(chunk)):
                 P = self._rotate(gi, G.to(self.dtype).view(len(g.names), -1, g.rows, g.cols))
-                acc[gi] += P.square().sum(dim=1, dtype=torch.float64)
+                acc[gi] += P.square_().sum(dim=1, dtype=torch.float64)
         self._allreduce_list(acc)  # every rank's samples
         return [a / self.n for a in acc]

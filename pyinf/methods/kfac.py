@@ -28,16 +28,21 @@ captured with the same (`pyinf.Attributor` does it from these options).
 Memory per group of b same-shape blocks: the eigenbases in the compute dtype
 (b · (rows² + cols²) values: 16.8 GB in float32 at the 13B LoRA shape, 160
 blocks of 8 × 5120) and Λ in float64 (b · rows · cols); the float64 factors are
-unpacked and decomposed one slice of blocks at a time (hyperinf's SLICE_BYTES).
+unpacked and decomposed one slice of blocks at a time (`SLICE_BYTES`). Counted at
+the 13B shape by `bench/costmodel.py`: see the README.
 """
 from __future__ import annotations
 
 import torch
 
 from .base import Method
-from .hyperinf import SLICE_BYTES
 
 FISHERS = ("empirical", "true")
+# Float64 factors decomposed at once (a slice of a group): eigh's input copy, eigenvectors and workspace
+# come beside it, so a slice costs ~3x this (at the 13B shape, 5 blocks of 5120² a slice).
+SLICE_BYTES = 1 << 30
+# Query gradients rotated at once in `precondition` (at the 13B shape, m = 100: 16 of the 160 blocks).
+QUERY_SLICE_BYTES = 256 << 20
 
 
 class KFAC(Method):
@@ -109,17 +114,25 @@ class KFAC(Method):
         """Λ per group, (b, rows, cols) float64: K-FAC's products of the factors' eigenvalues."""
         return kron
 
-    def _rotate(self, gi: int, X: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-        """(b, c, rows, cols) -> Q_Rᵀ X Q_C per block (into the eigenbasis), or Q_R X Q_Cᵀ (`inverse`)."""
-        QR, QC = self.basis_rows[gi].unsqueeze(1), self.basis_cols[gi].unsqueeze(1)
-        if inverse:
-            return QR @ X @ QC.mT
-        return QR.mT @ X @ QC
+    def _rotate(self, gi: int, X: torch.Tensor, inverse: bool = False, lo: int = 0) -> torch.Tensor:
+        """(s, c, rows, cols), blocks lo..lo+s-1 of group gi -> Q_Rᵀ X Q_C per block (into the eigenbasis),
+        or Q_R X Q_Cᵀ (`inverse`). Two batched GEMMs (einsum: a broadcast `Q @ X` would expand Q to one
+        copy per sample)."""
+        QR, QC = self.basis_rows[gi][lo : lo + X.shape[0]], self.basis_cols[gi][lo : lo + X.shape[0]]
+        Y = torch.einsum("bcrk,blk->bcrl" if inverse else "bcrk,bkl->bcrl", X, QC)
+        return torch.einsum("brs,bcsl->bcrl" if inverse else "bsr,bcsl->bcrl", QR, Y)
 
     def precondition(self, queries):
+        """H per slice of QUERY_SLICE_BYTES of queries (the rotations' temporaries are a few slices)."""
         H = []
         for gi, (g, V) in enumerate(zip(self.groups, self._stacked(queries))):
-            W = self._rotate(gi, V.view(len(g.names), -1, g.rows, g.cols))
-            W /= (self.eigenvalues[gi] + self._group_lam(g, torch.float64)).to(W.dtype).unsqueeze(1)
-            H.append(self._rotate(gi, W, inverse=True).reshape(V.shape))
+            b, m = V.shape[:2]
+            h = torch.empty_like(V)
+            step = max(1, QUERY_SLICE_BYTES // max(1, m * g.size * V.element_size()))
+            for lo in range(0, b, step):
+                W = self._rotate(gi, V[lo : lo + step].view(-1, m, g.rows, g.cols), lo=lo)
+                lam = self.eigenvalues[gi][lo : lo + step] + self._group_lam(g, torch.float64)[lo : lo + step]
+                W /= lam.to(W.dtype).unsqueeze(1)
+                h[lo : lo + step] = self._rotate(gi, W, inverse=True, lo=lo).reshape(W.shape[0], m, -1)
+            H.append(h)
         return self._unstacked(H)
