@@ -35,15 +35,12 @@ on while it fills; query captures and recomputed passes never add).
 """
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import torch
 
 from .blocks import Block, group_blocks, group_order
 from .methods.hyperinf import pack, packed_pairs, unpack
-
-FISHERS = ("empirical", "true")
+from .methods.kfac import FISHERS
 
 
 class FactorStats:
@@ -124,12 +121,6 @@ class FactorStats:
                 self.tokens[gi][k] = float(tokens[name])
         if off != vals.numel():
             raise ValueError(f"the factors file holds {vals.numel()} values, the blocks need {off}")
-
-    def digest(self) -> str:
-        h = hashlib.sha256()
-        for buf in self.triangles():
-            h.update(buf.tobytes())
-        return h.hexdigest()
 
     def token_counts(self) -> dict[str, float]:
         return {name: float(self.tokens[gi][k]) for name, (gi, k) in self.index.items()}
