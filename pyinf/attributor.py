@@ -366,6 +366,27 @@ class Attributor:
             self._cap.fisher_batch = lambda model, batch: sample_labels(model, batch, opts["seed"])
             self._cap.fisher_loss = self.loss if self.loss is not None else default_loss
 
+    def _sampled_gradients(self, store, data) -> None:
+        """ekfac with fisher="true": its Λ* pass reads the per-sample gradients of labels drawn from the
+        model (`store.fisher_gradients`, a store="none" source that captures them again on each pass)."""
+        cls = get_method(self.config["method"])
+        opts = {**cls.options, **self.config["options"]}
+        if not cls.refits_eigenvalues or opts["fisher"] != "true":
+            return
+        from .losses import sample_labels
+        from .store import RecomputeStore
+
+        def capture(batch):
+            with torch.no_grad():
+                drawn = sample_labels(self.model, _to_device(batch, self.device), opts["seed"])
+            return self._capture_batch(drawn)
+
+        sampled = RecomputeStore(store.blocks, self.device, self.config["grad_dtype"], self.progress)
+        sampled.nan_policy = self.config["nan_policy"]
+        sampled.fill(capture, data)
+        sampled.comm, sampled.offset = store.comm, store.offset
+        store.fisher_gradients = sampled
+
     def _capture_batch(self, batch) -> dict[str, torch.Tensor]:
         return self._halving(_to_device(batch, self.device))
 
@@ -501,6 +522,7 @@ class Attributor:
             self._collect_factors(store)
             self._everywhere(lambda: store.fill(self._capture_batch, data), what)
             self._place(store)
+            self._sampled_gradients(store, data)
 
             def fit_method():
                 method = self._new_method()

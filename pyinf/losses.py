@@ -179,11 +179,19 @@ def sample_labels(model: nn.Module, batch: Mapping[str, Any], seed: int = 0) -> 
     Covered: the cross-entropy losses of `default_loss`: causal LM (each target token drawn from the
     logits that predict it), token classification / masked LM and encoder-decoders (the decoder
     inputs stay those of the real labels), sequence classification. Positions that are no target
-    (-100) stay -100. Seeded by `seed` and the batch's inputs (`_seeded`). Anything else: ValueError.
+    (-100) stay -100. Seeded by `seed` and the batch's inputs (`_seeded`); the model runs in eval mode
+    (dropout off, as the capture sees it; its modes are restored). Anything else: ValueError.
     """
     batch = move_to_device(batch, model_device(model))
     inputs, labels, family = _prepare(model, batch)
-    logits = _logits(model(**inputs))
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()  # the predictions without dropout, as the capture sees the model
+    try:
+        with torch.no_grad():
+            logits = _logits(model(**inputs))
+    finally:
+        for m, t in modes:
+            m.training = t
     gen = _seeded(seed, batch, logits.device)
     out = dict(batch)
     if family == "seq2seq" and "decoder_input_ids" in inputs:

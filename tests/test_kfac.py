@@ -373,3 +373,19 @@ def test_passes_over_the_training_gradients(method, passes):
     src.chunks = counting
     m.fit(src).influence(_queries())
     assert count == passes
+
+
+def test_ekfac_true_fisher_fits_eigenvalues_on_sampled_gradients(llama):
+    """fisher="true": Λ* = (1/n) Σ_i (Q_Rᵀ g̃_i Q_C)² over the gradients g̃ of labels drawn from the model."""
+    model, train, queries = llama
+    att = Attributor(model, method="ekfac", fisher="true", seed=2, progress=False).fit(train)
+    m = att._method
+    with GradientCapture(model, blocks="lora") as cap:
+        drawn = [cap(sample_labels(model, b, 2)) for b in train]
+    for gi, g in enumerate(m.groups):
+        G = torch.stack([torch.cat([d[name] for d in drawn]) for name in g.names]).double()  # (b, n, rows, cols)
+        QR, QC = m.basis_rows[gi].double(), m.basis_cols[gi].double()
+        ref = (QR.mT.unsqueeze(1) @ G @ QC.unsqueeze(1)).square().mean(dim=1)
+        assert _rel(m.eigenvalues[gi], ref) < 1e-5
+    emp = Attributor(model, method="ekfac", progress=False).fit(train)
+    assert not torch.equal(att.score(queries), emp.score(queries))

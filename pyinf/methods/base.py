@@ -58,6 +58,8 @@ class Method:
     # True: `fit` reads the K-FAC token statistics `train.factors` (`pyinf.factors`), which the
     # Attributor has the capture accumulate while it fills the store
     needs_factors: ClassVar[bool] = False
+    # True (ekfac): with fisher="true", `fit` reads the sampled-label gradients `train.fisher_gradients`
+    refits_eigenvalues: ClassVar[bool] = False
 
     def __init__(self, backend: Backend, damping: float = 0.1, damping_mode: str = "relative", **options):
         if damping_mode not in DAMPING_MODES:
