@@ -86,19 +86,27 @@ class Shape:
 
 # Llama-2-13B with LoRA r = 8 on q, v: 160 blocks of 8 x 5120; n = 900 train, m = 100 queries (11.8 GB of G).
 SHAPE_13B = Shape(blocks=160, rows=8, cols=5120, n=900, m=100)
-METHODS = {"tracin": {}, "datainf": {}, "lissa": {"iterations": 3}, "hyperinf": {}, "exact": {}}
+METHODS = {"tracin": {}, "datainf": {}, "lissa": {"iterations": 3}, "hyperinf": {}, "exact": {}, "kfac": {}, "ekfac": {}}
 PATHS = ("influence", "attributor")
+# kfac/ekfac read the K-FAC statistics the capture accumulates into the store: no "influence" path
+FACTOR_METHODS = ("kfac", "ekfac")
+
+
+def paths(method: str) -> tuple[str, ...]:
+    """The entry paths `method` has."""
+    return ("attributor",) if method in FACTOR_METHODS else PATHS
 
 # Issue 13, "Budgets": every call covers >= 32 MB of G (or all of G), <= ~370 calls a pass (11.8 GB / 32 MB);
 # reads of G (lissa: per iteration, during precondition); exact's Gram: one read of G, <= 4 launches per
 # block group; peak allocation beyond G and the model. MB and GB are decimal, as the issue's 11.8 GB of G.
 MIN_CALL_BYTES = 32 * MB
 MAX_CALLS_PER_PASS = 370
-MAX_READS = {"tracin": 1, "datainf": 3, "hyperinf": 2, "exact": 2}
+MAX_READS = {"tracin": 1, "datainf": 3, "hyperinf": 2, "exact": 2, "kfac": 1, "ekfac": 2}
 MAX_LISSA_READS_PER_ITERATION = 1
 MAX_GRAM_READS = 1
 MAX_GRAM_LAUNCHES_PER_BLOCK_GROUP = 4
-MAX_PEAK_BYTES = {"hyperinf": 24 * GB, "exact": 8 * GB}
+# kfac/ekfac: beyond the store's K-FAC statistics too (16.8 GB at the 13B shape, held like G), issue 14
+MAX_PEAK_BYTES = {"hyperinf": 24 * GB, "exact": 8 * GB, "kfac": 24 * GB, "ekfac": 24 * GB}
 
 
 # -- counting ------------------------------------------------------------------------------
@@ -302,10 +310,14 @@ def meta_grads(shape: Shape, count: int, dtype: torch.dtype) -> dict[str, torch.
 
 def attributor_store(shape: Shape, train: dict[str, torch.Tensor]):
     """The store `Attributor.fit` makes with `store="auto"` on a GPU (bf16, default chunk size), holding `train`,
-    retargeted to the meta device (make_store("gpu") needs a CUDA device name; nothing touches CUDA)."""
+    retargeted to the meta device (make_store("gpu") needs a CUDA device name; nothing touches CUDA), with
+    the K-FAC statistics kfac/ekfac read (`pyinf.factors`, on meta: store memory, like G)."""
+    from pyinf.factors import FactorStats
+
     blocks = [Block(name, shape.rows, shape.cols) for name in train]
     store = make_store("gpu", blocks=blocks, device=torch.device("cuda"), grad_dtype=shape.dtype, progress=False)
     store.device = store.storage = META
+    store.factors = FactorStats(store.blocks, META)
     with MetaRun():  # the capture's finite check reads a flag back
         store.fill(lambda batch: batch, [train])
     store.comm, store.offset = None, 0  # Attributor._place on one process
@@ -452,7 +464,7 @@ def main(argv=None) -> None:
     store = attributor_store(shape, meta_grads(shape, shape.n, shape.dtype)) if "attributor" in args.paths else None
     results = []
     for method in args.methods:
-        for path in args.paths:
+        for path in (p for p in args.paths if p in paths(method)):
             r = run(method, path, store=store if path == "attributor" else None)
             r["violations"] = violations(r)
             results.append(r)

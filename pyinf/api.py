@@ -34,7 +34,8 @@ def influence(
             for flat blocks; or one `(n, D)` tensor. float32, bfloat16,
             float16 or float64.
         query_grads: the same blocks with `m` query samples, `(m, ...)`.
-        method: "tracin", "datainf", "exact", "lissa" or "hyperinf".
+        method: "tracin", "datainf", "exact", "lissa" or "hyperinf" ("kfac" and
+            "ekfac" need the capture's K-FAC statistics: `pyinf.Attributor`).
         damping: c > 0. `damping_mode="relative"`: λ_b = c · mean_i ‖g_ib‖² / D_b;
             `"absolute"`: λ_b = c.
         aggregate: score the mean query gradient instead; returns `(n,)`.

@@ -170,11 +170,15 @@ class Attributor:
 
     Args:
         model: a torch module (e.g. a PEFT-wrapped Hugging Face model).
-        method: "datainf", "hyperinf", "tracin", "lissa", "exact" or "forward"
+        method: "datainf", "hyperinf", "tracin", "lissa", "exact", "kfac", "ekfac" or "forward"
             (Forward-INF, `pyinf.forward`: options lr (required), steps,
             optimizer, queries_per_pass; fit keeps the training batches and
             computes the base losses, score runs the forward passes; no store,
-            no save/self_influence; damping is unused).
+            no save/self_influence; damping is unused). kfac/ekfac: the capture
+            also accumulates the K-FAC token statistics (`pyinf.factors`) into the
+            store; options fisher ("empirical" or "true": labels drawn from the
+            model, seeded by seed, which replace batch["labels"] for the
+            statistics and go through the same `loss`) and seed.
         blocks: "lora" (what the PEFT adapter trains: LoRA matrices, modules_to_save
             heads, trainable biases; see `pyinf.capture`) or a list of names.
         loss: None (the Hugging Face per-sample loss) or `loss(model, batch) -> (B,)`.
@@ -346,6 +350,43 @@ class Attributor:
             self._cap = None
             cap.close()
 
+    def _collect_factors(self, store) -> None:
+        """kfac/ekfac: the capture accumulates the K-FAC token statistics into the store while it fills
+        (`pyinf.factors`); fisher="true" draws the labels of those statistics from the model (seeded)."""
+        cls = get_method(self.config["method"])
+        if not cls.needs_factors:
+            return
+        from .factors import FactorStats
+        from .losses import default_loss, sample_labels
+
+        opts = {**cls.options, **self.config["options"]}
+        store.factors = FactorStats(self.blocks, self.device, opts["fisher"], opts["seed"])
+        self._cap.factors = store.factors
+        if opts["fisher"] == "true":
+            self._cap.fisher_batch = lambda model, batch: sample_labels(model, batch, opts["seed"])
+            self._cap.fisher_loss = self.loss if self.loss is not None else default_loss
+
+    def _sampled_gradients(self, store, data) -> None:
+        """ekfac with fisher="true": its Λ* pass reads the per-sample gradients of labels drawn from the
+        model (`store.fisher_gradients`, a store="none" source that captures them again on each pass)."""
+        cls = get_method(self.config["method"])
+        opts = {**cls.options, **self.config["options"]}
+        if not cls.refits_eigenvalues or opts["fisher"] != "true":
+            return
+        from .losses import sample_labels
+        from .store import RecomputeStore
+
+        def capture(batch):
+            with torch.no_grad():
+                drawn = sample_labels(self.model, _to_device(batch, self.device), opts["seed"])
+            return self._capture_batch(drawn)
+
+        sampled = RecomputeStore(store.blocks, self.device, self.config["grad_dtype"], self.progress)
+        sampled.nan_policy = self.config["nan_policy"]
+        sampled.fill(capture, data)
+        sampled.comm, sampled.offset = store.comm, store.offset
+        store.fisher_gradients = sampled
+
     def _capture_batch(self, batch) -> dict[str, torch.Tensor]:
         return self._halving(_to_device(batch, self.device))
 
@@ -478,8 +519,10 @@ class Attributor:
                 progress=self.progress,
             )
             store.nan_policy = c["nan_policy"]
+            self._collect_factors(store)
             self._everywhere(lambda: store.fill(self._capture_batch, data), what)
             self._place(store)
+            self._sampled_gradients(store, data)
 
             def fit_method():
                 method = self._new_method()

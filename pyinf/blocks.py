@@ -212,6 +212,13 @@ class GradientSource:
       of the data, else None) and `offset` (the global index of its first
       sample; 0 without `comm`).
 
+    - `factors`: the K-FAC token statistics of the training data (a
+      `pyinf.factors.FactorStats`), or None where the source has none (tensors
+      given to `pyinf.influence`): kfac and ekfac need them;
+    - `fisher_gradients`: a GradientSource of the same samples' gradients on
+      labels drawn from the model (the true Fisher's), or None: ekfac with
+      fisher="true" fits its eigenvalues on them.
+
     `groups` (same-shape blocks, `group_blocks`) and `num_chunks` follow.
     """
 
@@ -223,6 +230,8 @@ class GradientSource:
     chunk_size: int
     comm = None
     offset = 0
+    factors = None
+    fisher_gradients = None
 
     def chunks(self, names=None) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         raise NotImplementedError

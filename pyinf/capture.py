@@ -58,7 +58,11 @@ trainable tokens, a large head, ...) is named in a UserWarning with why.
 A list entry is "lora", a LoRA layer (e.g. `...q_proj`, expands to its A and
 B), a LoRA A/B linear, an `nn.Linear`, `Conv1D` or `nn.Embedding` module (a
 trailing ".weight" is accepted), or a parameter name (`...dense.bias`,
-`...lora_embedding_A.default`).
+`...lora_embedding_A.default`). `"<module>+bias"` names an `nn.Linear` or
+`Conv1D` with a bias as ONE block, its weight with the bias appended as a last
+input column: `[W | b]` `(out, in + 1)` for nn.Linear, `[W; b]` `(in + 1, out)`
+for Conv1D, the gradient `Σ_t e_t ⊗ [a_t; 1]` (what Kronfluence attributes for
+a layer with a bias; K-FAC then factors the bias with the weight).
 
 During a call the model is in eval mode (dropout off, LoRA dropout included;
 layers with gradient checkpointing enabled keep `training=True` because
@@ -74,6 +78,14 @@ registers nothing; non-reentrant: the recomputed outputs are never
 back-propagated) is never counted twice. With non-reentrant checkpointing
 the captured inputs of the first forward stay alive until the backward (one
 `(B, T, d_in)` tensor per captured module's input).
+
+K-FAC statistics: with `factors` (a `pyinf.factors.FactorStats`, while its
+`active` flag is on) the same hooks add each block's token sums of the two
+factors' outer products (`Σ_t p_t p_tᵀ`, `Σ_t q_t q_tᵀ`, see `pyinf.factors`)
+in the same pass; for the true Fisher (`factors.fisher == "true"`) a second
+forward and backward on `fisher_batch(model, batch)` (labels sampled from the
+model, `pyinf.losses.sample_labels`) adds them instead, and the gradients stay
+those of the batch's own labels.
 
 On CUDA (when triton is importable) the outer products and the per-sample
 squared norms come from one Triton kernel (`pyinf.kernels.per_sample_outer`);
@@ -93,6 +105,7 @@ from torch import nn
 
 from .blocks import Block
 from .losses import default_loss, model_device, move_to_device
+from .oom import is_oom
 from .optional_kernel import OptionalKernel
 
 __all__ = ["GradientCapture", "per_sample_grads"]
@@ -118,6 +131,7 @@ class _Target:
     uses: tuple[_Use, ...]
     transpose: bool  # LoRA B: the parameter's transpose, (r, d_out)
     block: Block
+    bias: nn.Parameter | None = None  # a "<module>+bias" block: the bias, appended as a last input column
 
 
 # --------------------------------------------------------------------------- #
@@ -311,6 +325,23 @@ class _ModelIndex:
         return out
 
 
+def _with_bias(idx: _ModelIndex, entry: str) -> tuple:
+    """`"<module>+bias"`: (weight, False, name, its _Target with the bias appended as a last input column)."""
+    name = entry[: -len("+bias")]
+    mod = idx.modules.get(name)
+    if not (isinstance(mod, nn.Linear) or _is_conv1d(mod)) or name in idx.lora_layers:
+        raise ValueError(f"block {entry!r}: '+bias' takes an nn.Linear or Conv1D module, "
+                         f"not {type(mod).__name__ if mod is not None else 'a missing module'}")
+    if not isinstance(getattr(mod, "bias", None), nn.Parameter):
+        raise ValueError(f"block {entry!r}: {name} has no bias; name the module without '+bias'")
+    w = mod.weight
+    if len(idx.holders[id(w)]) > 1 or len(idx.holders[id(mod.bias)]) > 1:
+        raise ValueError(f"block {entry!r}: a tied weight or bias cannot be joined; name them separately")
+    t = idx.target(w, False, entry)
+    rows, cols = (t.block.rows, t.block.cols + 1) if isinstance(mod, nn.Linear) else (t.block.rows + 1, t.block.cols)
+    return w, False, entry, _Target(entry, w, t.uses, False, Block(entry, rows, cols), mod.bias)
+
+
 def _close_matches(name: str, candidates: list[str]) -> list[str]:
     suffix = [c for c in candidates if c.endswith("." + name)]
     close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.5)
@@ -329,6 +360,9 @@ def _resolve_blocks(model: nn.Module, blocks: BlockSpec) -> list[_Target]:
             if not found:
                 raise ValueError("no LoRA adapters found; pass blocks=[module names]")
             chosen += [(p, tr, None) for p, tr in found]
+            continue
+        if entry.endswith("+bias"):
+            chosen.append(_with_bias(idx, entry))
             continue
         name = entry[: -len(".weight")] if entry.endswith(".weight") and entry not in idx.modules else entry
         mod = idx.modules.get(name)
@@ -361,9 +395,12 @@ def _resolve_blocks(model: nn.Module, blocks: BlockSpec) -> list[_Target]:
         chosen.append((p, role is not None and role[3], name))
     # one block per parameter, named after its first holder
     unique: dict[int, _Target] = {}
-    for p, tr, name in chosen:
+    biased = {id(c[0]): c[3] for c in chosen if len(c) == 4}
+    for p, tr, name, *bias in chosen:
+        if id(p) in biased and name != biased[id(p)].name:
+            raise ValueError(f"blocks {name!r} and {biased[id(p)].name!r} both hold the weight of one layer; name one")
         if id(p) not in unique:
-            unique[id(p)] = idx.target(p, tr, name)
+            unique[id(p)] = idx.target(p, tr, name) if not bias else bias[0]
     if not unique:
         raise ValueError("no blocks to capture; pass blocks='lora' or blocks=[module names]")
     if "lora" in entries:
@@ -450,6 +487,8 @@ class GradientCapture:
         loss: LossFn | None = None,
         mask_padding: bool = False,
         use_triton: bool | None = None,
+        factors=None,
+        fisher_batch: Callable[[nn.Module, Mapping[str, Any]], Mapping[str, Any]] | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -461,6 +500,9 @@ class GradientCapture:
         self.blocks: list[Block] = [t.block for t in self._targets]
         self.use_triton = use_triton
         self.mask_padding = bool(mask_padding)
+        self.factors = factors
+        self.fisher_batch = fisher_batch
+        self.fisher_loss: LossFn | None = None  # the sampled pass's loss (default: `loss`)
         self.last_sq_norms: dict[str, torch.Tensor] = {}
         self._active = False
         self._reset()
@@ -501,6 +543,9 @@ class GradientCapture:
         self._seen: set[str] = set()
         self._B = 0
         self._mask: torch.Tensor | None = None
+        self._stat_mask: torch.Tensor | None = None
+        self._phase = "grads"  # "grads" | "factors" (statistics only) | "both"
+        self._added = False
         self._kernel = None
 
     def _forward_hook(self, uses: list[tuple[_Target, _Use]], module, args, kwargs, output):
@@ -531,8 +576,15 @@ class GradientCapture:
                     f"{B} samples; per-sample capture needs the batch in dimension 0"
                 )
             mask = self._mask if self._mask is not None and self._mask.shape == a3.shape[:2] else None
+            ones = None  # "+bias" blocks: the input with a last column of ones
+            if any(t.bias is not None for t, _ in uses):
+                ones = torch.cat([a3, a3.new_ones((*a3.shape[:-1], 1))], dim=-1)
+            if self._phase != "grads":
+                self._add_factors(uses, a3, e3, ones)
+            if self._phase == "factors":
+                return None
             for target, use in uses:
-                g, sq = self._contribution(target, use, a3, e3, mask)
+                g, sq = self._contribution(target, use, a3 if target.bias is None else ones, e3, mask)
                 name = target.name
                 if name in self._grads:
                     self._grads[name] = self._grads[name] + g
@@ -541,6 +593,21 @@ class GradientCapture:
                     self._sq[name] = sq
                 self._count[name] = self._count.get(name, 0) + 1
         return None
+
+    def _add_factors(self, uses: list[tuple[_Target, _Use]], a: torch.Tensor, e: torch.Tensor, ones=None) -> None:
+        """K-FAC token statistics of this use (`pyinf.factors`): the rows and cols sides of the block's outer
+        products, over the tokens the batch's attention_mask keeps. Embeddings have none."""
+        keep = self._stat_mask
+        keep = keep != 0 if keep is not None and keep.shape == a.shape[:2] else None
+        for t, u in uses:
+            if u.kind in ("linear", "conv1d"):
+                x = a if t.bias is None else ones
+                self.factors.add(t.name, *((e, x) if (u.kind == "linear") != t.transpose else (x, e)), keep)
+            elif u.kind == "bias":
+                self.factors.add(t.name, None, e, keep)
+            else:
+                continue
+            self._added = True
 
     def _contribution(self, t: _Target, u: _Use, a: torch.Tensor, e: torch.Tensor, mask):
         """This use's share of the per-sample gradients, in the block's layout: ((B, rows, cols) fp32, norms or None).
@@ -606,6 +673,12 @@ class GradientCapture:
         state = _snapshot(self.model)
         self._reset()
         mask = batch.get("attention_mask")
+        stats = self.factors if self.factors is not None and self.factors.active else None
+        sampled = stats is not None and stats.fisher == "true"
+        if sampled and self.fisher_batch is None:
+            raise ValueError("fisher='true' statistics need fisher_batch (labels sampled from the model)")
+        self._phase = "grads" if stats is None or sampled else "both"
+        self._stat_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         try:
             _enter_capture_mode(self.model, weights, state)
             self._kernel = self._pick_kernel(device)
@@ -631,18 +704,37 @@ class GradientCapture:
                     p.grad = None
                 try:
                     losses.float().sum().backward()
+                    if sampled:  # the true Fisher's statistics: a second backward, on labels drawn from the model
+                        self._phase = "factors"
+                        self._sampled_backward(batch)
                 finally:
                     for p, g in stash:
                         p.grad = g
             return self._collect(device)
+        except Exception as err:
+            if self._added and is_oom(err):  # not retried in halves: the statistics cannot be taken back
+                raise RuntimeError(
+                    "ran out of device memory while accumulating the K-FAC statistics of a batch, which are "
+                    "partly added and cannot be retried in halves; use a smaller batch_size"
+                ) from err
+            raise
         finally:
             self._active = False
             _restore(state)
             self._reset_buffers()
 
+    def _sampled_backward(self, batch: Mapping[str, Any]) -> None:
+        """Forward and backward of the loss on `fisher_batch(model, batch)`; the hooks only add statistics."""
+        with torch.no_grad():
+            fb = self.fisher_batch(self.model, batch)
+        losses = self._check_losses((self.fisher_loss or self.loss)(self.model, fb), fb.get("attention_mask"))
+        if losses.requires_grad:
+            losses.float().sum().backward()
+
     def _reset_buffers(self) -> None:
         self._grads, self._sq, self._count = {}, {}, {}
-        self._mask = None
+        self._mask = self._stat_mask = None
+        self._phase, self._added = "grads", False
         self._kernel = None
 
     @staticmethod

@@ -23,7 +23,7 @@ import re
 import sys
 import tempfile
 
-ALL_METHODS = ("tracin", "datainf", "exact", "lissa", "hyperinf", "forward")
+ALL_METHODS = ("tracin", "datainf", "exact", "lissa", "hyperinf", "kfac", "ekfac", "forward")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -171,6 +171,10 @@ def _plan(model: nn.Module, blocks) -> tuple[list, _Plan]:
                 role[id(lm.lora_A[ad])] = (ln, lm, ad, "A")
             for ad in lm.lora_B:
                 role[id(lm.lora_B[ad])] = (ln, lm, ad, "B")
+    joined = [t.name for t in targets if t.bias is not None]
+    if joined:
+        raise ValueError(f"blocks {joined[:4]}: Forward-INF moves parameters, not a weight joined with its bias "
+                         f"('+bias'); name the weight and the bias as blocks of their own")
     plan = _Plan(params={t.name: t.param for t in targets})
     for t in targets:
         module = t.uses[0].module

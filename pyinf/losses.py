@@ -36,6 +36,7 @@ LMs and encoder-decoders. Each sample's loss equals the model's own
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Mapping
 
 import torch
@@ -44,7 +45,7 @@ from torch import nn
 
 IGNORE_INDEX = -100
 
-__all__ = ["default_loss", "move_to_device", "model_device", "IGNORE_INDEX"]
+__all__ = ["default_loss", "sample_labels", "move_to_device", "model_device", "IGNORE_INDEX"]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -157,9 +158,65 @@ def token_classification_loss(
     return _token_ce(logits, labels, valid)
 
 
-def default_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
-    """Per-sample losses `(B,)` of a Hugging Face style model; see the module doc."""
+def _seeded(seed: int, batch: Mapping[str, Any], device: torch.device) -> torch.Generator:
+    """A generator on `device` seeded by `seed` and the batch's inputs: the same draws for the same
+    batch, whatever the order or the batching of the passes."""
+    h = hashlib.sha256(str(seed).encode())
+    for key in sorted(k for k, v in batch.items() if isinstance(v, torch.Tensor)):
+        h.update(key.encode() + batch[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return torch.Generator(device=device).manual_seed(int.from_bytes(h.digest()[:8], "little") >> 1)
+
+
+def _draw(logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One class per row of `logits` (..., C), drawn from softmax(logits)."""
+    probs = torch.softmax(_wide(logits.reshape(-1, logits.shape[-1])), dim=-1)
+    return torch.multinomial(probs, 1, generator=gen).view(logits.shape[:-1])
+
+
+def sample_labels(model: nn.Module, batch: Mapping[str, Any], seed: int = 0) -> dict[str, Any]:
+    """`batch` with its labels drawn from the model's own predictions (the true Fisher's labels, K-FAC).
+
+    Covered: the cross-entropy losses of `default_loss`: causal LM (each target token drawn from the
+    logits that predict it), token classification / masked LM and encoder-decoders (the decoder
+    inputs stay those of the real labels), sequence classification. Positions that are no target
+    (-100) stay -100. Seeded by `seed` and the batch's inputs (`_seeded`); the model runs in eval mode
+    (dropout off, as the capture sees it; its modes are restored). Anything else: ValueError.
+    """
     batch = move_to_device(batch, model_device(model))
+    inputs, labels, family = _prepare(model, batch)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()  # the predictions without dropout, as the capture sees the model
+    try:
+        with torch.no_grad():
+            logits = _logits(model(**inputs))
+    finally:
+        for m, t in modes:
+            m.training = t
+    gen = _seeded(seed, batch, logits.device)
+    out = dict(batch)
+    if family == "seq2seq" and "decoder_input_ids" in inputs:
+        out["decoder_input_ids"] = inputs["decoder_input_ids"]
+    if logits.dim() == 3 and labels.dim() == 2 and logits.shape[:2] == labels.shape and family != "unknown":
+        drawn = _draw(logits, gen)
+        new = labels.clone()
+        if family == "causal":  # logits[:, t] predicts labels[:, t + 1]
+            new[:, 1:] = torch.where(labels[:, 1:] != IGNORE_INDEX, drawn[:, :-1], labels[:, 1:])
+        else:
+            new = torch.where(labels != IGNORE_INDEX, drawn, labels)
+        out["labels"] = new
+        return out
+    if logits.dim() == 2 and labels.dim() == 1 and not labels.is_floating_point() and logits.shape[1] > 1:
+        out["labels"] = _draw(logits, gen).to(labels.dtype)
+        return out
+    raise ValueError(
+        f"fisher='true' samples labels for cross-entropy losses (causal LM, token classification, masked LM, "
+        f"encoder-decoder, sequence classification); not for logits {tuple(logits.shape)} with labels "
+        f"{tuple(labels.shape)} ({labels.dtype}): use fisher='empirical'"
+    )
+
+
+def _prepare(model: nn.Module, batch: Mapping[str, Any]) -> tuple[dict[str, Any], torch.Tensor, str]:
+    """(the model's inputs, the labels, the model family) of a batch on the model's device."""
     if "labels" not in batch or batch["labels"] is None:
         raise ValueError(
             "default_loss needs 'labels' in the batch; add them, or pass "
@@ -176,6 +233,13 @@ def default_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
     if family == "seq2seq" and callable(prepare) and inputs.get("decoder_input_ids") is None \
             and inputs.get("decoder_inputs_embeds") is None:
         inputs["decoder_input_ids"] = prepare(labels=labels)  # what the model does when given labels
+    return inputs, labels, family
+
+
+def default_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+    """Per-sample losses `(B,)` of a Hugging Face style model; see the module doc."""
+    batch = move_to_device(batch, model_device(model))
+    inputs, labels, family = _prepare(model, batch)
     logits = _logits(model(**inputs))
     mask = batch.get("attention_mask")
     if not isinstance(mask, torch.Tensor) or mask.shape != labels.shape[:2] or family == "seq2seq":

@@ -33,6 +33,13 @@ are left out of the store instead: `n` counts the kept samples, chunk starts
 index them, `skipped` lists the original indices left out (sample i of the
 data given to `fill`, counting every sample) and `n_orig` counts all.
 
+K-FAC statistics: `factors` (a `pyinf.factors.FactorStats`, set by the
+`Attributor` for kfac/ekfac before `fill`, else None) receives the capture's
+token statistics while the store fills (one capture pass; "none" captures
+once for them). Memory stores keep them in memory (and in `state()`), the disk
+store in `factors.bin` (below). Under nan_policy="skip" a skipped sample's
+finite token statistics still count (only its gradients are left out).
+
 Out of memory while a pass reads chunks: `split_chunks()` halves the number of
 samples per chunk a pass yields (views of the stored chunk; the store itself is
 unchanged), for a retry of the pass (`pyinf.Attributor` does it).
@@ -53,7 +60,10 @@ On-disk format (version 2) of "disk:PATH"
     "shards": [{"index", "file", "start", "count", "batches", "bytes",
                 "sha256": hex of the file, "data_sha256": hex of the batches' inputs,
                 "skipped": [original sample indices left out under nan_policy="skip"]}],
-    "complete": bool, "n": total samples (when complete)}`
+    "complete": bool, "n": total samples (when complete),
+    "factors": (K-FAC methods only) {"file": "factors.bin", "bytes", "sha256",
+               "fisher": "empirical" | "true", "seed", "shards": [indices of the shards
+               whose statistics the file holds], "tokens": {block: token count}}}`
 - `PATH/shard-000000.bin`, ...: shard s holds the gradients of training batches
   `s*k .. s*k + k - 1` (samples `start .. start + count - 1`). The file is the
   blocks one after the other, in manifest order; block b is a C-order array
@@ -63,6 +73,17 @@ On-disk format (version 2) of "disk:PATH"
   the data went into the shard (a shard may hold 0 samples: an empty file).
   It is read with `numpy.memmap` and `torch.from_numpy`, without copies
   (then one copy to a CUDA device, from pageable memory: no overlap yet).
+- `PATH/factors.bin` (kfac/ekfac, `pyinf.factors`): the token sums R = Σ_t p pᵀ
+  and C = Σ_t q qᵀ of every block, over the samples of the shards listed in
+  its manifest entry: per block in manifest order, the upper triangle (row by
+  row, diagonal included) of R, then of C, little-endian float64,
+  `(rows(rows+1) + cols(cols+1))/2 * 8` bytes a block. It is rewritten (atomically)
+  when the shards written since its last write reach its own size, and when
+  the fill completes, so that it costs at most as many bytes of writes as the
+  gradients. On resume a reused shard that it does not cover is captured
+  again for its statistics only (its gradients are not rewritten), and a
+  recomputed shard that it covers adds none; statistics of another kind
+  (fisher, seed), or a corrupt file, are recomputed from every shard.
 - Writes are atomic: a shard is written to `*.tmp`, fsynced and renamed (and
   the directory fsynced); the manifest is rewritten the same way after each
   finished shard. A `*.tmp` left by a killed write is removed by the next `fill`.
@@ -131,7 +152,7 @@ ACCEPTED = (
 )
 # Normwise per-block tolerance of the first-batch recompute check (module docstring).
 RECOMPUTE_TOL = {torch.float32: 1e-3, torch.bfloat16: 2.0**-6}
-_STORE_FILE = re.compile(r"(manifest\.json|shard-\d{6}\.bin)(\.tmp)?")
+_STORE_FILE = re.compile(r"(manifest\.json|shard-\d{6}\.bin|factors\.bin)(\.tmp)?")
 # Tensors up to this many elements are hashed in full; larger ones by an integer checksum.
 FULL_HASH_NUMEL = 1 << 22
 
@@ -297,6 +318,7 @@ class Store(GradientSource):
         self.nan_policy = "error"
         self.skipped: list[int] = []  # original indices left out (nan_policy="skip")
         self.piece: int | None = None  # samples per chunk a pass yields, after an OOM (None: whole chunks)
+        self.factors = None  # a pyinf.factors.FactorStats the capture adds into while filling (K-FAC), or None
 
     @property
     def n_orig(self) -> int:
@@ -373,6 +395,27 @@ class Store(GradientSource):
         out = {name: g.index_select(0, keep) for name, g in out.items()}
         return {name: g.to(self.grad_dtype) for name, g in out.items()}, skipped
 
+    @contextmanager
+    def _accumulating(self, on: bool = True):
+        """The capture adds K-FAC statistics (`self.factors`) inside the `with` (when `on`)."""
+        if self.factors is None or not on:
+            yield
+            return
+        self.factors.active = True
+        try:
+            yield
+        finally:
+            self.factors.active = False
+
+    def _factors_state(self) -> dict | None:
+        return None if self.factors is None else self.factors.state()
+
+    def _restore_factors(self, state: dict, device) -> None:
+        from .factors import FactorStats
+
+        saved = state.get("factors")
+        self.factors = None if saved is None else FactorStats.from_state(saved, device)
+
     def _batches_bar(self, batches: Iterable, desc: str = "capture"):
         return bar(desc, len(batches) if hasattr(batches, "__len__") else None, self.progress, unit="batch")
 
@@ -407,7 +450,7 @@ class MemoryStore(Store):
 
     def fill(self, capture, batches):
         self._slabs, n, self.skipped = [], 0, []
-        with self._batches_bar(batches) as pb:
+        with self._batches_bar(batches) as pb, self._accumulating():
             for batch in batches:
                 g, skipped = self._capture(capture, batch, n + len(self.skipped))
                 self.skipped += skipped
@@ -464,6 +507,7 @@ class MemoryStore(Store):
             "chunk_size": self.chunk_size,
             "slabs": [{name: t.cpu() for name, t in slab.items()} for slab in self._slabs],
             "skipped": list(self.skipped),
+            "factors": self._factors_state(),
         }
 
     @classmethod
@@ -472,6 +516,7 @@ class MemoryStore(Store):
         self = cls(blocks, device, grad_dtype, storage, state["chunk_size"], progress)
         self.n = state["n"]
         self.skipped = list(state.get("skipped", []))
+        self._restore_factors(state, device)
         for saved in state["slabs"]:
             slab = self._new_slab()
             for name, t in slab.items():
@@ -654,6 +699,8 @@ class DiskStore(Store):
         k = man["batches_per_shard"]
         it = itertools.chain([first], it)
         start, orig, index = 0, 0, -1  # kept and original sample counts so far
+        covered = self._read_factors(man)  # shards whose K-FAC statistics factors.bin holds (loaded)
+        recorded, pending, refreshed = set(covered), 0, 0
         with self._batches_bar(batches) as pb:
             for index in itertools.count():
                 group = list(itertools.islice(it, k))  # the batches of shard `index`
@@ -677,16 +724,31 @@ class DiskStore(Store):
                     if not checked:
                         self._check_recomputed(capture, group[0], e, orig)
                         checked = True
+                    if self.factors is not None and index not in covered:  # captured again for its statistics
+                        with self._accumulating():
+                            offset = orig
+                            for b in group:
+                                self._capture(capture, b, offset)
+                                offset += batch_len(b)
+                        covered.add(index)
+                        refreshed += 1
                     reused += 1
                 else:
                     grads, skipped, offset = [], [], orig
-                    for b in group:
-                        g, sk = self._capture(capture, b, offset)
-                        grads.append(g)
-                        skipped += sk
-                        offset += batch_len(b)
+                    with self._accumulating(index not in covered):  # a recomputed shard's statistics may be in
+                        for b in group:
+                            g, sk = self._capture(capture, b, offset)
+                            grads.append(g)
+                            skipped += sk
+                            offset += batch_len(b)
                     good[index] = e = self._write_shard(index, start, grads, data_sha, skipped)
                     man["shards"].append(e)
+                    if self.factors is not None:
+                        covered.add(index)
+                        pending += e["bytes"]
+                        if pending >= self.factors.nbytes:  # factor writes at most double the bytes written
+                            self._write_factors(man, covered)
+                            recorded, pending = set(covered), 0
                     self._write_manifest(man)  # after each finished shard: a kill loses one shard at most
                     changed = True
                 start += e["count"]
@@ -701,13 +763,49 @@ class DiskStore(Store):
         if start == 0:
             raise ValueError(f"every training sample ({orig}) was skipped for NaN/Inf gradients")
         man["complete"], man["n"] = True, start
+        if self.factors is not None and covered != recorded:
+            self._write_factors(man, covered)
+            changed = True
         if changed:
             self._write_manifest(man)
         if reused and mode(self.progress) != "off":
+            again = f" (and {refreshed} of them again for their K-FAC statistics)" if refreshed else ""
             print(f"pyinf: gradient store {self.path}: reused {reused} of {n_shards} shards from an earlier fit, "
-                  f"captured {n_shards - reused}", file=sys.stderr, flush=True)
+                  f"captured {n_shards - reused}{again}", file=sys.stderr, flush=True)
         self._load(man)
         return self
+
+    def _read_factors(self, man: dict) -> set[int]:
+        """Load factors.bin into `self.factors` when its statistics are of the same kind (fisher, seed) and its
+        checksum holds; the shard indices it covers (empty: start from zero)."""
+        entry = man.get("factors")
+        if self.factors is None or entry is None:
+            return set()
+        if (entry["fisher"], entry["seed"]) != (self.factors.fisher, self.factors.seed):
+            return set()
+        p = self.path / entry["file"]
+        raw = np.fromfile(p, dtype=np.uint8) if p.exists() else np.zeros(0, dtype=np.uint8)
+        if raw.nbytes != entry["bytes"] or hashlib.sha256(raw).hexdigest() != entry["sha256"]:
+            warnings.warn(f"{p} is missing or corrupt: recomputing the K-FAC statistics", RuntimeWarning, stacklevel=3)
+            return set()
+        self.factors.load_triangles(raw, entry["tokens"])
+        return set(entry["shards"])
+
+    def _write_factors(self, man: dict, covered: set[int]) -> None:
+        """factors.bin (atomic) and its manifest entry; the manifest itself is written by the caller."""
+        sha, size = hashlib.sha256(), 0
+
+        def buffers():
+            nonlocal size
+            for buf in self.factors.triangles():
+                sha.update(buf.tobytes())
+                size += buf.nbytes
+                yield buf.tobytes()
+
+        _write_atomic(self.path / "factors.bin", buffers())
+        man["factors"] = {"file": "factors.bin", "bytes": size, "sha256": sha.hexdigest(),
+                          "fisher": self.factors.fisher, "seed": self.factors.seed, "shards": sorted(covered),
+                          "tokens": self.factors.token_counts()}
 
     def _load(self, man: dict) -> None:
         self.shards = sorted(man["shards"], key=lambda e: e["index"])
@@ -764,11 +862,13 @@ class RecomputeStore(Store):
         self.hashes, self.sizes, self.skipped = [], [], []
         orig = 0
         skip = self.nan_policy == "skip"
-        with self._batches_bar(batches, "capture (find NaN/Inf)" if skip else "hash batches") as pb:
+        factors = self.factors is not None
+        desc = "capture (K-FAC factors)" if factors else "capture (find NaN/Inf)" if skip else "hash batches"
+        with self._batches_bar(batches, desc) as pb, self._accumulating():
             for batch in batches:
                 self.hashes.append(hash_batch(batch))
                 size = batch_len(batch)
-                if skip:
+                if skip or factors:
                     _, sk = self._capture(capture, batch, orig)
                     self.skipped += sk
                     self.sizes.append(size - len(sk))
@@ -811,7 +911,8 @@ class RecomputeStore(Store):
                              f"({len(self.hashes)}); pass the same data")
 
     def state(self):
-        return {"kind": self.kind, "hashes": self.hashes, "sizes": self.sizes, "skipped": list(self.skipped)}
+        return {"kind": self.kind, "hashes": self.hashes, "sizes": self.sizes, "skipped": list(self.skipped),
+                "factors": self._factors_state()}
 
     @classmethod
     def restore(cls, state, blocks, device, grad_dtype, progress=None, capture=None, batches=None, **_):
@@ -822,6 +923,7 @@ class RecomputeStore(Store):
         self.hashes, self.sizes = list(state["hashes"]), list(state["sizes"])
         self.skipped = list(state.get("skipped", []))
         self.n, self.chunk_size = sum(self.sizes), max(1, max(self.sizes))
+        self._restore_factors(state, device)
         return self
 
 

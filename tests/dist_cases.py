@@ -16,6 +16,7 @@ N, BATCH, CHUNK = 70, 8, 8
 METHODS = ["tracin", "datainf", "exact", "lissa", "hyperinf"]
 OPTIONS = {"lissa": {"iterations": 4, "scale": 1e3}, "forward": {"lr": 1e-2}}
 CASES = [(m, s) for m in METHODS for s in ("cpu", "disk")] + [("datainf", "none"), ("exact", "none"), ("forward", "cpu")]
+CASES += [("kfac", "cpu"), ("ekfac", "disk")]  # K-FAC statistics summed over the ranks
 POISON = {1: 0, 6: 2}  # batch -> sample made NaN in the nan_policy="skip" case: global samples 8 and 50
 SKIPPED = [8, 50]
 

@@ -65,7 +65,8 @@ def _reference(setup, method, train, queries, **kw):
 
 @pytest.mark.filterwarnings("ignore:lissa.*did not reach")
 @pytest.mark.parametrize("store", STORES)
-@pytest.mark.parametrize("method", sorted(METHODS))
+# kfac/ekfac need the capture's token statistics, which pyinf.influence on tensors has not: test_kfac.py
+@pytest.mark.parametrize("method", sorted(m for m, cls in METHODS.items() if not cls.needs_factors))
 def test_scores_equal_influence(setup, method, store, tmp_path):
     train, queries = setup.train(10, BATCH), setup.train(3, 2, seed=1)
     att = Attributor(setup.model, method=method, blocks=setup.blocks, store=_store(store, tmp_path),

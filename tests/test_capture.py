@@ -440,3 +440,43 @@ def test_bf16_model_gives_fp32_grads():
         assert g.dtype == torch.float32 and torch.isfinite(g).all()
         err = (g - ref[k]).flatten(1).norm(dim=1) / ref[k].flatten(1).norm(dim=1)
         assert float(err.max()) < 5e-2, (k, err.tolist())
+
+
+def test_weight_plus_bias_block_is_the_joined_gradient():
+    """"<module>+bias": [W | b] (nn.Linear) or [W; b] (Conv1D) as one block, the two gradients side by side."""
+    from transformers.pytorch_utils import Conv1D
+
+    model = model_for("roberta")
+    batch = tm.make_batch("roberta", B=3, T=6, seed=21)
+    dense = HEAD + "dense"
+    sep = per_sample_grads(model, batch, blocks=[dense, dense + ".bias"])
+    joined = per_sample_grads(model, batch, blocks=[dense + "+bias"])[dense + "+bias"]
+    assert joined.shape == (3, 32, 33)
+    assert torch.equal(joined[:, :, :32], sep[dense]) and torch.allclose(joined[:, :, 32], sep[dense + ".bias"][:, 0])
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = Conv1D(4, 5)  # (in 5, out 4)
+
+        def forward(self, x):
+            return self.c(x).sum(-1).sum(-1)
+
+    net = Net()
+    x = torch.randn(2, 3, 5)
+    g = per_sample_grads(net, {"x": x}, blocks=["c+bias"], loss=lambda m, b: m(b["x"]))["c+bias"]
+    ref = per_sample_grads(net, {"x": x}, blocks=["c", "c.bias"], loss=lambda m, b: m(b["x"]))
+    assert g.shape == (2, 6, 4)
+    assert torch.allclose(g[:, :5], ref["c"]) and torch.allclose(g[:, 5], ref["c.bias"][:, 0])
+    with pytest.raises(ValueError, match="both hold the weight"):
+        GradientCapture(model, blocks=[dense, dense + "+bias"])
+    q = "base_model.model.roberta.encoder.layer.1.attention.self.query"
+    with pytest.raises(ValueError, match=r"'\+bias' takes an nn.Linear"):
+        GradientCapture(model, blocks=[q + "+bias"])
+    nobias = torch.nn.Sequential(torch.nn.Linear(3, 2, bias=False))
+    with pytest.raises(ValueError, match="has no bias"):
+        GradientCapture(nobias, blocks=["0+bias"])
+    from pyinf.forward import _plan
+
+    with pytest.raises(ValueError, match="Forward-INF moves parameters"):
+        _plan(model, [dense + "+bias"])

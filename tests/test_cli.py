@@ -23,7 +23,7 @@ def test_demo_tiny_end_to_end_and_cache(tmp_path, capsys):
     assert all(r["backend"] == "cpu" for m, r in rep["tasks"]["math"]["methods"].items() if m != "forward")
     assert set(rep["tasks"]) == {"sentences", "math"}
     for task in rep["tasks"].values():
-        assert {"tracin", "datainf", "exact", "lissa", "hyperinf"} <= set(task["methods"])
+        assert {"tracin", "datainf", "exact", "lissa", "hyperinf", "kfac", "ekfac"} <= set(task["methods"])
         for r in task["methods"].values():
             assert 0.0 <= r["auc"] <= 1.0 and 0.0 <= r["recall_at_k"] <= 1.0 and r["seconds"] >= 0
     saved = torch.load(out / "demo_scores.pt", weights_only=True)

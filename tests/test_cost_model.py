@@ -38,8 +38,7 @@ def store_13b():
     return cm.attributor_store(s, cm.meta_grads(s, s.n, s.dtype))
 
 
-@pytest.mark.parametrize("path", cm.PATHS)
-@pytest.mark.parametrize("method", list(cm.METHODS))
+@pytest.mark.parametrize("method,path", [(m, p) for m in cm.METHODS for p in cm.paths(m)])
 def test_budgets_at_13b(method, path, request):
     store = request.getfixturevalue("store_13b") if path == "attributor" else None
     r = cm.run(method, path, store=store, stop_over_budget=True)

@@ -57,7 +57,7 @@ def test_spearman():
     assert torch.isnan(spearman(a, torch.ones(5)))
 
 
-FAST = ["--methods", "tracin,datainf,exact,lissa,hyperinf,forward", "--lissa-iterations", "20", "--quiet"]
+FAST = ["--methods", "tracin,datainf,exact,lissa,hyperinf,kfac,ekfac,forward", "--lissa-iterations", "20", "--quiet"]
 
 
 def test_eval_mislabeled_tiny(tmp_path):
@@ -69,7 +69,7 @@ def test_eval_mislabeled_tiny(tmp_path):
     rep = json.loads((tmp_path / "mislabeled_report.json").read_text())
     assert (tmp_path / "mislabeled.png").stat().st_size > 1000
     assert rep["n_flipped"] == 24
-    assert {"tracin", "datainf", "exact", "lissa", "hyperinf"} <= set(rep["methods"])
+    assert {"tracin", "datainf", "exact", "lissa", "hyperinf", "kfac", "ekfac"} <= set(rep["methods"])
     for m, r in rep["methods"].items():
         assert 0.0 <= r["aggregated_auc"] <= 1.0, m
         if m != "forward":

@@ -1,5 +1,5 @@
 """Shared by the evals: scikit-learn's bundled digits, a small MLP, its training, and
-attribution through `pyinf.Attributor` with the MLP's `nn.Linear` weights as plain blocks
+attribution through `pyinf.Attributor` with the MLP's `nn.Linear` layers as plain blocks (weight and bias)
 (the one per-sample gradient path: `pyinf.capture`, as `pyinf.per_sample_grads`)."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-METHODS = ("tracin", "datainf", "exact", "lissa", "hyperinf", "forward")
+METHODS = ("tracin", "datainf", "exact", "lissa", "hyperinf", "kfac", "ekfac", "forward")
 
 
 @dataclass
@@ -29,7 +29,11 @@ class EvalConfig:
     methods: tuple[str, ...] = METHODS
     out: str = "pyinf-out"
     progress: bool | None = None
-BLOCKS = ["fc1", "fc2"]
+# Every parameter of the MLP, one block per layer: the weight with its bias appended as a last input
+# column ([W | b], `pyinf.capture`'s "+bias"), as Kronfluence attributes a layer with a bias. Forward-INF
+# moves parameters, not joined blocks: it attributes the weights.
+BLOCKS = ["fc1+bias", "fc2+bias"]
+FORWARD_BLOCKS = ["fc1", "fc2"]
 
 
 def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +126,8 @@ def attribute(model, method: str, train, query, *, damping: float, lissa_iterati
     info = {"options": opts, "warnings": []}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        att = Attributor(model, method=method, blocks=BLOCKS, loss=per_sample_loss, batch_size=256,
+        att = Attributor(model, method=method, blocks=FORWARD_BLOCKS if method == "forward" else BLOCKS,
+                         loss=per_sample_loss, batch_size=256,
                          progress=progress, **opts)
         att.fit(train)
         # rank 0's result on every rank (Attributor returns None on the others), so all compute the same metrics

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from .base import Method
 from .datainf import DataInf
+from .ekfac import EKFAC
 from .exact import Exact
 from .hyperinf import HyperINF
+from .kfac import KFAC
 from .lissa import LiSSA
 from .tracin import TracIn
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (TracIn, DataInf, Exact, LiSSA, HyperINF)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (TracIn, DataInf, Exact, LiSSA, HyperINF, KFAC, EKFAC)}
 
 
 def get_method(name: str) -> type[Method]:

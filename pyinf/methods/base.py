@@ -55,6 +55,11 @@ class Method:
     # True: `_fit` sets λ from Σ_i ‖g_ib‖² (the trace of a matrix it builds anyway, `_damping_from_totals`),
     # which saves the norms pass over G
     damping_from_fit: ClassVar[bool] = False
+    # True: `fit` reads the K-FAC token statistics `train.factors` (`pyinf.factors`), which the
+    # Attributor has the capture accumulate while it fills the store
+    needs_factors: ClassVar[bool] = False
+    # True (ekfac): with fisher="true", `fit` reads the sampled-label gradients `train.fisher_gradients`
+    refits_eigenvalues: ClassVar[bool] = False
 
     def __init__(self, backend: Backend, damping: float = 0.1, damping_mode: str = "relative", **options):
         if damping_mode not in DAMPING_MODES:

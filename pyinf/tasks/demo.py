@@ -25,7 +25,7 @@ from .math_problems import math_problems
 from .model import ModelConfig, build_model, exact_match, per_example_loss
 from .sentences import sentence_transformations
 
-ALL_METHODS = ("tracin", "datainf", "exact", "lissa", "hyperinf", "forward")
+ALL_METHODS = ("tracin", "datainf", "exact", "lissa", "hyperinf", "kfac", "ekfac", "forward")
 
 
 @dataclass
