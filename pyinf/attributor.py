@@ -65,7 +65,7 @@ from .methods import get_method
 from .oom import HalvingCapture, is_oom, release_memory
 from .progress import bar
 from .progress import check as check_progress
-from .store import ACCEPTED, LOSS_KEY, STORES, fingerprint, make_store, parse_store, resolve_grad_dtype
+from .store import ACCEPTED, LOSS_KEY, STORES, Store, fingerprint, make_store, parse_store, resolve_grad_dtype
 
 SAVE_FORMAT = "pyinf-attributor"
 SAVE_VERSION = 2
@@ -491,7 +491,12 @@ class Attributor:
 
     # -- public ------------------------------------------------------------
     def fit(self, train_data) -> "Attributor":
-        """Capture the training gradients into the store and fit the method (this rank's shard, data parallel)."""
+        """Capture the training gradients into the store and fit the method (this rank's shard, data parallel).
+
+        A filled `pyinf.store.Store` (e.g. `pyinf.callback.GradientStoreCallback.store`) is fitted on as it
+        is, on one process, without a capture: its blocks and grad_dtype must be this Attributor's."""
+        if isinstance(train_data, Store):
+            return self._fit_store(train_data)
         data = self._batches(train_data)
         c = self.config
         self._comm = comm = self._resolve_comm()
@@ -523,14 +528,26 @@ class Attributor:
             self._everywhere(lambda: store.fill(self._capture_batch, data), what)
             self._place(store)
             self._sampled_gradients(store, data)
-
-            def fit_method():
-                method = self._new_method()
-                with store.phase(f"{c['method']}: fit"):
-                    return method.fit(store)
-
-            method = self._retrying(store, fit_method)
+            method = self._retrying(store, lambda: self._fit_method(store))
         self._store, self._method, self._fingerprint = store, method, fp
+        return self
+
+    def _fit_method(self, store):
+        method = self._new_method()
+        with store.phase(f"{self.config['method']}: fit"):
+            return method.fit(store)
+
+    def _fit_store(self, store) -> "Attributor":
+        """`fit` on gradients captured elsewhere (one process)."""
+        self._refuse_forward("fitting on a gradient store")
+        self._comm = None
+        with self._capturing():
+            if set(self.blocks) != set(store.blocks) or store.grad_dtype != self.config["grad_dtype"]:
+                raise ValueError("the gradient store holds other blocks or another grad_dtype than this Attributor "
+                                 "captures: pass the blocks, loss and grad_dtype the store was filled with")
+            self._place(store)
+            method = self._retrying(store, lambda: self._fit_method(store))
+        self._store, self._method, self._fingerprint = store, method, self._model_fingerprint()
         return self
 
     def query_grads(self, query_data) -> dict[str, torch.Tensor]:
