@@ -18,33 +18,49 @@ Which gradients (`at=`):
 
 - `at="step"` (default): sample i's gradient at the parameters of the
   optimizer step that trained on it in that epoch, θ_{s(i)} (`cb.steps[i]` =
-  s(i), the optimizer steps completed before it): one extra forward and
-  backward per micro-batch of the epoch, right before the Trainer's own
-  forward of it, on the same parameters. This is TracIn's checkpoint
-  gradient and what bergson collects; it is NOT the gradient at the end of
-  training that influence functions assume (`Attributor.fit` after
-  `train()`): within one epoch the parameters move by lr × (steps in an
-  epoch) updates, so early samples are seen by an older model. Queries are
-  captured at the final parameters. It costs no pass after training.
+  s(i), the optimizer steps completed before it), by pyinf's own capture: one
+  extra forward and backward per micro-batch of the epoch, right before the
+  Trainer's forward of it, on the same parameters, with the model in eval
+  mode (dropout and LoRA dropout off, as `GradientCapture` runs it),
+  autocast off (the model's own dtype, as the queries' capture) and pyinf's
+  per-sample loss `loss(model, batch)` (default `pyinf.losses.default_loss`:
+  each sample's mean token loss of the batch's `labels`). They equal a
+  separate `GradientCapture` of the same batch at the same parameters.
+- `at="train"`: the same gradients read off the Trainer's own backward
+  (bergson's way; no extra forward or backward): the capture's hooks listen
+  to the Trainer's forward and backward of each micro-batch (the
+  `GradientCapture.begin`/`end` pair), and each sample's share is rescaled
+  from the Trainer's loss to pyinf's. The Trainer backpropagates
+  k · Σ_{i,t} ℓ_it / D (a token mean: D the step's targets,
+  `num_items_in_batch`, or the micro-batch's; k its own scaling of the loss:
+  1/GA, a loss scaler), so sample i gets (k/D) Σ_t ∇ℓ_it where pyinf's
+  gradient is (1/T_i) Σ_t ∇ℓ_it (T_i its targets): it is multiplied by
+  D/(k·T_i), k read by a hook on the model's loss. Checked on every
+  micro-batch: the model's loss must equal that token mean of pyinf's
+  per-sample losses (from the Trainer's logits) to 1e-4, else no store (a
+  custom `compute_loss`, label smoothing, another loss: use "step"). The
+  default loss of causal LMs and classifiers only (no `loss=`, no K-FAC
+  statistics). What differs from "step": the model is in TRAIN mode, so with
+  dropout (LoRA's `lora_dropout`, the base model's) the gradients are those
+  of the dropped-out forward the Trainer took (the per-sample terms of its
+  update), not the deterministic ones; under mixed precision they are the
+  autocast computation's. Without dropout or autocast they equal "step"'s
+  (1e-6 relative on the tests' tiny models).
 - `at="end"`: the callback keeps the epoch's batches (their inputs, on the
-  host) and captures them once training has ended, at the final parameters
-  (after `load_best_model_at_end`): the gradients `Attributor.fit` would
-  capture on the training set, with the Trainer's own batches and no data
-  loading, for one extra pass after training (a capture pass: forward and
-  backward of every batch).
+  host) and captures them as "step" does, once training has ended, at the
+  final parameters (after `load_best_model_at_end`): the gradients
+  `Attributor.fit` would capture on the training set, from the Trainer's own
+  batches, for one capture pass after training.
 
-Either way a gradient is pyinf's, not the Trainer's: the model in eval mode
-(dropout and LoRA dropout off, as `GradientCapture` runs it), autocast off
-(the model's own dtype, as the queries' capture), and the per-sample loss
-`loss(model, batch)` (default `pyinf.losses.default_loss`: each sample's mean
-token loss of the batch's `labels`) where the Trainer backpropagates the
-token mean over its (accumulated) batch, with dropout, possibly under
-autocast. So the stored gradients equal a separate `GradientCapture` of the
-same batch at the same parameters, and scores from `cb.attributor()` use the
-convention of every other pyinf score. Reusing the Trainer's own backward
-(bergson's way, cheaper: no second forward and backward) would store the
-gradients of a dropout-perturbed, batch-weighted loss (sample i weighted by
-its token count over the batch's), which are not those.
+"step" and "train" give TracIn's checkpoint gradients (what bergson
+collects during training), NOT the gradients at the end of training that
+influence functions assume (`Attributor.fit` after `train()`): within the
+epoch the parameters move by one update per step, so early samples are seen
+by an older model, while queries are captured at the final parameters (the
+smaller the last epoch's learning rate, as at the end of a decaying
+schedule, the smaller the difference). "end" is exact for influence and
+costs the capture pass the others avoid or hide. Measured cost on the demo
+model: README, Results.
 
 Dataset order: the Trainer shuffles. The callback wraps the index sampler
 under the training DataLoader's batch sampler (`BatchSampler.sampler`; for
@@ -89,19 +105,32 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from transformers import TrainerCallback
 
 from .capture import GradientCapture
-from .losses import default_loss, model_device
+from .losses import causal_lm_loss, causal_lm_targets, default_loss, model_device
 from .oom import HalvingCapture
 from .store import LOSS_KEY, batch_len, default_chunk_size, fingerprint, make_store, parse_store, resolve_grad_dtype
 
 __all__ = ["GradientStoreCallback"]
 
-AT = ("step", "end")
+AT = ("step", "train", "end")
 NAN_POLICIES = ("error", "skip")
 # Trainer keyword arguments of the model call that are not part of the batch.
 _LOSS_KWARGS = ("num_items_in_batch",)
+
+
+def _pyinf_losses(logits: torch.Tensor, labels: torch.Tensor, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pyinf.losses.default_loss` from a model's output: per-sample losses (B,) and their target counts (B,)
+    (a causal LM's shifted token mean, or a classifier's cross-entropy, one target)."""
+    if logits.dim() == 3 and labels.dim() == 2 and labels.shape == logits.shape[:2]:
+        mask = mask if isinstance(mask, torch.Tensor) and mask.shape == labels.shape else None
+        return causal_lm_loss(logits, labels, mask), causal_lm_targets(labels, mask).sum(dim=1)
+    if logits.dim() == 2 and labels.dim() == 1 and not labels.is_floating_point() and logits.shape[1] > 1:
+        return F.cross_entropy(logits.float(), labels, reduction="none"), torch.ones_like(labels)
+    raise ValueError(f"at='train' knows the losses of causal LMs and classifiers; not logits {tuple(logits.shape)} "
+                     f"with labels {tuple(labels.shape)}: use at='step'")
 
 
 class _IndexRecorder:
@@ -194,8 +223,9 @@ class GradientStoreCallback(TrainerCallback):
 
     Args:
         store: "auto", "gpu", "cpu" or "disk:PATH" (an empty or new directory), as `pyinf.Attributor`.
-        at: "step" (each sample's gradient at the parameters of the step that trained on it) or "end"
-            (at the final parameters, captured after training); see the module docstring.
+        at: "step" (each sample's gradient at the parameters of the step that trained on it, by an extra
+            eval-mode capture), "train" (the same, read off the Trainer's own backward: train mode) or
+            "end" (at the final parameters, captured after training); see the module docstring.
         epoch: the epoch captured, counted from 0; negative counts from the end (-1: the last).
         blocks, loss, grad_dtype, mask_padding, chunk_size, nan_policy: as `pyinf.Attributor` (the
             gradients' blocks, per-sample loss `loss(model, batch) -> (B,)`, storage dtype, padding
@@ -224,6 +254,9 @@ class GradientStoreCallback(TrainerCallback):
             raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
         if loss is not None and not callable(loss):
             raise TypeError("loss must be a callable loss(model, batch) -> (B,) per-sample losses")
+        if at == "train" and (loss is not None or factors):
+            raise ValueError("at='train' reads the Trainer's own backward of the model's loss: no loss= and no "
+                             "factors (use at='step')")
         kind, _ = parse_store(store, torch.device("cuda") if store == "gpu" else torch.device("cpu"))
         if kind == "none":
             raise ValueError("store='none' keeps no gradients: choose 'auto', 'gpu', 'cpu' or 'disk:PATH'")
@@ -248,6 +281,7 @@ class GradientStoreCallback(TrainerCallback):
         self._scratch_dir: Path | None = None
         self._count: torch.Tensor | None = None
         self._pending: list = []  # at="end": (indices, host copy of the batch) of the captured epoch
+        self._listen: dict | None = None  # at="train": the micro-batch whose backward the capture listens to
         self._stats = None
         self._busy = False
         self._batch_losses: torch.Tensor | None = None
@@ -317,7 +351,9 @@ class GradientStoreCallback(TrainerCallback):
             self._stats = FactorStats(self.blocks, self._device)
             self._cap.factors = self._stats
         self._halving = HalvingCapture(self._capture_one)
-        self._hook = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+        self._hook = [model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)]
+        if self.at == "train":
+            self._hook.append(model.register_forward_hook(self._post_forward, with_kwargs=True))
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         if self._cap is None or self._error is not None or math.floor((state.epoch or 0) + 1e-6) != self._target:
@@ -338,14 +374,22 @@ class GradientStoreCallback(TrainerCallback):
         except Exception as err:  # noqa: BLE001 - kept for cb.store; training goes on
             self._fail(err)
 
+    def on_substep_end(self, args, state, control, **kwargs):
+        self._collect_train()  # at="train": after the backward of a micro-batch
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self._collect_train()  # at="train": after the backward of the step's last micro-batch
+
     def on_epoch_end(self, args, state, control, **kwargs):
+        self._collect_train()
         self._unwrap_sampler()
 
     def on_train_end(self, args, state, control, **kwargs):
+        self._collect_train()
         self._unwrap_sampler()
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        for h in self._hook or ():
+            h.remove()
+        self._hook = None
         try:
             if self._error is None and self._recorder is not None:
                 if self.at == "end":
@@ -389,6 +433,10 @@ class GradientStoreCallback(TrainerCallback):
             index = self._recorder.take(batch_len(batch))
             if self.at == "step":
                 self._put(index, batch, self._state.global_step)
+            elif self.at == "train":
+                self._collect_train()  # a backward no callback event followed (none in a Trainer)
+                self._cap.begin(len(index), batch.get("attention_mask"))
+                self._listen = {"index": index, "step": self._state.global_step}
             else:
                 self._pending.append((index, {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v
                                               for k, v in batch.items()}))
@@ -397,6 +445,59 @@ class GradientStoreCallback(TrainerCallback):
         finally:
             self._busy = False
         return None
+
+    def _post_forward(self, module, args, kwargs, output):
+        """at="train": pyinf's per-sample losses from the Trainer's forward, checked against the model's loss,
+        and a hook for the factor the Trainer scales that loss by before its backward."""
+        lis = self._listen
+        if lis is None or "loss" in lis:
+            return None
+        try:
+            loss, logits = (getattr(output, k, None) for k in ("loss", "logits"))
+            labels, mask = kwargs.get("labels"), kwargs.get("attention_mask")
+            if not isinstance(loss, torch.Tensor) or not loss.requires_grad or labels is None or logits is None:
+                raise ValueError("at='train' needs the model's own loss and logits (labels in the model inputs, no "
+                                 "label smoothing): use at='step'")
+            with torch.no_grad():
+                losses, tokens = _pyinf_losses(logits.detach(), labels, mask)
+                summed, got = float((losses * tokens).sum()), float(loss)
+            # the mean over the step's targets (num_items_in_batch, when the model takes it) or the micro-batch's
+            items = kwargs.get("num_items_in_batch")
+            totals = ([float(items)] if items is not None else []) + [float(tokens.sum())]
+            total = next((t for t in totals if math.isclose(got, summed / max(t, 1.0), rel_tol=1e-4, abs_tol=1e-7)),
+                         None)
+            if total is None:
+                raise ValueError(
+                    f"the model's loss {got:.6g} is not a token mean of pyinf's per-sample losses (their sum "
+                    f"{summed:.6g} over {' or '.join(f'{t:g}' for t in totals)} targets): at='train' rescales the "
+                    f"Trainer's backward of that mean; use at='step'"
+                )
+            lis.update(loss=losses, tokens=tokens, total=total)
+            loss.register_hook(lambda g: lis.__setitem__("scale", g.detach()))
+        except Exception as err:  # noqa: BLE001 - kept for cb.store; training goes on
+            self._fail(err)
+        return None
+
+    def _collect_train(self) -> None:
+        """at="train": the listened micro-batch's gradients, rescaled per sample to pyinf's loss."""
+        lis, self._listen = self._listen, None
+        if lis is None:
+            return
+        try:
+            h = self._cap.end()
+            if self._error is not None:
+                return
+            if "scale" not in lis:
+                raise ValueError("the Trainer did not backpropagate the model's own loss (a custom compute_loss?): "
+                                 "use at='step'")
+            # the Trainer's backward gives sample i (k/D) Σ_t ∇ℓ_it: k its scale of the loss, D the tokens it
+            # averages over; pyinf's gradient is (1/T_i) Σ_t ∇ℓ_it
+            tokens = lis["tokens"].double().cpu()
+            per = torch.where(tokens > 0, lis["total"] / (lis["scale"].double().cpu() * tokens), 0.0)
+            g = {name: t * per.to(t.device, t.dtype).view(-1, 1, 1) for name, t in h.items()}
+            self._write(lis["index"], {**g, LOSS_KEY: lis["loss"]}, lis["step"])
+        except Exception as err:  # noqa: BLE001 - kept for cb.store; training goes on
+            self._fail(err)
 
     def _recording_loss(self, model, batch) -> torch.Tensor:
         """The loss, its non-finite values kept aside and zeroed for the backward (the store names them)."""
@@ -422,6 +523,9 @@ class GradientStoreCallback(TrainerCallback):
             finally:
                 if self._stats is not None:
                     self._stats.active = False
+        self._write(index, g, step)
+
+    def _write(self, index: torch.Tensor, g: dict[str, torch.Tensor], step: int) -> None:
         self._scratch.put(index, g)
         self.losses[index] = g[LOSS_KEY].cpu()
         self.steps[index] = step

@@ -723,6 +723,29 @@ class GradientCapture:
             _restore(state)
             self._reset_buffers()
 
+    # -- a forward and backward run by the caller (pyinf.callback, at="train") -- #
+    def begin(self, batch_size: int, attention_mask: torch.Tensor | None = None) -> None:
+        """Capture the next forward and backward of a batch of `batch_size` samples that the caller runs
+        itself (a Trainer's step), as they are: the model's mode (dropout), loss and scaling are the
+        caller's, so `end()` returns the per-sample gradients of the caller's loss. `attention_mask`
+        (B, T): for `mask_padding`. No K-FAC statistics."""
+        if self._handles is None:
+            raise RuntimeError("this GradientCapture is closed")
+        self._reset()
+        self._B = int(batch_size)
+        if self.mask_padding and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            self._mask = attention_mask
+        self._kernel = self._pick_kernel(model_device(self.model))
+        self._active = True
+
+    def end(self) -> dict[str, torch.Tensor]:
+        """The per-sample gradients `{block: (B, rows, cols)}` float32 of the backward since `begin`."""
+        try:
+            return self._collect(model_device(self.model))
+        finally:
+            self._active = False
+            self._reset_buffers()
+
     def _sampled_backward(self, batch: Mapping[str, Any]) -> None:
         """Forward and backward of the loss on `fisher_batch(model, batch)`; the hooks only add statistics."""
         with torch.no_grad():

@@ -136,16 +136,20 @@ def _token_ce(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) 
     return _token_mean(ce.view(B, T), valid)
 
 
+def causal_lm_targets(labels: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`(B, T-1)` bool: which shifted targets `labels[:, 1:]` count in `causal_lm_loss` (rules in the module doc)."""
+    valid = labels[:, 1:] != IGNORE_INDEX
+    if attention_mask is not None:
+        real = attention_mask != 0
+        valid = valid & real[:, :-1] & real[:, 1:]
+    return valid
+
+
 def causal_lm_loss(
     logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Per-sample mean shifted next-token cross-entropy `(B,)` (rules in the module doc)."""
-    tgt = labels[:, 1:]
-    valid = tgt != IGNORE_INDEX
-    if attention_mask is not None:
-        real = attention_mask != 0
-        valid = valid & real[:, :-1] & real[:, 1:]
-    return _token_ce(logits[:, :-1, :], tgt, valid)
+    return _token_ce(logits[:, :-1, :], labels[:, 1:], causal_lm_targets(labels, attention_mask))
 
 
 def token_classification_loss(

@@ -52,17 +52,30 @@ class _Snapshots(TrainerCallback):
         self.states[state.global_step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _train(cb, tmp_path, data, *, epochs=2, ga=1, bs=4, drop_last=False, seed=0):
+def _model(kind: str = "llama", dropout: float = 0.1, seed: int = 0):
+    """The tiny model with every dropout probability (LoRA's, the base model's) set to `dropout`."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = tm.tiny_llama_lora(seed)  # LoRA dropout 0.1: the Trainer trains with dropout on
+        model = (tm.tiny_llama_lora if kind == "llama" else tm.tiny_roberta_lora)(seed, lora_dropout=dropout)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = dropout
+    cfg = model.get_base_model().config
+    for k in ("hidden_dropout_prob", "attention_probs_dropout_prob"):  # roberta's (Llama's attention has none)
+        if hasattr(cfg, k):
+            setattr(cfg, k, dropout)
+    return model
+
+
+def _train(cb, tmp_path, data, *, model=None, epochs=2, ga=1, bs=4, drop_last=False, seed=0, extra=(), **args):
+    model = model if model is not None else _model()  # dropout 0.1: the Trainer trains with dropout on
     snaps = _Snapshots()
     args = TrainingArguments(
         str(tmp_path / "trainer"), per_device_train_batch_size=bs, num_train_epochs=epochs,
         gradient_accumulation_steps=ga, learning_rate=2e-2, report_to=[], use_cpu=True, save_strategy="no",
-        logging_strategy="no", disable_tqdm=True, dataloader_drop_last=drop_last, seed=seed,
+        logging_strategy="no", disable_tqdm=True, dataloader_drop_last=drop_last, seed=seed, **args,
     )
-    Trainer(model=model, args=args, train_dataset=data, callbacks=[snaps, cb]).train()
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[snaps, *extra, cb]).train()
     return model, snaps.states
 
 
@@ -104,6 +117,66 @@ def test_step_gradients_equal_a_capture_at_each_steps_parameters(tmp_path, ga, s
     # the gradients at the end of training differ: the test sees the parameters
     end = _reference(model, model.state_dict(), data[0])
     assert not any(_close(G[name][0], g, 1e-3) for name, g in end.items())
+
+
+@pytest.mark.parametrize("kind,ga", [("llama", 1), ("llama", 2), ("roberta", 2)])
+def test_train_gradients_without_dropout_equal_a_capture_at_each_steps_parameters(tmp_path, kind, ga):
+    data = _data() if kind == "llama" else [{k: v[i] for k, v in tm.make_batch("roberta", B=N, T=9, seed=1).items()}
+                                              for i in range(N)]
+    cb = GradientStoreCallback(store="cpu", at="train", progress=False)
+    model, states = _train(cb, tmp_path, data, model=_model(kind, dropout=0.0), ga=ga)
+    G = _stored(cb.store)
+    assert len(set(cb.steps.tolist())) > 1
+    for i, ex in enumerate(data):
+        ref = _reference(model, states[int(cb.steps[i])], ex)
+        for name, g in ref.items():
+            assert _close(G[name][i], g), (i, name)
+
+
+class _Grads(TrainerCallback):
+    """The LoRA parameters' .grad before each optimizer step, by `state.global_step`."""
+
+    def __init__(self):
+        self.grads = {}
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.grads[state.global_step] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_train_gradients_with_dropout_are_the_terms_of_the_trainers_update(tmp_path):
+    from pyinf.losses import causal_lm_targets
+
+    data = _data()
+    cb, grads = GradientStoreCallback(store="cpu", at="train", progress=False), _Grads()
+    _train(cb, tmp_path, data, extra=[grads], max_grad_norm=0.0)  # LoRA dropout 0.1, no clipping
+    G = _stored(cb.store)
+    tokens = torch.stack([causal_lm_targets(ex["labels"][None], ex["attention_mask"][None]).sum() for ex in data])
+    for step, got in grads.grads.items():
+        rows = (cb.steps == step).nonzero().flatten()
+        if not len(rows):
+            continue  # a step of the first epoch
+        w = (tokens[rows] / tokens[rows].sum()).view(-1, 1, 1)  # the Trainer's token mean over the step
+        for name, g in G.items():
+            update = (w * g[rows]).sum(0)
+            p = got[name + ".weight"]
+            assert _close(update, p.t() if ".lora_B." in name else p), (step, name)
+    # with dropout on, they are not the deterministic (eval-mode) gradients
+    step = _stored(_train_store(tmp_path, data, "step"))
+    assert not _close(G[next(iter(G))], step[next(iter(G))], 1e-2)
+
+
+def _train_store(tmp_path, data, at):
+    cb = GradientStoreCallback(store="cpu", at=at, progress=False)
+    _train(cb, tmp_path, data, max_grad_norm=0.0)
+    return cb.store
+
+
+def test_train_refuses_a_loss_it_cannot_rescale(tmp_path):
+    cb = GradientStoreCallback(store="cpu", at="train", progress=False)
+    with pytest.warns(RuntimeWarning, match="no gradient store"):
+        _train(cb, tmp_path, _data(), label_smoothing_factor=0.1)  # the Trainer pops the labels
+    with pytest.raises(RuntimeError, match="needs the model's own loss"):
+        cb.store
 
 
 def test_end_gradients_and_scores_equal_an_attributor_fit_after_training(tmp_path):
@@ -164,7 +237,8 @@ def test_an_incomplete_epoch_builds_no_store_and_says_why(tmp_path):
 def test_bad_arguments_and_runs_are_refused(tmp_path):
     for kwargs, match in [({"store": "none"}, "keeps no gradients"), ({"at": "later"}, "at must be"),
                           ({"epoch": 1.0}, "epoch must be"), ({"chunk_size": 0}, "chunk_size"),
-                          ({"nan_policy": "drop"}, "nan_policy")]:
+                          ({"nan_policy": "drop"}, "nan_policy"), ({"at": "train", "factors": True}, "no loss"),
+                          ({"at": "train", "loss": lambda model, batch: None}, "no loss")]:
         with pytest.raises(ValueError, match=match):
             GradientStoreCallback(**kwargs)
     with pytest.raises(RuntimeError, match="run trainer.train"):
