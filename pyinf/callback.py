@@ -44,8 +44,10 @@ Which gradients (`at=`):
   dropout (LoRA's `lora_dropout`, the base model's) the gradients are those
   of the dropped-out forward the Trainer took (the per-sample terms of its
   update), not the deterministic ones; under mixed precision they are the
-  autocast computation's. Without dropout or autocast they equal "step"'s
-  (1e-6 relative on the tests' tiny models).
+  autocast computation's (with fp16's loss scaler, a step whose gradients
+  overflow stores Inf: its samples are refused or skipped by `nan_policy`).
+  Without dropout or autocast they equal "step"'s (1e-6 relative on the
+  tests' tiny models; 5.6e-7 on the demo model).
 - `at="end"`: the callback keeps the epoch's batches (their inputs, on the
   host) and captures them as "step" does, once training has ended, at the
   final parameters (after `load_best_model_at_end`): the gradients
