@@ -73,8 +73,8 @@ and records the dataset indices it yields, in order; each training forward
 captured one by one; those of one optimizer step share its parameters and
 `cb.steps` value.
 
-Requirements, checked when training begins (ValueError): one process
-(`args.world_size == 1`), a map-style training dataset (with `len`), a
+Requirements, checked when training begins (ValueError): one process on
+one device (`args.world_size == 1`, no DataParallel), a map-style training dataset (with `len`), a
 DataLoader whose batches are runs of a recorded index sampler (torch's
 `BatchSampler`, as the Trainer builds for the random, sequential and
 length-grouped samplers; not `batch_rebalance`), in order
@@ -151,6 +151,8 @@ class _IndexRecorder:
         return len(self.inner)
 
     def __getattr__(self, name):  # set_epoch, epoch, generator, ...: the wrapped sampler's
+        if "inner" not in self.__dict__:
+            raise AttributeError(name)
         return getattr(self.__dict__["inner"], name)
 
     def take(self, k: int) -> torch.Tensor:
@@ -185,11 +187,8 @@ class _Scratch:
         self.blocks, self.n, self.size, self.dtype, self.where = blocks, n, size, dtype, where
         self.chunks: dict[int, dict[str, torch.Tensor]] = {}
 
-    def _rows(self, c: int) -> int:
-        return min(self.size, self.n - c * self.size)
-
     def _new(self, c: int) -> dict[str, torch.Tensor]:
-        rows = self._rows(c)
+        rows = min(self.size, self.n - c * self.size)
         if self.where is None:
             return {b.name: torch.zeros(rows, b.rows, b.cols, dtype=self.dtype) for b in self.blocks}
         item = torch.finfo(self.dtype).bits // 8
@@ -316,8 +315,9 @@ class GradientStoreCallback(TrainerCallback):
     # -- Trainer events ------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         self._reset()
-        if getattr(args, "world_size", 1) != 1:
-            raise ValueError("GradientStoreCallback runs on one process (args.world_size == 1)")
+        if getattr(args, "world_size", 1) != 1 or getattr(args, "n_gpu", 1) > 1:
+            raise ValueError("GradientStoreCallback runs on one process and one device (args.world_size == 1, "
+                             "no DataParallel over several GPUs)")
         dataset = getattr(train_dataloader, "dataset", None)
         if dataset is None or isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
             raise ValueError("GradientStoreCallback needs a map-style training dataset (with len): its gradients are "
