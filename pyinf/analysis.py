@@ -59,6 +59,7 @@ class Analysis:
     """The protocol (module docstring). `grads` is always the `TrainGradients` the analysis was fitted on."""
 
     name: str
+    takes_query_grads = True  # `queries` accepts query gradients (False: it needs the query data)
 
     def capture_options(self) -> dict:
         """Capture options this analysis needs (`pyinf.gradients.capture_config` keywords)."""
@@ -171,6 +172,7 @@ class ForwardAnalysis(Analysis):
     """Forward-INF (`pyinf.forward`) on the training batches the capture kept (module docstring)."""
 
     name = "forward"
+    takes_query_grads = False
 
     def __init__(self, options: dict):
         self.args = ForwardOptions.make(self.name, **options)  # validated now (lr is required)

@@ -62,7 +62,10 @@ CAPTURE_DEFAULTS = {"blocks": "lora", "store": "auto", "grad_dtype": None, "batc
 
 
 class TopK(NamedTuple):
-    """Per query, the k most helpful (most negative) and most harmful (most positive) scores, each (m, k)."""
+    """Per query, the k most helpful (most negative) and most harmful (most positive) scores, each (m, k).
+
+    Helpful/harmful as for a loss measurement (the default task); for a measurement that training raises
+    (a log-probability, a margin) the most positive scores help most."""
 
     helpful_scores: torch.Tensor
     helpful_indices: torch.Tensor

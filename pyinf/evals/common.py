@@ -139,6 +139,7 @@ def attribute(grads, method: str, query, *, damping: float, lissa_iterations: in
     """(scores (m, n), self-influence (n,) or None, info) of one method from the shared capture `grads`
     (the gradient methods score query gradients captured once, kept in `query_grads`)."""
     from ..distributed import broadcast_from_rank0
+    from ..tasks.demo import score_in_sweep
 
     t0 = time.perf_counter()
     info = {"warnings": []}
@@ -146,14 +147,8 @@ def attribute(grads, method: str, query, *, damping: float, lissa_iterations: in
         warnings.simplefilter("always")
         att = grads.attributor(method, **_options(method, damping, lissa_iterations, forward_lr))
         info["options"] = att.describe()
-        if method == "forward":  # Forward-INF steps on the query data itself
-            scores = att.score(query)
-        else:
-            if "V" not in query_grads:
-                query_grads["V"] = grads.shared_query_grads(query)
-            scores = att.score(query_grads=query_grads["V"])
         # rank 0's result on every rank (Attributor returns None on the others), so all compute the same metrics
-        scores = broadcast_from_rank0(scores).float()
+        scores = broadcast_from_rank0(score_in_sweep(att, grads, query, query_grads)).float()
         si = None
         if self_influence:
             try:

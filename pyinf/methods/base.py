@@ -1,4 +1,6 @@
-"""The protocol every method follows: fit -> precondition -> score.
+"""The protocol every method follows: fit -> precondition -> score_pass (the three names: a method's
+scoring pass `score_pass`, the whole influence `influence` / `pyinf.Attributor.score`, the backend primitive
+`Backend.score`).
 
 - `fit(train)` reads the training gradients (one or more passes over the
   source) and keeps the statistics the method needs: per-block damping λ_b,

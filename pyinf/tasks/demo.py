@@ -95,6 +95,16 @@ def _capture(model, tok, task, methods: list[str], cfg: DemoConfig):
     return grads, time.perf_counter() - t0
 
 
+def score_in_sweep(att, grads, query, shared: dict) -> torch.Tensor | None:
+    """`att.score` for one analysis of a sweep over one capture `grads`: on query gradients captured once for
+    the whole sweep (the first analysis that takes them fills `shared`), or on the query data (Forward-INF)."""
+    if not att.analysis.takes_query_grads:
+        return att.score(query)
+    if "V" not in shared:
+        shared["V"] = grads.shared_query_grads(query)  # on rank 0, broadcast: the same on every rank
+    return att.score(query_grads=shared["V"])
+
+
 def _run_method(grads, tok, task, method: str, cfg: DemoConfig, query_grads: dict) -> tuple[torch.Tensor, dict]:
     """One method from the shared capture: fit + score (forward: on its query subset; the others: on the
     query gradients, captured by the first of them into `query_grads`)."""
@@ -109,13 +119,7 @@ def _run_method(grads, tok, task, method: str, cfg: DemoConfig, query_grads: dic
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         att = grads.attributor(method, **kwargs, **_options(method, cfg))
-        if method == "forward":  # Forward-INF steps on the query data itself
-            scores = att.score(query)
-        else:
-            if "V" not in query_grads:
-                query_grads["V"] = grads.shared_query_grads(query)
-            scores = att.score(query_grads=query_grads["V"])
-        scores = broadcast_from_rank0(scores).float().cpu()  # rank 0's, on every rank
+        scores = broadcast_from_rank0(score_in_sweep(att, grads, query, query_grads)).float().cpu()  # rank 0's
     seconds = time.perf_counter() - t0
     notes = list(dict.fromkeys(str(w.message) for w in caught if "pyinf" in str(w.filename) or "pyinf" in str(w.message)))
     info = att.describe()
