@@ -60,7 +60,8 @@ def main():
     for method in METHODS:
         for damping in DAMPINGS:
             t = time.perf_counter()
-            scores = grads.attributor(method, damping=damping).score(query_grads=V)  # (100, 900)
+            att = pyinf.Attributor(model, method=method, damping=damping, gradients=grads)  # no capture
+            scores = att.score(query_grads=V)  # (100, 900)
             auc = roc_auc(-scores, same).mean().item()
             print(f"{method:9s} damping {damping:<5g} ROC-AUC {auc:.3f}  {time.perf_counter() - t:5.2f} s")
     sweep_s = time.perf_counter() - t1

@@ -309,7 +309,8 @@ class Attributor:
         keys += ("nan_policy", "mask_padding")
         self = cls(model, loss=loss, task=task, progress=progress, distributed=False, check_model=check_model,
                    **{k: c[k] for k in keys}, **c["options"])
-        saved = {"config": {k: self.config[k] for k in CAPTURE_KEYS}, **{k: state[k] for k in ("blocks", "fingerprint", "store")}}
+        saved = {"config": {k: self.config[k] for k in CAPTURE_KEYS},
+                 **{k: state[k] for k in ("blocks", "fingerprint", "store")}}
         grads = TrainGradients.restore(model, saved, self.task, progress=progress, check_model=check_model,
                                        train_data=train_data, source=str(path))
         self.analysis.load_state(state["method"], grads)

@@ -5,7 +5,8 @@
     scores = att.score(query_data)
 
 For each query q_j, take `steps` optimizer steps of size `lr` on the query's own
-loss (its measurement, `pyinf.losses.Task`: by default the training loss), moving exactly the attributed blocks (the blocks of
+loss (its measurement, `pyinf.losses.Task`: by default the training loss),
+moving exactly the attributed blocks (the blocks of
 `pyinf.capture.GradientCapture`: LoRA A/B weights, or named `nn.Linear`
 weights; a bias never moves), from θ to θ'_j. Then every training loss is
 evaluated with forward passes only (no_grad):

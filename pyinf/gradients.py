@@ -3,7 +3,7 @@
     grads = pyinf.capture_gradients(model, train_data, store="cpu", factors="empirical")  # one capture pass
     for method in ("datainf", "kfac", "ekfac"):
         for damping in (0.01, 0.1, 1.0):
-            att = grads.attributor(method, damping=damping)      # the method's fit: passes over the store
+            att = pyinf.Attributor(model, method=method, damping=damping, gradients=grads)  # fit: store passes
             scores = att.score(query_data)                       # (m, n); only the queries need the model
 
 A `TrainGradients` is what one capture pass over the training data leaves:
@@ -13,8 +13,7 @@ blocks, the fingerprint of the model they were taken on
 (`pyinf.store.fingerprint`), the capture options, the task (training loss
 and query measurement, `pyinf.losses.Task`), the samples left out under
 `nan_policy="skip"` and, data parallel, this rank's place among the ranks.
-Every method, damping and option set runs from it
-(`grads.attributor(method, **options)` or `pyinf.Attributor(model,
+Every method, damping and option set runs from it (`pyinf.Attributor(model,
 method=..., gradients=grads)`) without capturing the training data again,
 except where that is the point: `store="none"` recaptures in every pass,
 ekfac with `fisher="true"` captures the gradients of labels drawn from the
@@ -244,7 +243,8 @@ def capture_gradients(model: torch.nn.Module, train_data, *, blocks="lora", task
 class TrainGradients:
     """Per-sample training gradients captured once, and what analysing them needs (module docstring).
 
-    Made by `capture_gradients` (or `Attributor.fit`). Members: `model`, `task`, `config` (the capture
+    Made by `capture_gradients` (or `Attributor.fit`); `pyinf.Attributor(model, method=..., gradients=grads)`
+    analyses it. Members: `model`, `task`, `config` (the capture
     options), `blocks` (list of `pyinf.blocks.Block`, each sample's gradient `(rows, cols)`), `store` (a
     `pyinf.blocks.GradientSource`: `n_local` samples of this rank), `fingerprint`, `skipped` (global
     indices left out), `n` (every sample, skipped ones included: the score columns), `data` (the training
@@ -303,7 +303,7 @@ class TrainGradients:
         """From `state()` (a saved Attributor): the store reopened, no capture (store="none": `train_data`).
 
         `check_model`: a model whose fingerprint differs from the saved one is a ValueError naming `source`."""
-        self = cls(model, {"factors": None, "seed": 0, **state["config"], "progress": progress}, task, distributed=False)
+        self = cls(model, {**state["config"], "progress": progress}, task, distributed=False)
         self.blocks = [Block(*b) for b in state["blocks"]]
         self.fingerprint = state["fingerprint"]
         if check_model and self.model_fingerprint() != self.fingerprint:
@@ -326,19 +326,12 @@ class TrainGradients:
         if self.comm is not None:
             raise ValueError("save under a torch.distributed process group is not supported: fit on one process "
                              "(distributed=False) to save, or keep the disk store and fit again (it resumes)")
-        return {"config": dict(self.config), "blocks": [(b.name, b.rows, b.cols) for b in self.blocks], "fingerprint": self.fingerprint,
-                "store": self.store.state()}
+        return {"config": dict(self.config), "blocks": [(b.name, b.rows, b.cols) for b in self.blocks],
+                "fingerprint": self.fingerprint, "store": self.store.state()}
 
     def batches(self, data):
         """Data as an iterable of batches, in the data's order (`batch_size` for the forms that need one)."""
         return _batches(data, self.config["batch_size"])
-
-    def attributor(self, method: str = "datainf", **options):
-        """`pyinf.Attributor(self.model, method=method, gradients=self, **options)`: the method fitted on
-        these gradients (damping, damping_mode, backend, check_model and the method's options)."""
-        from .attributor import Attributor
-
-        return Attributor(self.model, method=method, gradients=self, **options)
 
     # -- the model -------------------------------------------------------------
     def model_fingerprint(self) -> str:

@@ -404,7 +404,8 @@ class Task:
         for name in ("train_loss", "measurement"):
             fn = getattr(self, name)
             if fn is not None and not callable(fn):
-                raise TypeError(f"Task: {name} must be a callable {name}(model, batch) -> (B,), got {type(fn).__name__}")
+                raise TypeError(f"Task: {name} must be a callable {name}(model, batch) -> (B,), "
+                                f"got {type(fn).__name__}")
         if self.train_loss is None:
             raise TypeError("Task: train_loss must be a callable train_loss(model, batch) -> (B,), got None")
 

@@ -62,7 +62,7 @@ def test_sweep_of_3_methods_by_3_dampings_is_one_capture(llama, store, tmp_path)
     assert (train_loss.calls, train_loss.samples) == (3, 12) and measurement.calls == 0
     V = None
     for method, damping in SWEEP:
-        att = grads.attributor(method, damping=damping)
+        att = Attributor(grads.model, method=method, gradients=grads, damping=damping)
         V = att.query_grads(queries) if V is None else V
         S = att.score(query_grads=V)
         ref = Attributor(model, method=method, damping=damping, chunk_size=4, progress=False).fit(train).score(queries)
@@ -80,9 +80,9 @@ def test_every_method_from_one_capture_equals_its_own_fit(llama):
             S = Attributor(model, method=method, gradients=grads, **OPTIONS.get(method, {})).score(queries)
             ref = Attributor(model, method=method, chunk_size=4, progress=False, **OPTIONS.get(method, {}))
             assert _rel(S, ref.fit(train).score(queries)) < 1e-6, method
-            si = grads.attributor(method, **OPTIONS.get(method, {})).self_influence()
+            si = Attributor(grads.model, method=method, gradients=grads, **OPTIONS.get(method, {})).self_influence()
             assert _rel(si, ref.self_influence()) < 1e-6, method
-    forward = grads.attributor("forward", lr=1e-3, queries_per_pass=2).score(queries)
+    forward = Attributor(grads.model, method="forward", gradients=grads, lr=1e-3, queries_per_pass=2).score(queries)
     alone = Attributor(model, method="forward", lr=1e-3, queries_per_pass=2, progress=False).fit(train)
     assert torch.equal(forward, alone.score(queries))
 
@@ -91,26 +91,26 @@ def test_gradients_refuse_what_they_cannot_serve(llama):
     model, train, queries = llama
     grads = capture_gradients(model, train, progress=False)  # no K-FAC statistics
     with pytest.raises(ValueError, match="factors='empirical'"):
-        grads.attributor("kfac")
+        Attributor(grads.model, method="kfac", gradients=grads)
     with pytest.raises(ValueError, match="belong to the capture"):
         Attributor(model, method="datainf", store="cpu", gradients=grads)
     with pytest.raises(ValueError, match="another model"):
         Attributor(tiny_llama_lora(seed=0), gradients=grads)
     with pytest.raises(ValueError, match="factors"):
         capture_gradients(model, train, factors="fisher")
-    att = grads.attributor("forward", lr=1e-3)
+    att = Attributor(grads.model, method="forward", gradients=grads, lr=1e-3)
     with pytest.raises(ValueError, match="query data"):
         att.score(query_grads=grads.query_grads(queries))
     with pytest.raises(ValueError, match="aggregate"):
         att.score(queries, aggregate=True)
     with pytest.raises(ValueError, match="one of them"):
-        grads.attributor("tracin").score()
+        Attributor(grads.model, method="tracin", gradients=grads).score()
 
 
 def test_a_refit_and_save_load_from_gradients(llama, tmp_path):
     model, train, queries = llama
     grads = capture_gradients(model, train, store="cpu", progress=False)
-    att = grads.attributor("hyperinf", damping=0.01)
+    att = Attributor(grads.model, method="hyperinf", gradients=grads, damping=0.01)
     S = att.score(queries)
     att.save(tmp_path / "a.pt")
     assert torch.equal(Attributor.load(tmp_path / "a.pt", model).score(queries), S)
@@ -156,3 +156,20 @@ def test_options_dataclasses_validate_in_one_place():
     assert LiSSAOptions.make("lissa", iterations=5).report() == {"iterations": 5, "scale": None, "tol": 1e-5}
     rep = Attributor(torch.nn.Linear(2, 2), method="forward", lr=1e-2, optimizer="Adam").describe()
     assert rep["method"] == "forward" and rep["options"]["optimizer"] == "Adam" and rep["options"]["steps"] == 1
+
+
+def test_demo_and_evals_capture_each_data_set_once(tmp_path, monkeypatch):
+    """`pyinf demo` (two tasks) and `pyinf eval` (one training set) fill one store per data set, for all
+    their methods, Forward-INF included."""
+    from pyinf.cli import main
+
+    fills = []
+    real = TrainGradients._fill
+    monkeypatch.setattr(TrainGradients, "_fill", lambda self, data: fills.append(1) or real(self, data))
+    methods = "tracin,datainf,kfac,ekfac,forward"
+    assert main(["eval", "lds", "--n-train", "40", "--n-query", "6", "--subsets", "4", "--steps", "10", "--hidden",
+                 "4", "--out", str(tmp_path / "lds"), "--methods", methods, "--quiet"]) == 0
+    assert len(fills) == 1
+    assert main(["demo", "--tiny", "--n-train", "4", "--n-test", "1", "--out", str(tmp_path / "demo"), "--cache",
+                 str(tmp_path / "cache"), "--methods", methods, "--quiet"]) == 0
+    assert len(fills) == 3

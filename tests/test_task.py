@@ -108,9 +108,9 @@ def test_tracin_sign_and_scale_of_a_log_prob_measurement(llama):
     """∇ log p(completion) = −(number of targets) · ∇ mean loss: tracin's rows scale by −count."""
     model, train, queries = llama
     grads = pyinf.capture_gradients(model, train, progress=False)
-    by_loss = grads.attributor("tracin").score(queries)
+    by_loss = Attributor(grads.model, method="tracin", gradients=grads).score(queries)
     measured = pyinf.capture_gradients(model, train, task=Task(measurement=completion_log_prob), progress=False)
-    by_logp = measured.attributor("tracin").score(queries)
+    by_logp = Attributor(measured.model, method="tracin", gradients=measured).score(queries)
     real = queries["attention_mask"].bool()
     count = ((queries["labels"][:, 1:] != -100) & real[:, :-1] & real[:, 1:]).sum(1).double()
     assert _rel(by_logp, -count[:, None] * by_loss.double()) < 1e-5
@@ -121,8 +121,8 @@ def test_forward_steps_on_the_measurement(llama):
     model, train, queries = llama
     task = Task(measurement=completion_log_prob)
     grads = pyinf.capture_gradients(model, train, task=task, progress=False)
-    tracin = grads.attributor("tracin").score(queries)
-    forward = grads.attributor("forward", lr=1e-4, queries_per_pass=1).score(queries)
+    tracin = Attributor(grads.model, method="tracin", gradients=grads).score(queries)
+    forward = Attributor(grads.model, method="forward", gradients=grads, lr=1e-4, queries_per_pass=1).score(queries)
     assert _rel(forward, tracin) < 0.05
 
 

@@ -138,6 +138,7 @@ def attribute(grads, method: str, query, *, damping: float, lissa_iterations: in
               self_influence: bool, query_grads: dict):
     """(scores (m, n), self-influence (n,) or None, info) of one method from the shared capture `grads`
     (the gradient methods score query gradients captured once, kept in `query_grads`)."""
+    from .. import Attributor
     from ..distributed import broadcast_from_rank0
     from ..tasks.demo import score_in_sweep
 
@@ -145,7 +146,8 @@ def attribute(grads, method: str, query, *, damping: float, lissa_iterations: in
     info = {"warnings": []}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        att = grads.attributor(method, **_options(method, damping, lissa_iterations, forward_lr))
+        att = Attributor(grads.model, method=method, gradients=grads,
+                         **_options(method, damping, lissa_iterations, forward_lr))
         info["options"] = att.describe()
         # rank 0's result on every rank (Attributor returns None on the others), so all compute the same metrics
         scores = broadcast_from_rank0(score_in_sweep(att, grads, query, query_grads)).float()

@@ -108,6 +108,7 @@ def score_in_sweep(att, grads, query, shared: dict) -> torch.Tensor | None:
 def _run_method(grads, tok, task, method: str, cfg: DemoConfig, query_grads: dict) -> tuple[torch.Tensor, dict]:
     """One method from the shared capture: fit + score (forward: on its query subset; the others: on the
     query gradients, captured by the first of them into `query_grads`)."""
+    from .. import Attributor
     from ..distributed import broadcast_from_rank0
 
     answer_only = cfg.model.answer_only
@@ -118,7 +119,7 @@ def _run_method(grads, tok, task, method: str, cfg: DemoConfig, query_grads: dic
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        att = grads.attributor(method, **kwargs, **_options(method, cfg))
+        att = Attributor(grads.model, method=method, gradients=grads, **kwargs, **_options(method, cfg))
         scores = broadcast_from_rank0(score_in_sweep(att, grads, query, query_grads)).float().cpu()  # rank 0's
     seconds = time.perf_counter() - t0
     notes = list(dict.fromkeys(str(w.message) for w in caught if "pyinf" in str(w.filename) or "pyinf" in str(w.message)))
