@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backends.torch_backend import symmetrize_
+from ..backends.dense import SOLVERS, symmetrize_
 from ..blocks import BlockGroup, stack_group
 from .base import Method
 
@@ -61,13 +61,12 @@ class HyperINF(Method):
     name = "hyperinf"
     damping_from_fit = True  # λ_b from trace(Σ_i g_iᵀ g_i) = Σ_i ‖g_i‖²: no norms pass
     options = {"iterations": 100, "tol": 1e-8, "solver": "auto"}
-    SOLVERS = ("auto", "schulz", "cholesky")
 
     def _check_options(self):
         self._check_positive_int("iterations")
         self._check_positive_float("tol")
-        if self.opts["solver"] not in self.SOLVERS:
-            raise ValueError(f"{self.name}: option solver must be one of {self.SOLVERS}, got {self.opts['solver']!r}")
+        if self.opts["solver"] not in SOLVERS:
+            raise ValueError(f"{self.name}: option solver must be one of {SOLVERS}, got {self.opts['solver']!r}")
 
     def _check_blocks(self, blocks):
         for b in blocks:
