@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backends.torch_backend import SOLVERS, symmetrize_
+from ..backends.dense import SOLVERS, symmetrize_
 from ..blocks import BlockGroup, stack_group
 from ..options import Options, one_of, positive_float, positive_int
 from .base import Method
