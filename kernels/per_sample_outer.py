@@ -27,9 +27,12 @@ block pointers).
 """
 from __future__ import annotations
 
-import os
-
 import torch
+
+try:  # installed as pyinf.kernels
+    from . import _util
+except ImportError:  # pragma: no cover - imported by path while developing
+    import _util  # type: ignore
 
 try:  # Triton is optional: the reference works without it.
     import triton
@@ -49,7 +52,7 @@ def is_available() -> bool:
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _util.interpreting()  # one rule for every kernel
 
 
 if triton is not None:

@@ -3,16 +3,18 @@
     cb = GradientStoreCallback(store="cpu")        # "gpu", "cpu" or "disk:PATH"; blocks, loss, grad_dtype as Attributor
     trainer = transformers.Trainer(model, args, train_dataset=ds, data_collator=collate, callbacks=[cb])
     trainer.train()                                # the last epoch also fills cb.store
-    att = cb.attributor(method="datainf")          # fitted on cb.store: no pass over the training data
+    att = cb.attributor(method="datainf")          # fitted on cb.gradients: no pass over the training data
     scores = att.score(query_data)                 # (m, len(ds)); column i is train_dataset[i]
 
 During one epoch of the run (`epoch=-1`: the last) the callback captures the
 per-sample gradients of every training sample with `pyinf.capture.GradientCapture`
 (the `blocks`, `loss` and `mask_padding` of `pyinf.Attributor`), then, when
 training ends, writes them into a `pyinf.store` store in dataset order.
-`cb.attributor(...)` hands that store to an `Attributor` (`Attributor.fit`
-accepts a filled store), so any method scores queries from it without a
-second pass over the training data; `cb.store` is the store itself.
+`cb.gradients` is that store as a `pyinf.TrainGradients` (what
+`pyinf.capture_gradients` returns), so any method scores queries from it
+without a second pass over the training data: `cb.attributor(method=...)`
+is `pyinf.Attributor(model, method=..., gradients=cb.gradients)`;
+`cb.store` is the store itself.
 
 Which gradients (`at=`):
 
@@ -84,7 +86,7 @@ batch (`dataloader_drop_last`), `max_steps` ending inside the epoch, a stop
 or a resume inside it, or a sampler with replacement leave the store
 unbuilt. Errors during the captured epoch or the store's build (a batch
 without labels, ...) do not stop training: they are warned once and
-raised, with their cause, by `cb.store` and `cb.attributor()`.
+raised, with their cause, by `cb.store`, `cb.gradients` and `cb.attributor()`.
 
 Memory: the gradients go to a scratch in dataset order as they are captured
 (host memory; for a disk store, memory-mapped files in a temporary
@@ -111,14 +113,14 @@ import torch.nn.functional as F
 from transformers import TrainerCallback
 
 from .capture import GradientCapture
-from .losses import causal_lm_loss, causal_lm_targets, default_loss, model_device
+from .gradients import NAN_POLICIES, TrainGradients, capture_config
+from .losses import Task, causal_lm_loss, causal_lm_targets, default_loss, model_device
 from .oom import HalvingCapture
 from .store import LOSS_KEY, batch_len, default_chunk_size, fingerprint, make_store, parse_store, resolve_grad_dtype
 
 __all__ = ["GradientStoreCallback"]
 
 AT = ("step", "train", "end")
-NAN_POLICIES = ("error", "skip")
 # Trainer keyword arguments of the model call that are not part of the batch.
 _LOSS_KWARGS = ("num_items_in_batch",)
 
@@ -239,7 +241,8 @@ class GradientStoreCallback(TrainerCallback):
         store: the filled `pyinf.store.Store`, `n = len(train_dataset)` samples in dataset order.
         steps: `(n,)` int64, the optimizer steps completed before sample i's gradient was taken.
         losses: `(n,)` float32, sample i's loss `loss(model, batch)` at those parameters.
-        attributor(method=..., **options): a fitted `pyinf.Attributor` on `store`.
+        gradients: a `pyinf.TrainGradients` around `store` (the callback's capture options and loss).
+        attributor(method=..., **options): `pyinf.Attributor(model, method=..., gradients=gradients)`.
     """
 
     def __init__(self, *, store: str = "auto", at: str = "step", epoch: int = -1, blocks="lora", loss=None,
@@ -273,6 +276,7 @@ class GradientStoreCallback(TrainerCallback):
         self.steps: torch.Tensor | None = None
         self.losses: torch.Tensor | None = None
         self._store = None
+        self._gradients: TrainGradients | None = None
         self._error: BaseException | None = None
         self._cap: GradientCapture | None = None
         self._hook = None
@@ -297,20 +301,26 @@ class GradientStoreCallback(TrainerCallback):
             raise RuntimeError("no gradient store yet: pass this callback to a Trainer and run trainer.train()")
         return self._store
 
-    def attributor(self, method: str = "datainf", **options):
-        """A `pyinf.Attributor` on the trained model, fitted on `store` (no capture of the training data).
+    @property
+    def gradients(self) -> TrainGradients:
+        """`store` as a `pyinf.TrainGradients` of the trained model (made once): the capture options are the
+        callback's (factors: "empirical", seed 0), the task `loss` (training loss and measurement)."""
+        store = self.store
+        if self._gradients is None:
+            config = capture_config(self._device, blocks=self.blocks_spec, store=self.spec,
+                                    grad_dtype=store.grad_dtype, chunk_size=self.chunk_size,
+                                    nan_policy=self.nan_policy, mask_padding=self.mask_padding,
+                                    factors="empirical" if self.factors else None, progress=self.progress)
+            self._gradients = TrainGradients.of_store(self.model, store, config, Task.resolve(loss=self.loss))
+        return self._gradients
 
-        `options`: the Attributor's method options (damping, damping_mode, backend, batch_size of the
-        queries, progress, check_model, the method's own); blocks, loss, grad_dtype, mask_padding,
-        chunk_size and nan_policy are the callback's."""
+    def attributor(self, method: str = "datainf", **options):
+        """`pyinf.Attributor(model, method=method, gradients=self.gradients, **options)`: the method fitted on
+        `gradients` (no capture of the training data). `options`: the method's (damping, damping_mode,
+        backend, check_model, the method's own); the capture options are the callback's."""
         from .attributor import Attributor
 
-        store = self.store
-        options.setdefault("progress", self.progress)
-        att = Attributor(self.model, method=method, blocks=self.blocks_spec, loss=self.loss, store=self.spec,
-                         grad_dtype=store.grad_dtype, mask_padding=self.mask_padding, chunk_size=self.chunk_size,
-                         nan_policy=self.nan_policy, distributed=False, **options)
-        return att.fit(store)
+        return Attributor(self.model, method=method, gradients=self.gradients, **options)
 
     # -- Trainer events ------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):

@@ -190,7 +190,7 @@ def test_end_gradients_and_scores_equal_an_attributor_fit_after_training(tmp_pat
     assert got.shape == (3, N)
     assert _close(got, ref_att.score(queries))
     assert _close(_stored(cb.store)["base_model.model.model.layers.0.self_attn.q_proj.lora_A.default"],
-                  _stored(ref_att._store)["base_model.model.model.layers.0.self_attn.q_proj.lora_A.default"])
+                  _stored(ref_att.gradients.store)["base_model.model.model.layers.0.self_attn.q_proj.lora_A.default"])
 
 
 def test_scores_from_a_step_store_are_pyinf_influence_of_its_gradients(tmp_path):
@@ -202,8 +202,10 @@ def test_scores_from_a_step_store_are_pyinf_influence_of_its_gradients(tmp_path)
     assert _close(att.score(queries), want)
     top = att.score(queries, top_k=2)
     assert top.helpful_indices.shape == (3, 2)
-    # one store, many methods: no capture of the training data
+    # one store, many methods: no capture of the training data; cb.gradients is what capture_gradients returns
     assert cb.attributor(method="tracin").score(queries).shape == (3, N)
+    assert isinstance(cb.gradients, pyinf.TrainGradients) and cb.gradients is att.gradients
+    assert cb.gradients.n == N and cb.gradients.store is cb.store
 
 
 def test_a_chosen_epoch_and_kfac_statistics(tmp_path):
@@ -214,6 +216,8 @@ def test_a_chosen_epoch_and_kfac_statistics(tmp_path):
     got = cb.attributor(method="kfac").score(queries)
     want = pyinf.Attributor(model, method="kfac", batch_size=4, progress=False).fit(data).score(queries)
     assert _close(got, want)
+    with pytest.raises(ValueError, match="keep no training data"):  # ekfac's Λ* on drawn labels recaptures
+        cb.attributor(method="ekfac", fisher="true")
 
 
 def test_save_and_load_an_attributor_on_a_callback_store(tmp_path):

@@ -34,6 +34,8 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from .dense import spd_inverse
+
 
 class Backend(ABC):
     """Fused primitives on a chunk of gradients. See the module docstring."""
@@ -76,7 +78,7 @@ class Backend(ABC):
         """`G` ([b,] c, rows, cols) -> `([b,] cols, cols)`: Σ_i g_iᵀ g_i per block (rows = 1: GᵀG),
         exactly symmetric, in `dtype` (as for `gram`). With `out` (its dtype is the dtype), the sum is
         added into `out` in place and `out` returned, not symmetrised: accumulate every chunk, then
-        `torch_backend.symmetrize_(out)` once (no (b, cols, cols) temporary per chunk)."""
+        `dense.symmetrize_(out)` once (no (b, cols, cols) temporary per chunk)."""
 
     @abstractmethod
     def score(self, H: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
@@ -92,9 +94,7 @@ class Backend(ABC):
         `solver`: "schulz" (X ← X(2I − AX) from X_0 = I/‖A‖_F, at most
         `iterations` steps, stop at residual < `tol`), "cholesky", or "auto"
         (whichever meets the accuracy faster on this backend). The default is
-        the float64 PyTorch reference (`torch_backend.spd_inverse`), so a backend
+        the float64 PyTorch reference (`dense.spd_inverse`), so a backend
         need not override it.
         """
-        from .torch_backend import spd_inverse
-
         return spd_inverse(A, iterations=iterations, tol=tol, solver=solver, out=out)

@@ -53,7 +53,8 @@ from __future__ import annotations
 import torch
 
 from .base import Backend
-from .torch_backend import TorchBackend, schulz_inverse, spd_inverse
+from .dense import schulz_inverse, spd_inverse
+from .torch_backend import TorchBackend
 
 #: Schulz precision for `tl.dot` ("ieee" default, "tf32x3" to experiment; see kernels/schulz.py).
 SCHULZ_PRECISION = "ieee"
