@@ -570,20 +570,40 @@ class Attributor:
         V = self._everywhere(lambda: self.query_grads(query_data) if comm.rank == 0 else None, "query gradients")
         return comm.broadcast_tensors(V, self.device)
 
-    def score(self, query_data, top_k: int | None = None):
+    def score(self, query_data, top_k: int | None = None, *, per_block: bool = False, out=None):
         """`(m, n)` float32 scores (positive = harmful); with `top_k=k` a `TopK` of (m, k) tensors.
+
+        `per_block=True`: `{block: (m, n)}`, each block's share (they sum to the scores; see
+        `pyinf.methods.base`); not for "forward", whose scores are loss differences after moving
+        every attributed block at once and do not split into block shares (to first order they are
+        tracin's: use method="tracin" for its per-block shares).
+        `out=PATH`: the scores are written to a `pyinf.scores.ScoreFile` at PATH (a directory) chunk by
+        chunk, never held in memory, and that ScoreFile is returned; an interrupted write resumes at
+        its first missing chunk (see `pyinf.scores`). One process only.
 
         Data parallel: on rank 0; None on the other ranks.
         """
         self._check_fitted()
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+        if per_block and (top_k is not None or out is not None):
+            raise ValueError("per_block=True returns every block's (m, n) share: it does not combine with top_k or out")
+        if top_k is not None and out is not None:
+            raise ValueError("out= writes the whole (m, n) scores: take the top k from the file (ScoreFile.top_k)")
+        if self.config["method"] == "forward" and (per_block or out is not None):
+            raise ValueError(
+                "per_block is not available for method 'forward': its scores are loss differences after moving "
+                "every attributed block at once, which do not split into block shares (to first order they are "
+                "tracin's: use method='tracin', per_block=True)" if per_block else
+                "out= is not available for method 'forward' (it keeps no gradients to stream)")
         self._check_model()
         if self.config["method"] == "forward":
             S = self._finish(self._method.score(self._batches(query_data)))
             if S is None:
                 return None
             return S if top_k is None else TopK(*self.top_k(S, top_k, True), *self.top_k(S, top_k, False))
+        if out is not None:
+            return self._score_to_file(query_data, out)
         V = self._shared_query_grads(query_data)
         name, store = self.config["method"], self._store
         with self._capturing():  # store="none" captures the training data again in these passes
@@ -591,15 +611,49 @@ class Attributor:
 
                 def run():
                     with store.phase(f"{name}: score"):
-                        return self._method.influence(V)  # what pyinf.influence runs
+                        return self._method.influence(V, per_block=per_block)  # what pyinf.influence runs
 
-                return self._finish(self._retrying(store, run).float())
+                S = self._finish(self._retrying(store, run).float())
+                if S is None or not per_block:
+                    return S
+                pos = {b.name: k for k, b in enumerate(self._method.blocks)}
+                return {b.name: S[pos[b.name]] for b in self.blocks}
 
             def run_top():
                 with store.phase(f"{name}: score"):
                     return self._top_k_streamed(self._method.precondition(V), top_k)
 
             return self._retrying(store, run_top)
+
+    def _score_to_file(self, query_data, path):
+        """`score(out=path)`: the scoring pass written to a `pyinf.scores.ScoreFile`, resumed where an
+        earlier run on the same fit and queries stopped (its saved H: no query capture, no precondition)."""
+        from .scores import ScoreFile, digest_batches
+
+        if self._comm is not None:
+            raise ValueError("score(out=...) is single-process: score without a process group (distributed=False)")
+        queries = list(self._batches(query_data))  # read twice: digest, capture
+        digest, m = digest_batches(queries)
+        meta = {"method": self.config["method"], "model": self._fingerprint, "queries": digest,
+                "config": {k: v for k, v in self.config.items() if k != "progress"},
+                "train": {"n": self._n_orig, "skipped": self.skipped}}
+        sf = ScoreFile.create_or_resume(path, shape=(m, self._n_orig), meta=meta, skipped=self.skipped)
+        if sf.complete:
+            return sf
+        H = sf.saved_preconditioned(self.device)
+        V = self.query_grads(queries) if H is None else None
+        name, store = self.config["method"], self._store
+        with self._capturing():  # store="none" captures the training data again in these passes
+
+            def run():
+                nonlocal H
+                with store.phase(f"{name}: score"):
+                    if H is None:
+                        H = self._method.precondition(V)
+                        sf.save_preconditioned(H)
+                    return sf.write_pass(self._method.score_chunks(store, H, start=sf.resume_at))
+
+            return self._retrying(store, run)
 
     def _top_k_streamed(self, H, k: int) -> TopK | None:
         m = next(iter(H.values())).shape[0]
