@@ -677,6 +677,43 @@ class Attributor:
             hi, ai = kept[hi], kept[ai]
         return TopK(hv, hi, av, ai)
 
+    def token_scores(self, query_data, train_data) -> torch.Tensor:
+        """`(m, n_t, T)` float32: the share of each position t of each training sequence in its scores
+        (they sum over t to `score`'s columns); `train_data` (any sequences, in the data forms above;
+        n_t of them, T the longest, shorter batches padded with 0) is captured again, one forward and
+        backward a batch, evaluating `−Σ_b u_tᵀ H_b v_t` from the captured factors without per-token
+        gradients. The math, what a token's share means, and the blocks it takes: `pyinf.token_scores`.
+        One process only; not for "forward" (no preconditioned queries)."""
+        from .token_scores import pad_positions
+
+        self._check_fitted()
+        self._refuse_forward("token_scores")
+        if self._comm is not None:
+            raise ValueError("token_scores is single-process: call it without a process group (distributed=False)")
+        self._check_model()
+        V = self.query_grads(query_data)
+        name, store = self.config["method"], self._store
+        parts, i = [], 0
+        with self._capturing() as cap:  # store="none" captures the training data again in precondition's passes
+
+            def run():
+                with store.phase(f"{name}: precondition"):
+                    return self._method.precondition(V)
+
+            H = self._retrying(store, run)
+            with bar("token scores", None, self.progress, unit="batch") as pb:
+                for batch in self._batches(train_data):
+                    S = cap.token_scores(_to_device(batch, self.device), H)
+                    if self._losses is not None and not bool(torch.isfinite(self._losses).all()):
+                        raise ValueError(f"the loss of sample {i + int((~torch.isfinite(self._losses)).nonzero()[0, 0])} "
+                                         f"of train_data is NaN or Inf")
+                    parts.append(S.float())
+                    i += S.shape[1]
+                    pb.update()
+        if not parts:
+            raise ValueError("train_data is empty")
+        return pad_positions(parts)
+
     def self_influence(self) -> torch.Tensor | None:
         """`(n,)` float32: −g_iᵀ H⁻¹ g_i (≤ 0; rank by magnitude). Data parallel: rank 0 (None elsewhere)."""
         self._check_fitted()
