@@ -635,7 +635,7 @@ class Attributor:
         queries = list(self._batches(query_data))  # read twice: digest, capture
         digest, m = digest_batches(queries)
         meta = {"method": self.config["method"], "model": self._fingerprint, "queries": digest,
-                "config": {k: v for k, v in self.config.items() if k != "progress"},
+                "config": {k: v for k, v in self.config.items() if k not in ("progress", "store")},
                 "train": {"n": self._n_orig, "skipped": self.skipped}}
         sf = ScoreFile.create_or_resume(path, shape=(m, self._n_orig), meta=meta, skipped=self.skipped)
         if sf.complete:

@@ -13,9 +13,9 @@ A score file is a directory:
   which are then one contiguous write; both top-k reductions read the file
   once, in order, `block_bytes` at a time.
 - `header.json`: format, version, `shape` [m, n], `dtype`, `layout`, `meta`
-  (what the scores depend on: method, the Attributor's config, the model's
-  fingerprint, a digest of the query data, n and the skipped training
-  points), `skipped` (training points whose rows are NaN, `nan_policy="skip"`),
+  (what the scores depend on: method, the Attributor's config but its store
+  and progress settings, the model's fingerprint, a digest of the query data,
+  n and the skipped training points), `skipped` (training points whose rows are NaN, `nan_policy="skip"`),
   `written` (the ranges `[start, stop)` of the scoring pass's samples whose
   rows are on disk) and `complete`.
 - `H.pt`: the preconditioned queries `{block: (m, D_b)}` while the file is
@@ -167,7 +167,7 @@ class ScoreFile:
     def write(self, start: int, cols: torch.Tensor) -> None:
         """Scores `cols` (m, c) of the pass's samples start..start+c-1: rows written, flushed, recorded."""
         m, n = self.shape
-        c = cols.shape[1]
+        c = cols.shape[-1]
         if cols.dim() != 2 or cols.shape[0] != m or not 0 <= start <= len(self._kept) - c:
             raise ValueError(f"cannot write scores of shape {tuple(cols.shape)} at sample {start} of a {self.shape} file")
         if self._rw is None:
