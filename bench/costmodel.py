@@ -135,7 +135,7 @@ class OverBudget(Exception):
 
 @dataclass
 class Recorder:
-    """Primitive calls, passes and phases (fit / precondition / influence / score) of one run.
+    """Primitive calls, passes and phases (fit / precondition / influence / score_pass) of one run.
 
     `train`: storage keys of the training gradients (a G operand elsewhere is a copy of them).
     `stop_over_budget`: raise `OverBudget` at the first pass with more than `MAX_CALLS_PER_PASS`
@@ -202,8 +202,8 @@ class Recorder:
             del source.chunks  # the class's method again (a store is reused by the next run)
 
     def phased(self, method) -> None:
-        """Label the calls made inside fit / precondition / influence / score (patches the instance)."""
-        for name in ("fit", "precondition", "influence", "score"):
+        """Label the calls made inside fit / precondition / influence / score_pass (patches the instance)."""
+        for name in ("fit", "precondition", "influence", "score_pass"):
             inner = getattr(method, name)
 
             def wrapped(*args, _inner=inner, _name=name, **kwargs):

@@ -9,8 +9,11 @@ from .api import influence, self_influence
 from .attributor import Attributor
 from .capture import per_sample_grads
 from .forward import forward_influence
+from .gradients import TrainGradients, capture_gradients
+from .losses import Task
 from .methods import METHODS
 
 __version__ = "0.1.0"
 
-__all__ = ["influence", "self_influence", "Attributor", "per_sample_grads", "forward_influence", "METHODS", "__version__"]
+__all__ = ["influence", "self_influence", "Attributor", "capture_gradients", "TrainGradients", "Task",
+           "per_sample_grads", "forward_influence", "METHODS", "__version__"]

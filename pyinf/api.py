@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .backends import get_backend
-from .blocks import GradientSource, Grads, TensorSource, as_blocks, check_finite
+from .blocks import GradientSource, Grads, TensorSource, as_blocks, check_finite, mean_query
 from .methods import Method, get_method
 
 
@@ -63,7 +63,7 @@ def influence(
         check_finite(name, V, "query gradient")
     m = _make_method(method, train, damping, damping_mode, backend, options)
     if aggregate:
-        queries = {name: V.to(train.dtype).mean(dim=0, keepdim=True) for name, V in queries.items()}
+        queries = mean_query(queries, train.dtype)
     m.fit(train)
     scores = m.influence(queries, per_block=per_block).float()
     if aggregate:

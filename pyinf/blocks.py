@@ -116,6 +116,13 @@ def chunk_samples(blocks: list[Block], itemsize: int, n: int | None = None) -> i
     return c if n is None else min(c, n)
 
 
+def mean_query(queries: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """`aggregate=True` (DataInf's classification recipe): {name: (m, ...)} -> the mean query {name: (1, ...)}
+    in `dtype`, scored in place of the m queries (for a method linear in the query gradient, the mean of their
+    score rows)."""
+    return {name: V.to(dtype).mean(dim=0, keepdim=True) for name, V in queries.items()}
+
+
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """float64 if any input is float64, else float32 (the accumulation type)."""
     return torch.float64 if torch.float64 in dtypes else torch.float32

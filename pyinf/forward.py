@@ -5,7 +5,8 @@
     scores = att.score(query_data)
 
 For each query q_j, take `steps` optimizer steps of size `lr` on the query's own
-loss, moving exactly the attributed blocks (the blocks of
+loss (its measurement, `pyinf.losses.Task`: by default the training loss),
+moving exactly the attributed blocks (the blocks of
 `pyinf.capture.GradientCapture`: LoRA A/B weights, or named `nn.Linear`
 weights; a bias never moves), from θ to θ'_j. Then every training loss is
 evaluated with forward passes only (no_grad):
@@ -83,7 +84,6 @@ blocks, the automatic choice is `queries_per_pass=1`).
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -94,9 +94,10 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from .losses import default_loss, model_device, move_to_device
 from .optional_kernel import OptionalKernel
+from .options import Options, any_value, one_of, positive_float, positive_int
 from .progress import bar
 
-__all__ = ["forward_influence", "ForwardInfluence", "check_forward_options", "OPTIMIZERS"]
+__all__ = ["forward_influence", "ForwardInfluence", "ForwardOptions", "OPTIMIZERS"]
 
 OPTIMIZERS = ("sgd", "adam")
 ADAM_BETAS = (0.9, 0.999)
@@ -109,19 +110,18 @@ GPU_MEMORY_FRACTION = 0.8  # of the free memory, for the k replicated activation
 # --------------------------------------------------------------------------- #
 # options
 # --------------------------------------------------------------------------- #
-def check_forward_options(lr, steps=1, optimizer="sgd", queries_per_pass=None, batch_size=8) -> None:
-    """ValueError on a bad option (called at construction by `Attributor` and `forward_influence`)."""
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (0 < lr < math.inf):
-        raise ValueError(f"forward: lr must be a finite number > 0, got {lr!r}")
-    for name, value in (("steps", steps), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"forward: {name} must be an int >= 1, got {value!r}")
-    if queries_per_pass is not None and (
-        isinstance(queries_per_pass, bool) or not isinstance(queries_per_pass, int) or queries_per_pass < 1
-    ):
-        raise ValueError(f"forward: queries_per_pass must be None (automatic) or an int >= 1, got {queries_per_pass!r}")
-    if not isinstance(optimizer, str) or optimizer.lower() not in OPTIMIZERS:
-        raise ValueError(f"forward: unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}")
+@dataclass(frozen=True)
+class ForwardOptions(Options):
+    """Forward-INF's options (`ForwardInfluence` below says what each does). `moves` only through
+    `pyinf.Attributor`: the blocks the steps move (None: the capture's blocks; a list of names where
+    those are "+bias" blocks, which Forward-INF cannot move)."""
+
+    lr: float = positive_float()
+    steps: int = positive_int(1)
+    optimizer: str = one_of("sgd", OPTIMIZERS, any_case=True)
+    queries_per_pass: int | None = positive_int(None, optional=True)
+    use_triton: bool | None = one_of(None, (None, True, False))
+    moves: Any = any_value(None)
 
 
 # --------------------------------------------------------------------------- #
@@ -427,7 +427,8 @@ class ForwardInfluence:
         lr: step size > 0. steps: optimizer steps per query (>= 1).
         optimizer: "sgd" (scores comparable with tracin) or "adam" (a sign-like metric; module doc).
         blocks: "lora" or a list of module names (as `GradientCapture`).
-        loss: None (`pyinf.losses.default_loss`) or `loss(model, batch) -> (B,)`.
+        loss: None (`pyinf.losses.default_loss`) or `loss(model, batch) -> (B,)`: the training losses.
+        measurement: None (the loss) or `measurement(model, batch) -> (B,)`: what the query steps descend.
         batch_size: when the data is a Dataset or (dataset, collate_fn).
         queries_per_pass: k perturbed models per forward (θ itself is one more group); None: automatic
             (CUDA: from free memory; CPU: 8); 1: the plain path (the model's own weights set to θ'_j
@@ -439,16 +440,21 @@ class ForwardInfluence:
 
     def __init__(self, model: nn.Module, *, lr: float, steps: int = 1, optimizer: str = "sgd", blocks="lora",
                  loss: Callable | None = None, batch_size: int = 8, queries_per_pass: int | None = None,
-                 use_triton: bool | None = None, progress: bool | None = None):
-        check_forward_options(lr, steps, optimizer, queries_per_pass, batch_size)
+                 use_triton: bool | None = None, progress: bool | None = None, measurement: Callable | None = None):
+        ForwardOptions.make("forward", lr=lr, steps=steps, optimizer=optimizer, queries_per_pass=queries_per_pass,
+                            use_triton=use_triton)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"forward: batch_size must be an int >= 1, got {batch_size!r}")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if loss is not None and not callable(loss):
-            raise TypeError("loss must be a callable loss(model, batch) -> (B,) per-sample losses")
+        for name, fn in (("loss", loss), ("measurement", measurement)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be a callable {name}(model, batch) -> (B,) per-sample values")
         self.model = model
         self.lr, self.steps, self.optimizer = float(lr), steps, optimizer.lower()
         self.blocks_spec = blocks
         self.loss = loss if loss is not None else default_loss
+        self.measurement = measurement if measurement is not None else self.loss
         self.batch_size = batch_size
         self.use_triton = use_triton
         self.progress = progress
@@ -472,9 +478,10 @@ class ForwardInfluence:
     def device(self) -> torch.device:
         return model_device(self.model)
 
-    def _loss(self, batch) -> torch.Tensor:
+    def _loss(self, batch, query: bool = False) -> torch.Tensor:
+        """The training losses of `batch`, or (`query`) its measurements, `(B,)`."""
         batch = move_to_device(batch, self.device)
-        return _check_losses(self.loss(self.model, batch), _rows(batch))
+        return _check_losses((self.measurement if query else self.loss)(self.model, batch), _rows(batch))
 
     # -- fit ------------------------------------------------------------------
     @torch.no_grad()
@@ -563,7 +570,7 @@ class ForwardInfluence:
                         for p in params.values():
                             p.requires_grad_(True)
                         with torch.enable_grad():
-                            loss = self._loss(q)
+                            loss = self._loss(q, query=True)
                             grads = self._grad(loss, list(params.values()))
                         for p in params.values():
                             p.requires_grad_(False)
@@ -637,7 +644,7 @@ class ForwardInfluence:
             with torch.enable_grad():
                 leaves = {n: w.detach().requires_grad_(True) for n, w in master.items()}
                 grouped.weights = {n: leaves[n].to(params[n].dtype) for n in params}
-                loss = self._loss(q)
+                loss = self._loss(q, query=True)
                 grads = self._grad(loss, list(leaves.values()))
             opt.step(master, dict(zip(leaves, grads)))
         grouped.weights = {}
@@ -674,7 +681,7 @@ class ForwardInfluence:
 def forward_influence(model: nn.Module, train_data, query_data, *, lr: float, steps: int = 1,
                       optimizer: str = "sgd", blocks="lora", loss: Callable | None = None, batch_size: int = 8,
                       progress: bool | None = None, queries_per_pass: int | None = None,
-                      use_triton: bool | None = None) -> torch.Tensor:
+                      use_triton: bool | None = None, measurement: Callable | None = None) -> torch.Tensor:
     """Forward-INF scores `(m, n)` float32 (queries × train), positive = harmful; see the module doc.
 
     score[j, i] = (ℓ(z_i; θ'_j) − ℓ(z_i; θ)) / (steps · lr), θ'_j = `steps` steps of `optimizer`
@@ -684,20 +691,5 @@ def forward_influence(model: nn.Module, train_data, query_data, *, lr: float, st
     """
     eng = ForwardInfluence(model, lr=lr, steps=steps, optimizer=optimizer, blocks=blocks, loss=loss,
                            batch_size=batch_size, queries_per_pass=queries_per_pass, use_triton=use_triton,
-                           progress=progress)
+                           progress=progress, measurement=measurement)
     return eng.fit(train_data).score(query_data)
-
-
-FORWARD_OPTIONS = ("lr", "steps", "optimizer", "queries_per_pass", "use_triton")
-
-
-def attributor_options(options: Mapping[str, Any], batch_size: int = 8) -> dict[str, Any]:
-    """Validate `Attributor(method="forward", **options)`: `lr` is required; ValueError otherwise."""
-    unknown = sorted(set(options) - set(FORWARD_OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for method 'forward'; valid options: {list(FORWARD_OPTIONS)}")
-    if "lr" not in options:
-        raise ValueError("method 'forward' needs the option lr (the step size), e.g. lr=1e-3")
-    opts = {"steps": 1, "optimizer": "sgd", "queries_per_pass": None, "use_triton": None, **options}
-    check_forward_options(opts["lr"], opts["steps"], opts["optimizer"], opts["queries_per_pass"], batch_size)
-    return opts

@@ -43,7 +43,7 @@ def run_case(model, method, store, tmp, distributed, **kw):
     return out
 
 
-def poisoning(attributor_mod, monkeypatch_setattr):
+def poisoning(gradients_mod, monkeypatch_setattr):
     """Make the capture return NaN for the POISON samples (matched by the batch's tokens)."""
     from pyinf.capture import GradientCapture
 
@@ -68,4 +68,4 @@ def poisoning(attributor_mod, monkeypatch_setattr):
 
         return Poisoned()
 
-    monkeypatch_setattr(attributor_mod, "_make_capture", make)
+    monkeypatch_setattr(gradients_mod, "_make_capture", make)

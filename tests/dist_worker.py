@@ -22,9 +22,9 @@ def main(out_dir: str) -> None:
     results = {}
     for method, store in CASES:
         results[(method, store)] = run_case(model, method, store, out_dir, None)
-    from pyinf import attributor as attributor_mod
+    from pyinf import gradients as gradients_mod
 
-    poisoning(attributor_mod, setattr)
+    poisoning(gradients_mod, setattr)
     results[("datainf", "skip")] = run_case(model, "datainf", "cpu", out_dir, None, nan_policy="skip")
     results[("exact", "skip-disk")] = run_case(model, "exact", "disk", out_dir + "/skip", None, nan_policy="skip")
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import pyinf
-from pyinf import attributor as attributor_mod
+from pyinf import gradients as gradients_mod
 from pyinf.attributor import Attributor, TopK
 from pyinf.capture import GradientCapture
 from pyinf.methods import METHODS
@@ -72,7 +72,7 @@ def test_scores_equal_influence(setup, method, store, tmp_path):
     att = Attributor(setup.model, method=method, blocks=setup.blocks, store=_store(store, tmp_path),
                      chunk_size=BATCH, progress=False, **OPTIONS.get(method, {}))
     att.fit(train)
-    assert att.n == 10 and att._store.num_chunks == 3
+    assert att.n == 10 and att.gradients.store.num_chunks == 3
     got = att.score(queries)
     ref = _reference(setup, method, train, queries)
     assert got.dtype == torch.float32 and got.shape == (3, 10)
@@ -164,7 +164,7 @@ def test_nan_gradient_is_refused_for_tracin(setup, monkeypatch):
 
         return Poisoned()
 
-    monkeypatch.setattr(attributor_mod, "_make_capture", poisoned)
+    monkeypatch.setattr(gradients_mod, "_make_capture", poisoned)
     name = GradientCapture(setup.model).blocks[3].name
     for store in ("cpu", "none"):
         att = Attributor(setup.model, method="tracin", blocks=setup.blocks, store=store, progress=False)

@@ -86,7 +86,7 @@ def test_hand_count_datainf(small):
     assert r["calls_on_copies_of_g"] == 0
     assert r["min_call_bytes"] == 2 * 11 * 4  # the last chunk (2 samples) of the flat block
     assert r["reads_of_g"] == 3.0
-    assert r["reads_of_g_by_phase"] == {"fit": 1.0, "precondition": 1.0, "score": 1.0}
+    assert r["reads_of_g_by_phase"] == {"fit": 1.0, "precondition": 1.0, "score_pass": 1.0}
 
 
 def test_hand_count_exact(small):

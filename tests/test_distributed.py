@@ -110,11 +110,11 @@ def test_two_ranks_equal_one_process(ranks, model, method, store, tmp_path):
 
 @pytest.mark.parametrize("case", [("datainf", "skip", "cpu"), ("exact", "skip-disk", "disk")])
 def test_two_ranks_nan_skip(ranks, model, case, monkeypatch, tmp_path):
-    from pyinf import attributor as attributor_mod
+    from pyinf import gradients as gradients_mod
 
     method, key, store = case
     got, other = ranks[0][(method, key)], ranks[1][(method, key)]
-    poisoning(attributor_mod, monkeypatch.setattr)
+    poisoning(gradients_mod, monkeypatch.setattr)
     ref = run_case(model, method, store, tmp_path, False, nan_policy="skip")
     assert got["skipped"] == other["skipped"] == ref["skipped"] == SKIPPED
     assert torch.isnan(got["scores"][:, SKIPPED]).all()

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 import pyinf
-from pyinf import attributor as attributor_mod
+from pyinf import gradients as gradients_mod
 from pyinf import store as store_mod
 from pyinf.attributor import Attributor
+from pyinf.gradients import TrainGradients
 from pyinf.capture import GradientCapture
 from pyinf.store import DiskStore
 
@@ -60,7 +61,7 @@ def _poison(monkeypatch, train, block_index=3):
 
         return Poisoned()
 
-    monkeypatch.setattr(attributor_mod, "_make_capture", make)
+    monkeypatch.setattr(gradients_mod, "_make_capture", make)
 
 
 def _store(kind, tmp_path):
@@ -170,7 +171,7 @@ def test_oom_in_capture_halves_the_batch_and_warns_once(setup, monkeypatch):
 
         return Flaky()
 
-    monkeypatch.setattr(attributor_mod, "_make_capture", make)
+    monkeypatch.setattr(gradients_mod, "_make_capture", make)
     att = Attributor(setup.model, chunk_size=4, progress=False)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
@@ -185,7 +186,7 @@ def test_oom_in_capture_halves_the_batch_and_warns_once(setup, monkeypatch):
         cap.__class__.__call__ = lambda self, batch: (_ for _ in ()).throw(_oom())
         return cap
 
-    monkeypatch.setattr(attributor_mod, "_make_capture", always)
+    monkeypatch.setattr(gradients_mod, "_make_capture", always)
     with pytest.raises(torch.cuda.OutOfMemoryError), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         Attributor(setup.model, chunk_size=4, progress=False).fit(train)
@@ -196,7 +197,7 @@ def test_oom_in_scoring_halves_the_chunk_and_warns_once(setup, method):
     train, queries = setup.train(12, 4), setup.train(4, 4, seed=1)
     att = Attributor(setup.model, method=method, chunk_size=4, progress=False).fit(train)
     ref, ref_self = att.score(queries), att.self_influence()
-    backend = att._method.backend
+    backend = att.analysis.method.backend
     real_dots, real_score = backend.dots, backend.score
     calls = []
 
@@ -215,7 +216,7 @@ def test_oom_in_scoring_halves_the_chunk_and_warns_once(setup, method):
         S = att.score(queries)
         self_inf = att.self_influence()
     assert len(_oom_warnings(record)) == 1 and "chunks of 2 samples" in str(_oom_warnings(record)[0].message)
-    assert att._store.piece == 2
+    assert att.gradients.store.piece == 2
     _close(S, ref)
     _close(self_inf, ref_self)
 
@@ -284,10 +285,11 @@ def test_fit_killed_while_writing_a_shard_resumes_with_identical_scores(setup, t
     assert len(json.loads((root / "manifest.json").read_text())["shards"]) == 2
     train, queries = setup.train(12, 2), setup.train(3, 3, seed=1)
     calls = []
-    real = Attributor._capture_batch
+    real = TrainGradients._capture_batch
     resumed = Attributor(setup.model, blocks=setup.blocks, store=spec, chunk_size=4, progress=False)
-    resumed._capture_batch = lambda b: calls.append(1) or real(resumed, b)
-    resumed.fit(train)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TrainGradients, "_capture_batch", lambda self, b: calls.append(1) or real(self, b))
+        resumed.fit(train)
     assert len(calls) == 3  # 6 batches in shards of 2: shards 0 and 1 were finished (+ batch 0 to check them)
     assert not list(root.glob("*.tmp"))
     fresh = Attributor(setup.model, blocks=setup.blocks, store="cpu", chunk_size=4, progress=False).fit(train)

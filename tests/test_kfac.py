@@ -289,8 +289,8 @@ def test_attributor_matches_reference_on_captured_tokens(llama):
     model, train, queries = llama
     att = Attributor(model, method="kfac", store="cpu", progress=False).fit(train)
     S = att.score(queries).double()
-    st, V = att._store.factors, att.query_grads(queries)
-    G = {name: torch.cat([c[name] for _, c in att._store.chunks()]) for name in V}
+    st, V = att.gradients.store.factors, att.query_grads(queries)
+    G = {name: torch.cat([c[name] for _, c in att.gradients.store.chunks()]) for name in V}
     ref = torch.zeros_like(S)
     for name in V:
         gi, j = st.index[name]
@@ -379,7 +379,7 @@ def test_ekfac_true_fisher_fits_eigenvalues_on_sampled_gradients(llama):
     """fisher="true": Λ* = (1/n) Σ_i (Q_Rᵀ g̃_i Q_C)² over the gradients g̃ of labels drawn from the model."""
     model, train, queries = llama
     att = Attributor(model, method="ekfac", fisher="true", seed=2, progress=False).fit(train)
-    m = att._method
+    m = att.analysis.method
     with GradientCapture(model, blocks="lora") as cap:
         drawn = [cap(sample_labels(model, b, 2)) for b in train]
     for gi, g in enumerate(m.groups):

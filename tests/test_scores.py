@@ -80,6 +80,10 @@ def test_attributor_per_block(setup, method):
     assert list(shares) == [b.name for b in att.blocks] and len(shares) == 8
     assert all(s.shape == (3, 10) for s in shares.values())
     assert _rel(sum(shares.values()), S) < 1e-5
+    V = att.query_grads(queries)  # the analysis protocol's other query forms
+    agg = att.score(query_grads=V, per_block=True, aggregate=True)
+    assert list(agg) == list(shares) and all(a.shape == (10,) for a in agg.values())
+    assert _rel(sum(agg.values()), att.score(query_grads=V, aggregate=True)) < 1e-5
 
 
 def test_per_block_refusals(setup, tmp_path):
@@ -92,6 +96,13 @@ def test_per_block_refusals(setup, tmp_path):
     fwd = Attributor(setup.model, method="forward", lr=1e-3, progress=False).fit(train)
     with pytest.raises(ValueError, match="per_block is not available for method 'forward'.*tracin"):
         fwd.score(queries, per_block=True)
+    with pytest.raises(ValueError, match="out= is not available for method 'forward'"):
+        fwd.score(queries, out=tmp_path / "f")
+    assert not (tmp_path / "f").exists()
+    with pytest.raises(ValueError, match="out= identifies its run by the query data"):
+        att.score(query_grads=att.query_grads(queries), out=tmp_path / "s")
+    with pytest.raises(ValueError, match="out= identifies its run by the query data"):
+        att.score(queries, aggregate=True, out=tmp_path / "s")
 
 
 # -- scores on disk ----------------------------------------------------------
@@ -152,9 +163,9 @@ def test_resume_after_interruption(setup, store, tmp_path, monkeypatch):
     # a new process: fit again; the resumed pass neither captures queries nor reads the written chunk
     att = _att(setup, store, tmp_path).fit(train)
     starts = []
-    monkeypatch.setattr(att, "query_grads", lambda q: pytest.fail("queries captured again on resume"))
-    chunks = att._method.score_chunks
-    monkeypatch.setattr(att._method, "score_chunks", lambda *a, **k: (starts.append(s) or (s, c) for s, c in chunks(*a, **k)))
+    monkeypatch.setattr(att.gradients, "query_grads", lambda q: pytest.fail("queries captured again on resume"))
+    chunks = att.analysis.method.score_chunks
+    monkeypatch.setattr(att.analysis.method, "score_chunks", lambda *a, **k: (starts.append(s) or (s, c) for s, c in chunks(*a, **k)))
     sf = att.score(queries, out=path)
     assert sf.complete and starts == [4, 8]
     assert torch.equal(sf.tensor(), ref)

@@ -15,6 +15,7 @@ import torch
 
 from pyinf import store as store_mod
 from pyinf.attributor import Attributor
+from pyinf.gradients import TrainGradients
 from pyinf.blocks import Block
 from pyinf.store import DiskStore, MemoryStore, RecomputeStore, make_store
 
@@ -237,8 +238,8 @@ def test_attributor_disk_interrupted_fit_gives_identical_scores(monkeypatch, tmp
     with pytest.raises(RuntimeError, match="killed"):
         Attributor(setup.model, blocks=setup.blocks, store=spec, chunk_size=4, progress=False).fit(interrupted())
     calls = []
-    real = Attributor._capture_batch
-    monkeypatch.setattr(Attributor, "_capture_batch", lambda self, b: calls.append(1) or real(self, b))
+    real = TrainGradients._capture_batch
+    monkeypatch.setattr(TrainGradients, "_capture_batch", lambda self, b: calls.append(1) or real(self, b))
     resumed = Attributor(setup.model, blocks=setup.blocks, store=spec, chunk_size=4, progress=False).fit(train)
     assert len(calls) == 3  # 6 batches, shards of 2: shards 0 and 1 were finished (+ batch 0 to check them)
     fresh = Attributor(setup.model, blocks=setup.blocks, store="cpu", chunk_size=4, progress=False).fit(train)

@@ -47,7 +47,7 @@ def _data(setup, padding_side="right"):
 
 
 def _preconditioned(att, queries):
-    return att._method.precondition(att.query_grads(queries))
+    return att.analysis.method.precondition(att.query_grads(queries))
 
 
 def _per_position_reference(model, batches, H):

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import pickle
 from collections import defaultdict
+from dataclasses import dataclass
 from time import time
 from typing import Any, Hashable, Mapping
 
@@ -66,6 +67,7 @@ import torch
 from ..backends import get_backend
 from ..blocks import TensorSource, as_blocks, compute_dtype
 from ..methods import Method, get_method
+from ..options import Options, any_value
 
 __all__ = ["IFEngine", "IFEngineGeneration"]
 
@@ -77,6 +79,12 @@ _PANDAS_MSG = (
 )
 
 
+@dataclass(frozen=True)
+class _OriginalLiSSAOptions(Options):
+    n_iteration: int = any_value(10)  # unchecked, as the research code
+    alpha_const: float = any_value(1.0)
+
+
 class _OriginalLiSSA(Method):
     """The DataInf research code's LiSSA, batched over queries and samples.
 
@@ -86,7 +94,7 @@ class _OriginalLiSSA(Method):
     """
 
     name = "lissa-datainf-original"
-    options = {"n_iteration": 10, "alpha_const": 1.0}
+    Options = _OriginalLiSSAOptions
 
     def precondition(self, queries):
         V = self._stacked(queries)
@@ -169,7 +177,7 @@ class _Stacked:
             w: torch.cat([h[w].reshape(h[w].shape[0], -1).to(self.train.device, dtype) for h in Hs])
             for w in self.names
         }
-        return list(self.scorer.score(self.train, H).double().cpu().split(sizes))
+        return list(self.scorer.score_pass(self.train, H).double().cpu().split(sizes))
 
     def unflatten(self, h: torch.Tensor, w: str) -> torch.Tensor:
         """``(D_w,)`` -> the parameter's shape."""

@@ -1,13 +1,16 @@
-"""The protocol every method follows: fit -> precondition -> score.
+"""The protocol every method follows: fit -> precondition -> score_pass (the three names: a method's
+scoring pass `score_pass`, the whole influence `influence` / `pyinf.Attributor.score`, the backend primitive
+`Backend.score`).
 
 - `fit(train)` reads the training gradients (one or more passes over the
   source) and keeps the statistics the method needs: per-block damping λ_b,
   squared norms, Grams, GFIMs...
 - `precondition(queries)` turns query gradients `V_b` (m, rows, cols) into
   `H_b` (m, D_b) ≈ V_b (F_b + λ_b I)⁻¹.
-- `score(train, H)` is one pass: `score[j, i] = −Σ_b ⟨h_jb, g_ib⟩`, shape (m, n).
+- `score_pass(train, H)` is one pass: `score[j, i] = −Σ_b ⟨h_jb, g_ib⟩`, shape (m, n)
+  (`influence(queries)` = precondition + score_pass: the whole influence).
 
-Per-block scores (`per_block=True` in `influence`, `score`, `score_chunks`):
+Per-block scores (`per_block=True` in `influence`, `score_pass`, `score_chunks`):
 block b's share `−⟨h_jb, g_ib⟩`, stacked `(n_blocks, m, n)` in the order of
 `self.blocks`; the shares sum over blocks to the `(m, n)` scores. Where the
 summed form makes one backend call per group (`Backend.score`, which sums over
@@ -15,7 +18,8 @@ the group's blocks inside), the per-block form makes one `Backend.dots` call
 per group (`(b, m, c)`, the group's blocks kept apart): the same reads of G.
 
 A method is one module defining a subclass with its `name` and its options
-(with defaults); everything else is shared here.
+(`Options`, a dataclass of `pyinf.options`: defaults and rules, validated
+there); everything else is shared here.
 
 Block groups. Blocks of the same shape form a group (`pyinf.blocks.group_blocks`:
 all 160 blocks of a 13B LoRA adapter on q and v are one group), and every pass
@@ -42,22 +46,23 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
 from ..backends import Backend
 from ..blocks import Block, BlockGroup, GradientSource, check_finite, stack_group, unstack_group
+from ..options import Options
 
 DAMPING_MODES = ("relative", "absolute")
 
 
 class Method:
-    """Base class of all methods. Subclasses set `name`, `options` and override `_fit`/`precondition`."""
+    """Base class of all methods. Subclasses set `name`, `Options` and override `_fit`/`precondition`."""
 
     name: ClassVar[str] = "abstract"
-    #: option name -> default value; anything else passed by the user is an error.
-    options: ClassVar[dict[str, Any]] = {}
+    #: the method's options (a `pyinf.options.Options` dataclass); anything else passed by the user is an error.
+    Options: ClassVar[type[Options]] = Options
     #: whether `fit` needs the per-block damping (tracin does not).
     needs_damping: ClassVar[bool] = True
     # True: `_fit` sets λ from Σ_i ‖g_ib‖² (the trace of a matrix it builds anyway, `_damping_from_totals`),
@@ -72,18 +77,14 @@ class Method:
     def __init__(self, backend: Backend, damping: float = 0.1, damping_mode: str = "relative", **options):
         if damping_mode not in DAMPING_MODES:
             raise ValueError(f"damping_mode must be one of {DAMPING_MODES}, got {damping_mode!r}")
-        if not isinstance(damping, (int, float)) or not math.isfinite(damping) or damping <= 0:
+        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not math.isfinite(damping) \
+                or damping <= 0:
             raise ValueError(f"damping must be a finite number > 0, got {damping!r}")
-        unknown = sorted(set(options) - set(self.options))
-        if unknown:
-            raise ValueError(
-                f"unknown option(s) {unknown} for method '{self.name}'; valid options: {sorted(self.options) or 'none'}"
-            )
+        self.args = self.Options.make(self.name, **options)  # validated there
         self.backend = backend
         self.damping = float(damping)
         self.damping_mode = damping_mode
-        self.opts = {**self.options, **options}
-        self._check_options()
+        self.opts = self.args.report()
         self.n = 0
         self.comm = None
         self.offset = 0
@@ -108,26 +109,11 @@ class Method:
         self._fit(train)
         return self
 
-    def _check_options(self) -> None:
-        """Validate `self.opts` (default: nothing to check)."""
-
     def _check_blocks(self, blocks: list[Block]) -> None:
         """Refuse block shapes the method cannot handle, before any pass."""
 
     def _fit(self, train: GradientSource) -> None:
         """Method-specific statistics (default: none)."""
-
-    def _check_positive_int(self, key: str) -> None:
-        value = self.opts[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{self.name}: option {key} must be an int >= 1, got {value!r}")
-
-    def _check_positive_float(self, key: str, allow_none: bool = False) -> None:
-        value = self.opts[key]
-        if value is None and allow_none:
-            return
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
-            raise ValueError(f"{self.name}: option {key} must be a finite number > 0, got {value!r}")
 
     def _fit_damping(self, train: GradientSource) -> None:
         """One pass: per-sample squared norms, NaN/Inf check, and λ_b."""
@@ -198,9 +184,9 @@ class Method:
         precondition + score by default; a method overrides it where scoring
         the training set has a cheaper or more accurate form (exact).
         """
-        return self.score(self.train, self.precondition(queries), per_block=per_block)
+        return self.score_pass(self.train, self.precondition(queries), per_block=per_block)
 
-    def score(self, train: GradientSource, H: dict[str, torch.Tensor], per_block: bool = False) -> torch.Tensor:
+    def score_pass(self, train: GradientSource, H: dict[str, torch.Tensor], per_block: bool = False) -> torch.Tensor:
         """One pass over `train`: `(m, n)` scores −Σ_b H_b G_bᵀ (`per_block`: `(n_blocks, m, n)`, unsummed)."""
         m = next(iter(H.values())).shape[0]
         # float64 H (exact, hyperinf: their solves are float64) is scored in

@@ -17,10 +17,13 @@ A flat block is one row (A = F + λI, D_b × D_b), so at most 8192 wide.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..backends.dense import SOLVERS, symmetrize_
 from ..blocks import BlockGroup, stack_group
+from ..options import Options, one_of, positive_float, positive_int
 from .base import Method
 
 MAX_FLAT_COLS = 8192
@@ -57,16 +60,19 @@ def unpack(pairs: torch.Tensor, i: int) -> torch.Tensor:
     return T + T.triu(1).mT
 
 
+@dataclass(frozen=True)
+class HyperINFOptions(Options):
+    """iterations and tol of the Schulz iteration; solver: the backend's `spd_inverse` solver."""
+
+    iterations: int = positive_int(100)
+    tol: float = positive_float(1e-8)
+    solver: str = one_of("auto", SOLVERS)
+
+
 class HyperINF(Method):
     name = "hyperinf"
     damping_from_fit = True  # λ_b from trace(Σ_i g_iᵀ g_i) = Σ_i ‖g_i‖²: no norms pass
-    options = {"iterations": 100, "tol": 1e-8, "solver": "auto"}
-
-    def _check_options(self):
-        self._check_positive_int("iterations")
-        self._check_positive_float("tol")
-        if self.opts["solver"] not in SOLVERS:
-            raise ValueError(f"{self.name}: option solver must be one of {SOLVERS}, got {self.opts['solver']!r}")
+    Options = HyperINFOptions
 
     def _check_blocks(self, blocks):
         for b in blocks:

@@ -33,8 +33,11 @@ the 13B shape by `bench/costmodel.py`: see the README.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from ..options import Options, integer, one_of
 from .base import Method
 
 FISHERS = ("empirical", "true")
@@ -45,18 +48,20 @@ SLICE_BYTES = 1 << 30
 QUERY_SLICE_BYTES = 256 << 20
 
 
+@dataclass(frozen=True)
+class KFACOptions(Options):
+    """fisher: the labels of the factors' statistics ("empirical": the data's; "true": drawn from the model,
+    seeded by seed); the capture must have accumulated the same (`pyinf.gradients`)."""
+
+    fisher: str = one_of("empirical", FISHERS)
+    seed: int = integer(0)
+
+
 class KFAC(Method):
     name = "kfac"
     damping_from_fit = True  # λ from the trace of Λ: no norms pass
     needs_factors = True
-    options = {"fisher": "empirical", "seed": 0}
-
-    def _check_options(self):
-        if self.opts["fisher"] not in FISHERS:
-            raise ValueError(f"{self.name}: option fisher must be one of {FISHERS}, got {self.opts['fisher']!r}")
-        seed = self.opts["seed"]
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"{self.name}: option seed must be an int, got {seed!r}")
+    Options = KFACOptions
 
     def _factors(self, train):
         """The training source's statistics, checked against the options and the blocks."""

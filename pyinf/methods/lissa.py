@@ -12,16 +12,29 @@ the relative residual ‖v − (F + λI) h/s‖ / ‖v‖ is below `tol`, and wa
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from ..options import Options, positive_float, positive_int
 from .base import Method
 
 POWER_ITERATIONS = 10
 
 
+@dataclass(frozen=True)
+class LiSSAOptions(Options):
+    """iterations: passes of the recursion at most; scale: s (None: from power iteration); tol: the
+    relative residual at which it stops."""
+
+    iterations: int = positive_int(1000)
+    scale: float | None = positive_float(None, optional=True)
+    tol: float = positive_float(1e-5)
+
+
 class LiSSA(Method):
     name = "lissa"
-    options = {"iterations": 1000, "scale": None, "tol": 1e-5}
+    Options = LiSSAOptions
 
     def _fisher_products(self, X: list[torch.Tensor]) -> list[torch.Tensor]:
         """One pass: F X for every block, X one `(b, k, D)` stack per group."""
@@ -32,11 +45,6 @@ class LiSSA(Method):
             for i, (_, G) in enumerate(self._grouped(chunk)):
                 self.backend.rank_one_accumulate(out[i], G, X[i], w[i][:, : G.shape[1]].contiguous())
         return self._allreduce_list(out)  # F X over every rank's samples (power iteration and recursion)
-
-    def _check_options(self):
-        self._check_positive_int("iterations")
-        self._check_positive_float("scale", allow_none=True)
-        self._check_positive_float("tol")
 
     def _fit(self, train):
         if self.opts["scale"] is not None:
