@@ -8,6 +8,9 @@
     S = an.run(grads, "score", lambda: an.influence(grads, queries))            # (m, n_local)
     top = an.run(grads, "score", lambda: fold(an.score_chunks(grads, queries)))  # (start, (m, c)) chunks
     an.run(grads, "self-influence", lambda: an.self_influence(grads))           # (n_local,)
+    an.check_score(per_block=True)            # score options it cannot honour: ValueError
+    H = an.precondition(grads, queries)       # score files, token scores: the preconditioned queries
+    an.preconditioned_chunks(grads, H, start=0)                                 # (start, (m, c)) chunks
     an.state(); an.load_state(state, grads); an.report()
 
 Two implementations:
@@ -21,8 +24,10 @@ Two implementations:
   batches and computes their losses, a score takes optimizer steps on each
   query's measurement and evaluates the training losses with forward passes.
   It reads no stored gradient (its capture is store="none"), keeps none (no
-  self-influence, no save) and is not linear in the query gradient (no
-  aggregate).
+  self-influence, no save, no score file), is not linear in the query gradient
+  (no aggregate), has no preconditioned queries (no token scores), and its
+  scores, loss differences after moving every attributed block at once, do
+  not split into block shares (no per_block).
 
 Options: each method's dataclass (`pyinf.options`), validated at
 construction; `report()` prints them with the damping and the backend.
@@ -75,12 +80,24 @@ class Analysis:
         """(m, the queries in this analysis's form) from query data or query gradients {name: (m, rows, cols)}."""
         raise NotImplementedError
 
-    def influence(self, grads, queries) -> torch.Tensor:
-        """`(m, n_local)` scores of this rank's training samples (positive = raises the measurement)."""
+    def check_score(self, *, per_block: bool = False, out=None, tokens: bool = False) -> None:
+        """ValueError for what this analysis cannot score: per-block shares, a score file (`out`), token scores."""
+
+    def influence(self, grads, queries, per_block: bool = False) -> torch.Tensor:
+        """`(m, n_local)` scores of this rank's training samples (positive = raises the measurement);
+        `per_block`: `(n_blocks, m, n_local)`, each block's share, in the order of `grads.blocks`."""
         raise NotImplementedError
 
     def score_chunks(self, grads, queries) -> Iterator[tuple[int, torch.Tensor]]:
         """The same scores as `(start, (m, c))` column chunks (a top-k keeps no (m, n) matrix)."""
+        raise NotImplementedError
+
+    def precondition(self, grads, queries) -> dict[str, torch.Tensor]:
+        """The preconditioned queries `{name: (m, D_b)}` (a score file saves them, token scores read them)."""
+        raise NotImplementedError
+
+    def preconditioned_chunks(self, grads, H, start: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
+        """The scoring pass of `H` as `(start, (m, c))` chunks from the chunk holding sample `start` on."""
         raise NotImplementedError
 
     def self_influence(self, grads) -> torch.Tensor:
@@ -140,11 +157,21 @@ class GradientAnalysis(Analysis):
             V = mean_query(V, grads.store.dtype)
         return next(iter(V.values())).shape[0], V
 
-    def influence(self, grads, queries):
-        return self.method.influence(queries)  # what pyinf.influence runs
+    def influence(self, grads, queries, per_block=False):
+        S = self.method.influence(queries, per_block=per_block)  # what pyinf.influence runs
+        if not per_block:
+            return S
+        pos = {b.name: k for k, b in enumerate(self.method.blocks)}  # the method's order -> the capture's
+        return S[[pos[b.name] for b in grads.blocks]]
 
     def score_chunks(self, grads, queries):
-        yield from self.method.score_chunks(grads.store, self.method.precondition(queries))
+        yield from self.preconditioned_chunks(grads, self.precondition(grads, queries))
+
+    def precondition(self, grads, queries):
+        return self.method.precondition(queries)
+
+    def preconditioned_chunks(self, grads, H, start=0):
+        yield from self.method.score_chunks(grads.store, H, start=start)
 
     def self_influence(self, grads):
         return self.method.self_influence(grads.store)
@@ -203,7 +230,18 @@ class ForwardAnalysis(Analysis):
         batches = list(grads.batches(query_data))
         return sum(batch_len(b) for b in batches), batches
 
-    def influence(self, grads, queries):
+    def check_score(self, *, per_block=False, out=None, tokens=False):
+        if per_block:
+            raise ValueError("per_block is not available for method 'forward': its scores are loss differences after "
+                             "moving every attributed block at once, which do not split into block shares (to first "
+                             "order they are tracin's: use method='tracin', per_block=True)")
+        if out is not None:
+            raise ValueError("out= is not available for method 'forward' (it keeps no gradients to stream)")
+        if tokens:
+            raise ValueError("token_scores is not available for method 'forward' (it has no preconditioned queries)")
+
+    def influence(self, grads, queries, per_block=False):
+        self.check_score(per_block=per_block)
         return self.engine.score(queries)
 
     def score_chunks(self, grads, queries):

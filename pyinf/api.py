@@ -21,10 +21,11 @@ def influence(
     damping: float = 0.1,
     damping_mode: str = "relative",
     aggregate: bool = False,
+    per_block: bool = False,
     backend: str = "auto",
     chunk_size: int | None = None,
     **options,
-) -> torch.Tensor:
+) -> torch.Tensor | dict[str, torch.Tensor]:
     """Influence of every training point on every query.
 
     Args:
@@ -39,6 +40,9 @@ def influence(
         damping: c > 0. `damping_mode="relative"`: λ_b = c · mean_i ‖g_ib‖² / D_b;
             `"absolute"`: λ_b = c.
         aggregate: score the mean query gradient instead; returns `(n,)`.
+        per_block: return each block's share of the scores, `{block: (m, n)}`
+            (`{block: (n,)}` with `aggregate`) in the blocks' order; the
+            shares sum to the scores of `per_block=False` (to rounding).
         backend: "auto", "torch" (reference); more come with their issues.
         chunk_size: training samples per chunk in each pass (default: ~256 MB).
         **options: method options (lissa: iterations, scale, tol;
@@ -61,8 +65,10 @@ def influence(
     if aggregate:
         queries = mean_query(queries, train.dtype)
     m.fit(train)
-    scores = m.influence(queries).float()
-    return scores[0] if aggregate else scores
+    scores = m.influence(queries, per_block=per_block).float()
+    if aggregate:
+        scores = scores[..., 0, :]
+    return dict(zip((b.name for b in train.blocks), scores)) if per_block else scores
 
 
 def self_influence(

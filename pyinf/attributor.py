@@ -214,13 +214,19 @@ class Attributor:
         self._check_fitted()
         return self.gradients.query_grads(query_data)
 
-    def score(self, query_data=None, top_k: int | None = None, *, aggregate: bool = False, query_grads=None):
+    def score(self, query_data=None, top_k: int | None = None, *, aggregate: bool = False, query_grads=None,
+              per_block: bool = False, out=None):
         """`(m, n)` float32 scores (positive = up-weighting the training point raises the measurement: harmful
         for a loss); with `top_k=k` a `TopK` of (m, k) tensors.
 
         query_data: the queries (data forms of the module docstring), or `query_grads` ({name: (m, rows,
         cols)}, e.g. from `query_grads`; not for "forward"). aggregate: score the mean query gradient
         (DataInf's classification recipe, as `pyinf.influence(aggregate=True)`): `(n,)` (TopK of (k,)).
+        per_block: `{block: (m, n)}` (`{block: (n,)}` with aggregate), each block's share in the blocks'
+        order (they sum to the scores; see `pyinf.methods.base`); not for "forward" (`pyinf.analysis`).
+        out=PATH: the scores are written to a `pyinf.scores.ScoreFile` at PATH (a directory) chunk by
+        chunk, never held in memory, and that ScoreFile is returned; an interrupted write resumes at its
+        first missing chunk (see `pyinf.scores`). One process, query data only; not for "forward".
         Data parallel: on rank 0; None on the other ranks.
         """
         self._check_fitted()
@@ -228,14 +234,55 @@ class Attributor:
             raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
         if (query_data is None) == (query_grads is None):
             raise ValueError("pass the query data or query_grads (one of them)")
-        self._check_model()
+        if per_block and (top_k is not None or out is not None):
+            raise ValueError("per_block=True returns every block's (m, n) share: it does not combine with top_k or out")
+        if top_k is not None and out is not None:
+            raise ValueError("out= writes the whole (m, n) scores: take the top k from the file (ScoreFile.top_k)")
+        if out is not None and (aggregate or query_grads is not None):
+            raise ValueError("out= identifies its run by the query data (a resumed write must be the same run): "
+                             "pass query data, without aggregate or query_grads")
         an, grads = self.analysis, self.gradients
+        an.check_score(per_block=bool(per_block), out=out)
+        self._check_model()
+        if out is not None:
+            return self._score_to_file(query_data, out)
         m, queries = an.queries(grads, query_data, query_grads, bool(aggregate))
         if top_k is None:
-            S = grads.finish(an.run(grads, "score", lambda: an.influence(grads, queries)).float())
-            return S[0] if aggregate and S is not None else S
+            S = an.run(grads, "score", lambda: an.influence(grads, queries, per_block=bool(per_block)))
+            S = grads.finish(S.float())
+            if S is not None and aggregate:
+                S = S[..., 0, :]
+            return dict(zip((b.name for b in self.blocks), S)) if S is not None and per_block else S
         top = an.run(grads, "score", lambda: self._top_k_streamed(an.score_chunks(grads, queries), m, top_k))
         return TopK(*(t[0] for t in top)) if aggregate and top is not None else top
+
+    def _score_to_file(self, query_data, path):
+        """`score(out=path)`: the scoring pass written to a `pyinf.scores.ScoreFile`, resumed where an
+        earlier run on the same fit and queries stopped (its saved H: no query capture, no precondition)."""
+        from .scores import ScoreFile, digest_batches
+
+        an, grads = self.analysis, self.gradients
+        if grads.comm is not None:
+            raise ValueError("score(out=...) is single-process: score without a process group (distributed=False)")
+        queries = list(grads.batches(query_data))  # read twice: digest, capture
+        digest, m = digest_batches(queries)
+        meta = {"method": self.config["method"], "model": grads.fingerprint, "queries": digest,
+                "config": {k: v for k, v in self.config.items() if k not in ("progress", "store")},
+                "train": {"n": grads.n, "skipped": self.skipped}}
+        sf = ScoreFile.create_or_resume(path, shape=(m, grads.n), meta=meta, skipped=self.skipped)
+        if sf.complete:
+            return sf
+        H = sf.saved_preconditioned(self.device)
+        V = an.queries(grads, queries, None, False)[1] if H is None else None
+
+        def run():
+            nonlocal H
+            if H is None:
+                H = an.precondition(grads, V)
+                sf.save_preconditioned(H)
+            return sf.write_pass(an.preconditioned_chunks(grads, H, start=sf.resume_at))
+
+        return an.run(grads, "score", run)
 
     def _top_k_streamed(self, chunks, m: int, k: int) -> TopK | None:
         grads = self.gradients
@@ -258,6 +305,23 @@ class Attributor:
             kept = grads.kept_index.to(hi.device)
             hi, ai = kept[hi], kept[ai]
         return TopK(hv, hi, av, ai)
+
+    def token_scores(self, query_data, train_data) -> torch.Tensor:
+        """`(m, n_t, T)` float32: the share of each position t of each training sequence in its scores
+        (they sum over t to `score`'s columns); `train_data` (any sequences, in the data forms above;
+        n_t of them, T the longest, shorter batches padded with 0) is captured again, one forward and
+        backward a batch, evaluating `−Σ_b u_tᵀ H_b v_t` from the captured factors without per-token
+        gradients (`TrainGradients.token_scores`). The math, what a token's share means, and the blocks
+        it takes: `pyinf.token_scores`. One process only; not for "forward" (no preconditioned queries)."""
+        self._check_fitted()
+        an, grads = self.analysis, self.gradients
+        an.check_score(tokens=True)
+        if grads.comm is not None:
+            raise ValueError("token_scores is single-process: call it without a process group (distributed=False)")
+        self._check_model()
+        V = an.queries(grads, query_data, None, False)[1]
+        H = an.run(grads, "precondition", lambda: an.precondition(grads, V))
+        return grads.token_scores(train_data, H)
 
     def self_influence(self) -> torch.Tensor | None:
         """`(n,)` float32: −g_iᵀ H⁻¹ g_i (≤ 0; rank by magnitude). Data parallel: rank 0 (None elsewhere)."""

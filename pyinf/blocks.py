@@ -212,9 +212,11 @@ class GradientSource:
     - `n`, `blocks` (list of `Block`), `device` (where chunks land), `dtype`
       (the compute dtype), `grad_dtype` (the widest stored dtype),
       `chunk_size` (samples per chunk, `chunk_samples`);
-    - `chunks(names=None)`: one pass, yielding `(start, {name: (c, rows, cols)})`
+    - `chunks(names=None, start=0)`: one pass, yielding `(start, {name: (c, rows, cols)})`
       for samples `start .. start + c` of every block (of the blocks in `names`
-      only, when given: a pass that reads just those, e.g. exact's Gram);
+      only, when given: a pass that reads just those, e.g. exact's Gram); with
+      `start` > 0, only the chunks that end after sample `start`, never reading
+      the ones before (a resumed score file, `pyinf.scores`);
     - `comm` (a `pyinf.distributed.Comm` when this source is one rank's shard
       of the data, else None) and `offset` (the global index of its first
       sample; 0 without `comm`).
@@ -240,7 +242,7 @@ class GradientSource:
     factors = None
     fisher_gradients = None
 
-    def chunks(self, names=None) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    def chunks(self, names=None, start: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         raise NotImplementedError
 
     @property
@@ -270,8 +272,8 @@ class TensorSource(GradientSource):
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.chunk_size = min(int(chunk_size), self.n)
 
-    def chunks(self, names=None) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    def chunks(self, names=None, start: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         names = list(self._grads) if names is None else names
-        for start in range(0, self.n, self.chunk_size):
+        for start in range(start - start % self.chunk_size, self.n, self.chunk_size):
             stop = min(start + self.chunk_size, self.n)
             yield start, {name: self._grads[name][start:stop] for name in names}

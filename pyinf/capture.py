@@ -505,6 +505,8 @@ class GradientCapture:
         self.fisher_loss: LossFn | None = None  # the sampled pass's loss (default: `loss`)
         self.last_sq_norms: dict[str, torch.Tensor] = {}
         self._active = False
+        self._token_H: dict[str, torch.Tensor] | None = None  # token_scores: H per block, (m, rows, cols)
+        self._token_T = 0
         self._reset()
         by_module: dict[int, tuple[nn.Module, list[tuple[_Target, _Use]]]] = {}
         for t in self._targets:
@@ -547,6 +549,7 @@ class GradientCapture:
         self._phase = "grads"  # "grads" | "factors" (statistics only) | "both"
         self._added = False
         self._kernel = None
+        self._tokens: torch.Tensor | None = None  # token_scores: the (m, B, T) sum so far
 
     def _forward_hook(self, uses: list[tuple[_Target, _Use]], module, args, kwargs, output):
         if not self._active:
@@ -583,6 +586,9 @@ class GradientCapture:
                 self._add_factors(uses, a3, e3, ones)
             if self._phase == "factors":
                 return None
+            if self._token_H is not None:  # token_scores: each token's bilinear form, no gradients
+                self._add_token_scores(uses, a3, e3, ones, mask)
+                return None
             for target, use in uses:
                 g, sq = self._contribution(target, use, a3 if target.bias is None else ones, e3, mask)
                 name = target.name
@@ -608,6 +614,21 @@ class GradientCapture:
             else:
                 continue
             self._added = True
+
+    def _add_token_scores(self, uses: list[tuple[_Target, _Use]], a: torch.Tensor, e: torch.Tensor, ones, mask) -> None:
+        """token_scores: add this use's per-token scores (`pyinf.token_scores`) into `self._tokens`."""
+        from .token_scores import use_token_scores
+
+        for t, u in uses:
+            if a.shape[1] != self._token_T:
+                raise ValueError(
+                    f"block '{t.name}': its input has {a.shape[1]} positions per sample, not the batch's "
+                    f"{self._token_T} tokens (e.g. a head that reads one token): per-token scores need blocks "
+                    f"that read every position; leave it out with blocks=[...]"
+                )
+            s = use_token_scores(u.kind, t.transpose, a if t.bias is None else ones, e, self._token_H[t.name],
+                                 mask, t.name)
+            self._tokens = s if self._tokens is None else self._tokens + s
 
     def _contribution(self, t: _Target, u: _Use, a: torch.Tensor, e: torch.Tensor, mask):
         """This use's share of the per-sample gradients, in the block's layout: ((B, rows, cols) fp32, norms or None).
@@ -663,6 +684,25 @@ class GradientCapture:
         return k
 
     # -- the call ---------------------------------------------------------- #
+    def token_scores(self, batch: Mapping[str, Any], H: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Per-token scores `(m, B, T)` of a batch against preconditioned queries `H` {block: (m, D_b)}
+        (`Method.precondition`): `−Σ_b u_tᵀ H_b v_t` per position t, summing over t to the batch's
+        `(m, B)` scores; see `pyinf.token_scores` for the math and what a token's share means.
+        One forward and backward, as a call; no per-sample gradient is formed."""
+        ids = next((batch[k] for k in ("input_ids", "attention_mask") if isinstance(batch.get(k), torch.Tensor)), None)
+        if ids is None or ids.dim() != 2:
+            raise ValueError("token_scores needs a batch with (B, T) input_ids or attention_mask (its positions)")
+        missing = sorted({t.name for t in self._targets} - set(H))
+        if missing:
+            raise ValueError(f"token_scores: H has no block {missing[:4]}")
+        self._token_T = ids.shape[1]
+        self._token_H = {t.name: H[t.name].reshape(H[t.name].shape[0], t.block.rows, t.block.cols)
+                         for t in self._targets}
+        try:
+            return self(batch)
+        finally:
+            self._token_H = None
+
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Per-sample gradients `{block: (B, rows, cols)}` float32 on the model's device."""
         if self._handles is None:
@@ -759,6 +799,7 @@ class GradientCapture:
         self._mask = self._stat_mask = None
         self._phase, self._added = "grads", False
         self._kernel = None
+        self._tokens = None
 
     @staticmethod
     def _check_losses(losses: Any, mask: Any) -> torch.Tensor:
@@ -781,6 +822,12 @@ class GradientCapture:
                 f"blocks {missing[:6]}{'...' if len(missing) > 6 else ''} were not called in the forward "
                 "pass (adapter disabled or not active, merged, or the module is unused)"
             )
+        if self._token_H is not None:  # token_scores: the hooks' sum (zero if no block reached the loss)
+            m = next(iter(self._token_H.values())).shape[0]
+            if self._tokens is None:
+                dtype = next(iter(self._token_H.values())).dtype
+                return torch.zeros(m, self._B, self._token_T, dtype=dtype, device=device)
+            return self._tokens
         B = self._B
         out, norms = {}, {}
         for t in self._targets:

@@ -486,6 +486,26 @@ class TrainGradients:
         V = self.everywhere(lambda: self.query_grads(query_data) if comm.rank == 0 else None, "query gradients")
         return comm.broadcast_tensors(V, self.device)
 
+    def token_scores(self, train_data, H: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`(m, n_t, T)`: each position's share in the scores of `train_data`'s sequences for the preconditioned
+        queries `H` (`pyinf.token_scores`), one forward and backward a batch (`GradientCapture.token_scores`)."""
+        from .token_scores import pad_positions
+
+        parts, i = [], 0
+        with self._capturing() as cap, bar("token scores", None, self.progress, unit="batch") as pb:
+            for batch in self.batches(train_data):
+                S = cap.token_scores(_to_device(batch, self.device), H)
+                losses = self._losses
+                if losses is not None and not bool(torch.isfinite(losses).all()):
+                    raise ValueError(f"the loss of sample {i + int((~torch.isfinite(losses)).nonzero()[0, 0])} "
+                                     f"of train_data is NaN or Inf")
+                parts.append(S.float())
+                i += S.shape[1]
+                pb.update()
+        if not parts:
+            raise ValueError("train_data is empty")
+        return pad_positions(parts)
+
     # -- passes over the store ---------------------------------------------------
     def run_pass(self, label: str, fn: Callable):
         """`fn()` (one or more passes over the store) under one progress phase `label`, with the capture hooks

@@ -343,25 +343,27 @@ class Store(GradientSource):
             self._phase.close()
             self._phase = None
 
-    def chunks(self, names=None) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    def chunks(self, names=None, start: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         if self._phase is None:  # a pass outside any phase: a phase of its own
             with self.phase("pass"):
-                yield from self.chunks(names)
+                yield from self.chunks(names, start)
             return
         b = self._phase
         b.new_pass()
         blocks = self.blocks if names is None else [x for x in self.blocks if x.name in set(names)]
-        for start, chunk in self._chunks(blocks):
+        first = start
+        for start, chunk in self._chunks(blocks, first):
             c = next(iter(chunk.values())).shape[0]
             if c == 0:
                 continue
             step = self.piece or c
-            for s in range(0, c, step):
+            for s in range(max(0, first - start) // step * step, c, step):
                 yield start + s, ({k: v[s : s + step] for k, v in chunk.items()} if step < c else chunk)
                 b.update(min(step, c - s))
 
-    def _chunks(self, blocks: list[Block]) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-        """One pass over `blocks` (a subset of `self.blocks`, in storage order)."""
+    def _chunks(self, blocks: list[Block], first: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """One pass over `blocks` (a subset of `self.blocks`, in storage order), from the chunk that
+        holds sample `first` on (the chunks before it are not read)."""
         raise NotImplementedError
 
     def fill(self, capture: Capture, batches: Iterable) -> "Store":
@@ -470,15 +472,15 @@ class MemoryStore(Store):
         self.n = n
         return self
 
-    def _views(self, blocks):
-        for i, slab in enumerate(self._slabs):
-            start = i * self.chunk_size
+    def _views(self, blocks, first=0):
+        for i in range(first // self.chunk_size, len(self._slabs)):
+            start, slab = i * self.chunk_size, self._slabs[i]
             c = min(self.chunk_size, self.n - start)
             yield start, {b.name: slab[b.name][:c] for b in blocks}
 
-    def _chunks(self, blocks):
+    def _chunks(self, blocks, first=0):
         if self._stream is None:  # views (same device), or plain copies
-            for start, views in self._views(blocks):
+            for start, views in self._views(blocks, first):
                 yield start, _to_device(views, blocks, self.device)
             return
         main = torch.cuda.current_stream(self.device)
@@ -488,7 +490,9 @@ class MemoryStore(Store):
                 out = _to_device(views, blocks, self.device, non_blocking=True)
             return out, self._stream.record_event()
 
-        views = list(self._views(blocks))
+        views = list(self._views(blocks, first))
+        if not views:
+            return
         nxt = load(views[0][1])
         for i, (start, _) in enumerate(views):
             cur, ready = nxt
@@ -813,9 +817,9 @@ class DiskStore(Store):
         self.chunk_size = max(1, max(e["count"] for e in self.shards))
         self.skipped = [i for e in self.shards for i in e.get("skipped", [])]
 
-    def _chunks(self, blocks):
+    def _chunks(self, blocks, first=0):
         for e in self.shards:
-            if e["count"]:
+            if e["count"] and e["start"] + e["count"] > first:
                 shard = self._open(e)
                 yield e["start"], _to_device({b.name: shard[b.name] for b in blocks}, blocks, self.device)
 
@@ -896,10 +900,13 @@ class RecomputeStore(Store):
         raise ValueError(f"batch {i} of the training data is not one it was fitted on: pass the same "
                          f"training data (store='none' reads it again on every pass)")
 
-    def _chunks(self, blocks):  # every pass captures all blocks; `blocks` only filters
+    def _chunks(self, blocks, first=0):  # every pass captures all blocks; `blocks` only filters
         start, orig, count = 0, 0, 0
         for i, batch in enumerate(self.batches):
             self._check_batch(i, batch)
+            if start + self.sizes[i] <= first:  # before a resumed pass's first sample: not captured
+                start, orig, count = start + self.sizes[i], orig + batch_len(batch), i + 1
+                continue
             g, _ = self._capture(self.capture, batch, orig)
             c = next(iter(g.values())).shape[0]
             if c != self.sizes[i]:

@@ -10,6 +10,13 @@ scoring pass `score_pass`, the whole influence `influence` / `pyinf.Attributor.s
 - `score_pass(train, H)` is one pass: `score[j, i] = −Σ_b ⟨h_jb, g_ib⟩`, shape (m, n)
   (`influence(queries)` = precondition + score_pass: the whole influence).
 
+Per-block scores (`per_block=True` in `influence`, `score_pass`, `score_chunks`):
+block b's share `−⟨h_jb, g_ib⟩`, stacked `(n_blocks, m, n)` in the order of
+`self.blocks`; the shares sum over blocks to the `(m, n)` scores. Where the
+summed form makes one backend call per group (`Backend.score`, which sums over
+the group's blocks inside), the per-block form makes one `Backend.dots` call
+per group (`(b, m, c)`, the group's blocks kept apart): the same reads of G.
+
 A method is one module defining a subclass with its `name` and its options
 (`Options`, a dataclass of `pyinf.options`: defaults and rules, validated
 there); everything else is shared here.
@@ -36,6 +43,7 @@ Attributor broadcasts them); `score` returns the local columns.
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import ClassVar
@@ -169,24 +177,26 @@ class Method:
         raise NotImplementedError
 
     # -- score -----------------------------------------------------------
-    def influence(self, queries: dict[str, torch.Tensor]) -> torch.Tensor:
-        """`(m, n)` scores of the fitted training set for `queries` {name: (m, rows, cols)}.
+    def influence(self, queries: dict[str, torch.Tensor], per_block: bool = False) -> torch.Tensor:
+        """`(m, n)` scores of the fitted training set for `queries` {name: (m, rows, cols)}
+        (`per_block`: `(n_blocks, m, n)`, each block's share, see the module docstring).
 
         precondition + score by default; a method overrides it where scoring
         the training set has a cheaper or more accurate form (exact).
         """
-        return self.score_pass(self.train, self.precondition(queries))
+        return self.score_pass(self.train, self.precondition(queries), per_block=per_block)
 
-    def score_pass(self, train: GradientSource, H: dict[str, torch.Tensor]) -> torch.Tensor:
-        """One pass over `train`: `(m, n)` scores −Σ_b H_b G_bᵀ."""
+    def score_pass(self, train: GradientSource, H: dict[str, torch.Tensor], per_block: bool = False) -> torch.Tensor:
+        """One pass over `train`: `(m, n)` scores −Σ_b H_b G_bᵀ (`per_block`: `(n_blocks, m, n)`, unsummed)."""
         m = next(iter(H.values())).shape[0]
         # float64 H (exact, hyperinf: their solves are float64) is scored in
         # float64: H has large components that cancel against G, and rounding
         # H to float32 would cost ~κ·eps of the answer.
         dtype = torch.float64 if any(h.dtype == torch.float64 for h in H.values()) else self.dtype
-        out = torch.zeros(m, train.n, dtype=dtype, device=train.device)
-        for start, cols in self.score_chunks(train, H):
-            out[:, start : start + cols.shape[1]] = cols
+        lead = (len(self.blocks),) if per_block else ()
+        out = torch.zeros(*lead, m, train.n, dtype=dtype, device=train.device)
+        for start, cols in self.score_chunks(train, H, per_block=per_block):
+            out[..., start : start + cols.shape[-1]] = cols
         self._refuse_non_finite(train, out)
         return out
 
@@ -199,15 +209,30 @@ class Method:
             for name, G in chunk.items():
                 check_finite(name, G, "train gradient", offset=start)
 
-    def score_chunks(self, train: GradientSource, H: dict[str, torch.Tensor]):
-        """One pass: yield `(start, (m, c) scores)` per chunk (lets a caller keep a top-k, not (m, n))."""
+    def score_chunks(self, train: GradientSource, H: dict[str, torch.Tensor], per_block: bool = False, start: int = 0):
+        """One pass: yield `(start, (m, c) scores)` per chunk (lets a caller keep a top-k or write a file,
+        not (m, n)); `per_block`: `(n_blocks, m, c)` chunks. `start` > 0 skips the chunks that end
+        before sample `start` (a resumed write, `pyinf.scores`): the first chunk yielded holds it."""
         stacks = [stack_group(H, g) for g in self.groups]  # views of precondition's stacks
-        for start, chunk in train.chunks():
-            cols = None
-            for Hg, (_, G) in zip(stacks, self._grouped(chunk)):
-                part = self.backend.score(Hg, G)
-                cols = part if cols is None else cols + part
-            yield start, cols
+        order = self._block_order() if per_block else None
+        for first, chunk in train.chunks() if start == 0 else train.chunks(start=start):
+            parts = [-self.backend.dots(G, Hg) if per_block else self.backend.score(Hg, G)
+                     for Hg, (_, G) in zip(stacks, self._grouped(chunk))]
+            yield first, (torch.cat(parts)[order] if per_block else functools.reduce(torch.add, parts))
+
+    def _block_order(self) -> list[int]:
+        """Where each block of `self.blocks` sits among the groups' blocks (per-block results are
+        computed group by group: `stacked[order]` puts them in the order of `self.blocks`)."""
+        pos = {name: k for k, name in enumerate(name for g in self.groups for name in g.names)}
+        return [pos[b.name] for b in self.blocks]
+
+    def _group_rows(self) -> list[slice]:
+        """Each group's rows in a `(n_blocks, ...)` stack laid out group by group."""
+        out, lo = [], 0
+        for g in self.groups:
+            out.append(slice(lo, lo + len(g.names)))
+            lo += len(g.names)
+        return out
 
     def self_influence(self, train: GradientSource) -> torch.Tensor:
         """`(n,)`: −g_iᵀ H⁻¹ g_i, preconditioning each training chunk as queries (local `(n_local,)` on a shard)."""

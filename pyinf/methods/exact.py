@@ -180,23 +180,30 @@ class Exact(Method):
                 P[i][..., start : start + G.shape[1]] = self.backend.dots(G, v)
         return P
 
-    def influence(self, queries):
-        """(m, n) in one pass: primal blocks score H Gᵀ, Woodbury blocks need only the dots."""
+    def influence(self, queries, per_block=False):
+        """(m, n) in one pass: primal blocks score H Gᵀ, Woodbury blocks need only the dots
+        (`per_block`: (n_blocks, m, n), the primal blocks' dots and the Woodbury blocks' −n P M⁻¹ kept apart)."""
         V = self._stacked(queries, torch.float64)  # float64 dots (module docstring)
         dual = {i: v for i, (g, v) in enumerate(zip(self.groups, V)) if not self.primal[g.names[0]]}
         H = {i: self._primal_H(v, g) for i, (g, v) in enumerate(zip(self.groups, V)) if i not in dual}
         m = V[0].shape[1]
-        out = torch.zeros(m, self.train.n, dtype=torch.float64, device=self.train.device)
+        rows = self._group_rows() if per_block else [slice(0, 1)] * len(self.groups)
+        out = torch.zeros(len(self.blocks) if per_block else 1, m, self.train.n, dtype=torch.float64,
+                          device=self.train.device)
         P = {i: v.new_empty(*v.shape[:2], self.train.n) for i, v in dual.items()}
         for start, chunk in self.train.chunks():
             for i, (g, G) in enumerate(self._grouped(chunk)):
+                cols = slice(start, start + G.shape[1])
                 if i in dual:
-                    P[i][..., start : start + G.shape[1]] = self.backend.dots(G, dual[i])
+                    P[i][..., cols] = self.backend.dots(G, dual[i])
+                elif per_block:
+                    out[rows[i], :, cols] = -self.backend.dots(G, H[i])
                 else:
-                    out[:, start : start + G.shape[1]] += self.backend.score(H[i], G)
+                    out[0, :, cols] += self.backend.score(H[i], G)
         for i in dual:
-            out += self._local_columns(self._woodbury_scores(self._all_columns(P[i]), self.groups[i]).sum(dim=0))
-        return out
+            W = self._local_columns(self._woodbury_scores(self._all_columns(P[i]), self.groups[i]))
+            out[rows[i]] += W if per_block else W.sum(dim=0)
+        return out[self._block_order()] if per_block else out[0]
 
     def self_influence(self, train):
         """Woodbury blocks in closed form, −n (K M⁻¹)_ii = −n (1 − nλ (M⁻¹)_ii); primal blocks per chunk."""
