@@ -90,9 +90,11 @@ from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from .gradients import as_batches
 from .losses import default_loss, model_device, move_to_device
+from .oom import slice_batch
+from .store import batch_len
 from .optional_kernel import OptionalKernel
 from .options import Options, any_value, one_of, positive_float, positive_int
 from .progress import bar
@@ -324,39 +326,15 @@ class _Grouped:
 # --------------------------------------------------------------------------- #
 # helpers
 # --------------------------------------------------------------------------- #
-def as_batches(data, batch_size: int) -> list:
-    """Data as a list of batches: a DataLoader, a list of dicts, a Dataset, or (dataset, collate_fn)."""
-    if isinstance(data, tuple) and len(data) == 2 and callable(data[1]):
-        data = DataLoader(data[0], batch_size=batch_size, shuffle=False, collate_fn=data[1])
-    elif isinstance(data, Dataset) and not isinstance(data, IterableDataset):
-        data = DataLoader(data, batch_size=batch_size, shuffle=False)
-    elif isinstance(data, Mapping):
-        data = [data]  # one batch
-    return list(data)
-
-
-def _rows(batch: Mapping[str, Any]) -> int:
-    for v in batch.values():
-        if isinstance(v, torch.Tensor) and v.dim() >= 1:
-            return v.shape[0]
-    raise ValueError("a batch must hold at least one tensor with the samples in dimension 0")
-
-
 def _replicate(batch: Mapping[str, Any], k: int) -> dict[str, Any]:
     """Every tensor with the samples in dim 0, repeated k times group-major."""
     if k == 1:
         return dict(batch)
-    B = _rows(batch)
+    B = batch_len(batch)
     return {
         key: v.repeat(k, *([1] * (v.dim() - 1))) if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == B else v
         for key, v in batch.items()
     }
-
-
-def _slice(batch: Mapping[str, Any], start: int, stop: int) -> dict[str, Any]:
-    B = _rows(batch)
-    return {key: v[start:stop] if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == B else v
-            for key, v in batch.items()}
 
 
 def _check_losses(losses, rows: int) -> torch.Tensor:
@@ -481,7 +459,7 @@ class ForwardInfluence:
     def _loss(self, batch, query: bool = False) -> torch.Tensor:
         """The training losses of `batch`, or (`query`) its measurements, `(B,)`."""
         batch = move_to_device(batch, self.device)
-        return _check_losses((self.measurement if query else self.loss)(self.model, batch), _rows(batch))
+        return _check_losses((self.measurement if query else self.loss)(self.model, batch), batch_len(batch))
 
     # -- fit ------------------------------------------------------------------
     @torch.no_grad()
@@ -491,7 +469,7 @@ class ForwardInfluence:
         They are the base of the plain path (`queries_per_pass=1`); the grouped path recomputes
         them in each pass, through the grouped op (module doc).
         """
-        self.batches = as_batches(train_data, self.batch_size)
+        self.batches = list(as_batches(train_data, self.batch_size))
         if not self.batches:
             raise ValueError("the training data is empty")
         out = []
@@ -532,8 +510,8 @@ class ForwardInfluence:
         """`(m, n)` float32 scores (ℓ(z_i; θ'_j) − ℓ(z_i; θ)) / (steps · lr); positive = harmful."""
         if self.batches is None:
             raise RuntimeError("call fit(train_data) first")
-        qbatches = as_batches(query_data, self.batch_size)
-        m = sum(_rows(b) for b in qbatches)
+        qbatches = list(as_batches(query_data, self.batch_size))
+        m = sum(batch_len(b) for b in qbatches)
         if m == 0:
             raise ValueError("the query data is empty")
         k = self.pick_queries_per_pass(m)
@@ -559,8 +537,8 @@ class ForwardInfluence:
         try:
             j = 0
             for qb in qbatches:
-                for r in range(_rows(qb)):
-                    q = _slice(qb, r, r + 1)
+                for r in range(batch_len(qb)):
+                    q = slice_batch(qb, r, r + 1, batch_len(qb))
                     master = {n: _wide(o).clone() for n, o in orig.items()}
                     opt = _Optimizer(self.optimizer, self.lr, master)
                     for _ in range(self.steps):
@@ -622,8 +600,8 @@ class ForwardInfluence:
 
         with grouped:
             for qb in qbatches:
-                for s in range(0, _rows(qb), k):  # step up to k queries of this batch together
-                    new = self._step_group(grouped, _slice(qb, s, min(s + k, _rows(qb))))
+                for s in range(0, batch_len(qb), k):  # step up to k queries of this batch together
+                    new = self._step_group(grouped, slice_batch(qb, s, min(s + k, batch_len(qb)), batch_len(qb)))
                     for n in params:
                         pending[n].append(new[n])
                     state["count"] += next(iter(new.values())).shape[0]
@@ -636,7 +614,7 @@ class ForwardInfluence:
     def _step_group(self, grouped: _Grouped, q: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """θ'_g for the c queries of `q` (one per group): {block: (c, *shape)} in the weights' dtype."""
         params = self.plan.params
-        c = _rows(q)
+        c = batch_len(q)
         master = {n: _wide(p.detach()).unsqueeze(0).repeat(c, *([1] * p.dim())) for n, p in params.items()}
         opt = _Optimizer(self.optimizer, self.lr, master)
         grouped.k = c
@@ -656,7 +634,7 @@ class ForwardInfluence:
         out = torch.empty(k, self.n, dtype=self.base_losses.dtype, device=self.base_losses.device)
         start = 0
         for b in self.batches:
-            B = _rows(b)
+            B = batch_len(b)
             L = _wide(self._loss(_replicate(move_to_device(b, self.device), k))).reshape(k, B)  # replicate on the device
             if start + B > self.n:
                 raise RuntimeError("the training batches changed since fit")

@@ -64,7 +64,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset,
 from torch.utils.data import default_collate
 
 from .blocks import Block, check_finite
-from .losses import Task
+from .losses import Task, move_to_device
 from .methods.kfac import FISHERS
 from .oom import HalvingCapture, is_oom, release_memory
 from .progress import bar
@@ -144,13 +144,7 @@ def _collate_examples(examples: list) -> dict:
         ) from None
 
 
-def _to_device(batch, device: torch.device):
-    if isinstance(batch, Mapping):
-        return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    return batch
-
-
-def _batches(data, batch_size: int):
+def as_batches(data, batch_size: int):
     """Data as an iterable of batches, in the data's order (the forms in the module docstring)."""
     if isinstance(data, Mapping):  # one batch (a dict, a tokenizer's BatchEncoding)
         return [data]
@@ -344,7 +338,7 @@ class TrainGradients:
 
     def batches(self, data):
         """Data as an iterable of batches, in the data's order (`batch_size` for the forms that need one)."""
-        return _batches(data, self.config["batch_size"])
+        return as_batches(data, self.config["batch_size"])
 
     # -- the model -------------------------------------------------------------
     def model_fingerprint(self) -> str:
@@ -390,7 +384,7 @@ class TrainGradients:
         return {**g, LOSS_KEY: losses}
 
     def _capture_batch(self, batch) -> dict[str, torch.Tensor]:
-        return self._halving(_to_device(batch, self.device))
+        return self._halving(move_to_device(batch, self.device))
 
     @contextmanager
     def _capturing(self, measure: bool = False):
@@ -437,7 +431,7 @@ class TrainGradients:
 
             def capture(batch):
                 with torch.no_grad():
-                    drawn = sample_labels(self.model, _to_device(batch, self.device), seed)
+                    drawn = sample_labels(self.model, move_to_device(batch, self.device), seed)
                 return self._capture_batch(drawn)
 
             sampled = RecomputeStore(self.store.blocks, self.device, self.config["grad_dtype"], self.progress)
@@ -494,7 +488,7 @@ class TrainGradients:
         parts, i = [], 0
         with self._capturing() as cap, bar("token scores", None, self.progress, unit="batch") as pb:
             for batch in self.batches(train_data):
-                S = cap.token_scores(_to_device(batch, self.device), H)
+                S = cap.token_scores(move_to_device(batch, self.device), H)
                 losses = self._losses
                 if losses is not None and not bool(torch.isfinite(losses).all()):
                     raise ValueError(f"the loss of sample {i + int((~torch.isfinite(losses)).nonzero()[0, 0])} "

@@ -23,6 +23,8 @@ from typing import Any, Callable
 
 import torch
 
+from .store import batch_len
+
 OOM_TYPES: tuple[type, ...] = tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError})
 _OOM_TEXT = ("out of memory", "can't allocate memory")
 
@@ -38,12 +40,6 @@ def release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _batch_size(batch) -> int:
-    from .store import batch_len
-
-    return batch_len(batch)
 
 
 def slice_batch(batch: Any, start: int, stop: int, size: int) -> Any:
@@ -73,7 +69,7 @@ class HalvingCapture:
         self.warned = False
 
     def __call__(self, batch):
-        B = _batch_size(batch)
+        B = batch_len(batch)
         size = B if self.limit is None else min(B, self.limit)
         while True:
             failed = False
