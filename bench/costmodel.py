@@ -181,8 +181,8 @@ class Recorder:
         """Within the `with`, each iteration of `source.chunks()` that yields is one pass (an instance patch)."""
         inner = source.chunks
 
-        def chunks(names=None):
-            it, index = inner(names), None
+        def chunks(names=None, start=0):
+            it, index = inner(names, start=start), None
             try:
                 for item in it:
                     if index is None:

@@ -15,7 +15,7 @@ holds (`pyinf.capture`):
 `FactorStats` keeps, per block, the sums over every training token
 `R = Σ_t p_t p_tᵀ` (rows × rows), `C = Σ_t q_t q_tᵀ` (cols × cols) and the
 token count N: each batch's products in float32, added into float64 totals
-(packed symmetric pairs, `pyinf.methods.hyperinf.packed_pairs`: at the 13B LoRA shape, 160 blocks of
+(packed symmetric pairs, `pyinf.backends.dense.packed_pairs`: at the 13B LoRA shape, 160 blocks of
 8 × 5120, 16.8 GB). Tokens are the positions with `attention_mask != 0` when
 the batch has a `(B, T)` mask (a pad's input would otherwise weigh in the
 input covariance; a pad's δ is zero for the default losses), all positions
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from .blocks import Block, group_blocks, group_order
-from .methods.hyperinf import pack, packed_pairs, unpack
+from .backends.dense import pack, packed_pairs, unpack
 from .methods.kfac import FISHERS
 
 

@@ -365,10 +365,10 @@ def test_passes_over_the_training_gradients(method, passes):
     count = 0
     chunks = src.chunks
 
-    def counting(names=None):
+    def counting(names=None, start=0):
         nonlocal count
         count += 1
-        return chunks(names)
+        return chunks(names, start=start)
 
     src.chunks = counting
     m.fit(src).influence(_queries())

@@ -1,5 +1,6 @@
-"""Dense float64 solves shared by every backend: the SPD inverse of `Backend.spd_inverse` (Cholesky,
-Schulz fallback) and exact symmetrisation of accumulated Gram-type matrices. Plain PyTorch on any device;
+"""Dense float64 matrices shared by every backend and method: the SPD inverse of `Backend.spd_inverse`
+(Cholesky, Schulz fallback), exact symmetrisation of accumulated Gram-type matrices, and packed storage
+of symmetric matrices. Plain PyTorch on any device;
 kept apart from the backends so the interface (`base.py`) and the reference (`torch_backend.py`) both use
 them without importing each other."""
 from __future__ import annotations
@@ -83,3 +84,31 @@ def spd_inverse(A: torch.Tensor, *, iterations: int, tol: float, solver: str = "
         out[s : s + group] = X
         del X
     return out, residual, steps
+
+
+# Packed symmetric pairs: b symmetric k × k float64 matrices in a ((b + 1) // 2, k, k + 1) tensor,
+# half the bytes of a stack. Matrix 2p keeps its upper triangle (with the diagonal) in columns 1..k
+# of pair p, matrix 2p + 1 its lower triangle in columns 0..k−1: in row i the first uses columns > i,
+# the second columns ≤ i, so they never overlap. (A plain tensor: saved with the Attributor.)
+# Used by hyperinf (its inverses) and pyinf.factors (the K-FAC statistics).
+def packed_pairs(b: int, k: int, device: torch.device) -> torch.Tensor:
+    return torch.zeros((b + 1) // 2, k, k + 1, dtype=torch.float64, device=device)
+
+
+def pack(pairs: torch.Tensor, i: int, X: torch.Tensor) -> None:
+    """Add symmetric `X` into matrix `i` (adding the triangle's zeros leaves the partner intact)."""
+    p, odd = divmod(i, 2)
+    if odd:
+        pairs[p, :, :-1] += X.tril()
+    else:
+        pairs[p, :, 1:] += X.triu()
+
+
+def unpack(pairs: torch.Tensor, i: int) -> torch.Tensor:
+    """Matrix `i`, whole (a new k × k tensor)."""
+    p, odd = divmod(i, 2)
+    if odd:
+        T = pairs[p, :, :-1].tril()
+        return T + T.tril(-1).mT
+    T = pairs[p, :, 1:].triu()
+    return T + T.triu(1).mT

@@ -189,7 +189,7 @@ class Method:
     def score_pass(self, train: GradientSource, H: dict[str, torch.Tensor], per_block: bool = False) -> torch.Tensor:
         """One pass over `train`: `(m, n)` scores −Σ_b H_b G_bᵀ (`per_block`: `(n_blocks, m, n)`, unsummed)."""
         m = next(iter(H.values())).shape[0]
-        # float64 H (exact, hyperinf: their solves are float64) is scored in
+        # a float64 H (exact's primal blocks and precondition) is scored in
         # float64: H has large components that cancel against G, and rounding
         # H to float32 would cost ~κ·eps of the answer.
         dtype = torch.float64 if any(h.dtype == torch.float64 for h in H.values()) else self.dtype
@@ -215,7 +215,7 @@ class Method:
         before sample `start` (a resumed write, `pyinf.scores`): the first chunk yielded holds it."""
         stacks = [stack_group(H, g) for g in self.groups]  # views of precondition's stacks
         order = self._block_order() if per_block else None
-        for first, chunk in train.chunks() if start == 0 else train.chunks(start=start):
+        for first, chunk in train.chunks(start=start):
             parts = [-self.backend.dots(G, Hg) if per_block else self.backend.score(Hg, G)
                      for Hg, (_, G) in zip(stacks, self._grouped(chunk))]
             yield first, (torch.cat(parts)[order] if per_block else functools.reduce(torch.add, parts))

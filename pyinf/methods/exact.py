@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import torch
 
+from ..backends.dense import symmetrize_
 from ..blocks import BlockGroup, stack_group
 from .base import Method
 
@@ -62,10 +63,10 @@ class Exact(Method):
             F = [torch.zeros(len(g.names), g.size, g.size, **f64) for g in primal]
             for _, chunk in train.chunks([name for g in primal for name in g.names]):
                 for i, g in enumerate(primal):
-                    G = stack_group(chunk, g)
-                    # float64 accumulation: F's rounding would cost ~κ·eps of the answer
-                    F[i] += self.backend.gfim(G.unsqueeze(2), dtype=torch.float64)
-            self._allreduce_list(F)  # the primal block Fisher over every rank's samples
+                    # float64 accumulation, in place: F's rounding would cost ~κ·eps of the answer
+                    self.backend.gfim(stack_group(chunk, g).unsqueeze(2), out=F[i])
+            for f in self._allreduce_list(F):  # the primal block Fisher over every rank's samples
+                symmetrize_(f)
             for g, f in zip(primal, F):
                 stats.update({name: f[k] for k, name in enumerate(g.names)})
         if dual and self.comm is not None:

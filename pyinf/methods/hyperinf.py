@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backends.dense import SOLVERS, symmetrize_
+from ..backends.dense import SOLVERS, pack, packed_pairs, symmetrize_, unpack
 from ..blocks import BlockGroup, stack_group
 from ..options import Options, one_of, positive_float, positive_int
 from .base import Method
@@ -31,33 +31,6 @@ MAX_FLAT_COLS = 8192
 SLICE_BYTES = 4 << 30
 # Blocks factored at once inside a slice (each needs a k × k factor and inverse beside it).
 SOLVE_GROUP = 4
-
-
-# Packed symmetric pairs: b symmetric k × k float64 matrices in a ((b + 1) // 2, k, k + 1) tensor,
-# half the bytes of a stack. Matrix 2p keeps its upper triangle (with the diagonal) in columns 1..k
-# of pair p, matrix 2p + 1 its lower triangle in columns 0..k−1: in row i the first uses columns > i,
-# the second columns ≤ i, so they never overlap. (A plain tensor: it is saved with the Attributor.)
-def packed_pairs(b: int, k: int, device: torch.device) -> torch.Tensor:
-    return torch.zeros((b + 1) // 2, k, k + 1, dtype=torch.float64, device=device)
-
-
-def pack(pairs: torch.Tensor, i: int, X: torch.Tensor) -> None:
-    """Store symmetric `X` as matrix `i` (once: adding the triangle's zeros leaves the partner intact)."""
-    p, odd = divmod(i, 2)
-    if odd:
-        pairs[p, :, :-1] += X.tril()
-    else:
-        pairs[p, :, 1:] += X.triu()
-
-
-def unpack(pairs: torch.Tensor, i: int) -> torch.Tensor:
-    """Matrix `i`, whole (a new k × k tensor)."""
-    p, odd = divmod(i, 2)
-    if odd:
-        T = pairs[p, :, :-1].tril()
-        return T + T.tril(-1).mT
-    T = pairs[p, :, 1:].triu()
-    return T + T.triu(1).mT
 
 
 @dataclass(frozen=True)
