@@ -42,7 +42,7 @@ from .backends import get_backend
 from .blocks import as_blocks, check_finite, mean_query
 from .forward import ForwardInfluence, ForwardOptions
 from .methods import METHODS, get_method
-from .store import batch_len
+from .batches import batch_len
 
 __all__ = ["Analysis", "GradientAnalysis", "ForwardAnalysis", "make_analysis", "shared_capture_options", "ANALYSES"]
 

@@ -116,7 +116,8 @@ from .capture import GradientCapture
 from .gradients import NAN_POLICIES, TrainGradients, capture_config
 from .losses import Task, causal_lm_loss, causal_lm_targets, default_loss, model_device
 from .oom import HalvingCapture
-from .store import LOSS_KEY, batch_len, default_chunk_size, fingerprint, make_store, parse_store, resolve_grad_dtype
+from .batches import batch_len
+from .store import LOSS_KEY, default_chunk_size, fingerprint, make_store, parse_store, resolve_grad_dtype
 
 __all__ = ["GradientStoreCallback"]
 

@@ -14,14 +14,8 @@ One forward and one backward per batch, never a batch-size-1 backward. The
 LoRA scaling s is inside e (`result + lora_B(lora_A(x)) * s`), so
 `g_A = s Σ_t (Bᵀδ) ⊗ x` and `g_Bᵀ = s Σ_t (A x) ⊗ δ` come out as in DESIGN.md §4.
 
-Tied weights: a parameter held by several modules (GPT-2's and Llama's
-`lm_head` tied to the input embedding, T5's and BART's shared embedding) is
-captured through every one of them and the shares are summed: its block is
-the parameter's whole gradient. If one of its holders reads it in a way
-pyinf cannot capture (any module not listed below), the block is refused
-with a ValueError naming the holder. A parameter read outside its modules'
-forward (e.g. `F.linear(h, self.embed.weight)` in a model's own code) cannot
-be seen by hooks, and its gradient would miss that use.
+Tied weights: a parameter held by several modules is captured through
+every one of them and the shares are summed (`pyinf.targets`).
 
 Padding: the result is the exact gradient of each sample's loss. Where the
 loss never reads a padded position (causal LM with right or left padding,
@@ -33,43 +27,14 @@ return something that is not the gradient. `mask_padding=True` drops
 positions with attention_mask == 0 from the sums (a no-op in the first case;
 the kernel then skips their loads).
 
-Blocks (in the order of the `blocks` entries, one per parameter):
+Blocks: which parameters `blocks` names, and each block's layout, are in
+`pyinf.targets` (LoRA A `(r, d_in)`, LoRA B transposed `(r, d_out)`, a weight
+in its own layout, a bias `(1, out)`, `"<module>+bias"` as one block).
 
-* LoRA A `...lora_A.<adapter>`: `(r, d_in)`, the weight's gradient.
-* LoRA B `...lora_B.<adapter>`: stored TRANSPOSED, `(r, d_out)`.
-* LoRA on an embedding (`...lora_embedding_A.<adapter>` `(r, V)`,
-  `...lora_embedding_B.<adapter>` stored transposed `(r, d)`), from the token ids.
-* an `nn.Linear` weight `...name`: `(out, in)`; transformers' `Conv1D`
-  (GPT-2) `...name`: `(in, out)`, its weight's own layout; an `nn.Embedding`
-  `...name` (or a transformers `*ScaledWordEmbedding`): `(V, d)`, no gradient
-  at `padding_idx`; a bias `...name.bias`: `(1, out)`.
-
-`blocks` is "lora" or a list of names. "lora" is what the PEFT adapter
-trains: the A and B of every active adapter of every LoRA layer (on
-`nn.Linear`s, GPT-2's Conv1D and embeddings), every weight and bias of the
-active `modules_to_save` copies (a `SEQ_CLS` classifier, a saved `lm_head`),
-and any other trainable (`requires_grad`) weight or bias of the kinds above
-(e.g. biases under `bias="all"`), except a non-LoRA parameter of more than
-`LARGE_BLOCK` values (a saved `lm_head` or embedding of a real vocabulary:
-its per-sample gradients would take GBs per sample; name it in a list to
-attribute it anyway); it needs a PEFT model. Every trainable (or
-active-adapter) parameter it leaves out (a LayerNorm, a LoRA on a Conv2d,
-trainable tokens, a large head, ...) is named in a UserWarning with why.
-A list entry is "lora", a LoRA layer (e.g. `...q_proj`, expands to its A and
-B), a LoRA A/B linear, an `nn.Linear`, `Conv1D` or `nn.Embedding` module (a
-trailing ".weight" is accepted), or a parameter name (`...dense.bias`,
-`...lora_embedding_A.default`). `"<module>+bias"` names an `nn.Linear` or
-`Conv1D` with a bias as ONE block, its weight with the bias appended as a last
-input column: `[W | b]` `(out, in + 1)` for nn.Linear, `[W; b]` `(in + 1, out)`
-for Conv1D, the gradient `Σ_t e_t ⊗ [a_t; 1]` (what Kronfluence attributes for
-a layer with a bias; K-FAC then factors the bias with the weight).
-
-During a call the model is in eval mode (dropout off, LoRA dropout included;
-layers with gradient checkpointing enabled keep `training=True` because
-transformers only checkpoints in training mode, and their dropout children
-stay off), exactly the captured weights require grad, and afterwards the
-training flags, `requires_grad` flags and `.grad` fields are restored (the
-captured weights' `.grad` is stashed and put back). Weights are never written.
+During a call the model is in eval mode and exactly the captured weights
+require grad; afterwards its training flags, `requires_grad` flags and
+`.grad` fields are as they were (`pyinf.model_state.ModelMode`). Weights are
+never written.
 
 Gradient checkpointing: hooks attach to the output tensors that are part of
 the graph that is back-propagated, each with its own input `a`, so a
@@ -94,324 +59,24 @@ squared Frobenius norms of the last call's gradients.
 """
 from __future__ import annotations
 
-import difflib
 import functools
 import warnings
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
 from .blocks import Block
-from .losses import default_loss, model_device, move_to_device
+from .losses import check_losses, default_loss, model_device, move_to_device
+from .model_state import ModelMode
 from .oom import is_oom
 from .optional_kernel import OptionalKernel
+from .targets import BlockSpec, Target, Use, resolve_blocks
 
 __all__ = ["GradientCapture", "per_sample_grads"]
 
 LossFn = Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]
-BlockSpec = Union[str, Sequence[str]]
 
-
-@dataclass(frozen=True, eq=False)
-class _Use:
-    """A module whose forward reads a captured parameter (a tied weight has several)."""
-
-    module: nn.Module
-    kind: str  # "linear" | "conv1d" | "bias" | "embedding" | "lora_emb_A" | "lora_emb_B"
-    adapter: str = ""  # LoRA embedding: the adapter
-    scale: float = 1.0  # a scaled word embedding's output factor
-
-
-@dataclass(frozen=True, eq=False)
-class _Target:
-    name: str
-    param: nn.Parameter
-    uses: tuple[_Use, ...]
-    transpose: bool  # LoRA B: the parameter's transpose, (r, d_out)
-    block: Block
-    bias: nn.Parameter | None = None  # a "<module>+bias" block: the bias, appended as a last input column
-
-
-# --------------------------------------------------------------------------- #
-# finding the blocks
-# --------------------------------------------------------------------------- #
-CAPTURABLE = "weights and biases of nn.Linear and Conv1D layers, nn.Embedding weights and PEFT LoRA matrices"
-# blocks="lora" leaves out non-LoRA parameters larger than this (values per sample; 16 MiB in float32):
-# a saved lm_head of a 32k vocabulary at d = 4096 is 134M values, 0.5 GB per sample.
-LARGE_BLOCK = 1 << 22
-
-
-def _is_lora_layer(mod: nn.Module) -> bool:
-    """A PEFT LoraLayer (duck-typed, so that importing peft is never needed)."""
-    return isinstance(getattr(mod, "lora_A", None), nn.ModuleDict) and isinstance(
-        getattr(mod, "lora_B", None), nn.ModuleDict
-    )
-
-
-def _is_modules_to_save(mod: nn.Module) -> bool:
-    """A PEFT ModulesToSaveWrapper: one trainable copy of a module per adapter."""
-    return isinstance(getattr(mod, "modules_to_save", None), nn.ModuleDict) and hasattr(mod, "original_module")
-
-
-def _is_conv1d(mod: nn.Module) -> bool:
-    """transformers' Conv1D (GPT-2's linear layers): y = x W + b with W of shape (in, out)."""
-    return type(mod).__name__ == "Conv1D" and hasattr(mod, "nf")
-
-
-def _embedding_scale(m: nn.Embedding) -> float | None:
-    """The factor on F.embedding's output: 1 for nn.Embedding's own forward, `embed_scale` for
-    transformers' *ScaledWordEmbedding (`super().forward(ids) * embed_scale`), None for any other forward."""
-    if type(m).forward is nn.Embedding.forward:
-        return 1.0
-    scale = getattr(m, "embed_scale", None)
-    if type(m).__name__.endswith("ScaledWordEmbedding") and (
-        isinstance(scale, (int, float)) or (isinstance(scale, torch.Tensor) and scale.numel() == 1)
-    ):
-        return float(scale)
-    return None
-
-
-def _adapters(mod: nn.Module) -> list[str]:
-    act = getattr(mod, "active_adapters", None)
-    if act is None:
-        act = getattr(mod, "active_adapter", "default")
-    return [act] if isinstance(act, str) else list(act)
-
-
-def _active_adapters(mod: nn.Module) -> list[str]:
-    """The active adapters of a LoRA layer that have nn.Module A/B (lora.Linear's)."""
-    return [a for a in _adapters(mod) if a in mod.lora_A]
-
-
-def _lora_params(name: str, mod: nn.Module, adapters: list[str] | None = None) -> list[tuple[str, bool]]:
-    """(parameter name, transpose) of A and B of the layer's active (or given) adapters."""
-    if getattr(mod, "merged", False) or getattr(mod, "merged_adapters", None):
-        raise ValueError(
-            f"LoRA layer '{name}' has its adapter merged into the base weight; "
-            "call model.unmerge_adapter() before capturing gradients"
-        )
-    emb = getattr(mod, "lora_embedding_A", None)
-    out = []
-    for ad in adapters if adapters is not None else _adapters(mod):
-        if ad in (getattr(mod, "lora_variant", None) or {}):
-            raise ValueError(
-                f"LoRA layer '{name}', adapter '{ad}': LoRA variants (DoRA, ...) are not supported; "
-                "pass blocks=[module names] of plain nn.Linear weights instead"
-            )
-        if ad in mod.lora_A and isinstance(mod.lora_A[ad], nn.Linear) and isinstance(mod.lora_B[ad], nn.Linear):
-            out += [(f"{name}.lora_A.{ad}.weight", False), (f"{name}.lora_B.{ad}.weight", True)]
-        elif isinstance(emb, nn.ParameterDict) and ad in emb:
-            if ad in (getattr(mod, "input_fns", None) or {}) or ad in (getattr(mod, "output_fns", None) or {}):
-                raise ValueError(
-                    f"LoRA layer '{name}', adapter '{ad}': tensor-parallel embedding hooks are not supported"
-                )
-            out += [(f"{name}.lora_embedding_A.{ad}", False), (f"{name}.lora_embedding_B.{ad}", True)]
-    return out
-
-
-class _ModelIndex:
-    """A model's parameters, the modules that hold each (a tied weight: several) and PEFT's adapters."""
-
-    def __init__(self, model: nn.Module):
-        self.modules = dict(model.named_modules())
-        self.params = dict(model.named_parameters())
-        self.holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
-        for mn, m in self.modules.items():
-            for attr, p in m._parameters.items():
-                if p is not None:
-                    self.holders.setdefault(id(p), []).append((mn, m, attr))
-        self.lora_layers = {n: m for n, m in self.modules.items() if _is_lora_layer(m)}
-        self.saved = {n: m for n, m in self.modules.items() if _is_modules_to_save(m)}
-        # id(param) -> (owner layer name, owner, adapter) for every adapter's parameters
-        self.owner: dict[int, tuple[str, nn.Module, str]] = {}
-        self.lora_emb: dict[int, tuple[nn.Module, str, str]] = {}  # id(param) -> (layer, adapter, "A"/"B")
-        for ln, lm in self.lora_layers.items():
-            for which in ("A", "B"):
-                for ad, sub in getattr(lm, f"lora_{which}").items():
-                    self.owner.update({id(p): (ln, lm, ad) for p in sub.parameters()})
-                for ad, p in (getattr(lm, f"lora_embedding_{which}", None) or {}).items():
-                    self.owner[id(p)] = (ln, lm, ad)
-                    self.lora_emb[id(p)] = (lm, ad, which)
-        for wn, w in self.saved.items():
-            for ad, copy in w.modules_to_save.items():
-                self.owner.update({id(p): (wn, w, ad) for p in copy.parameters()})
-
-    def use(self, holder: tuple[str, nn.Module, str], p: torch.Tensor) -> _Use | None:
-        """How the holder's forward reads p, or None where pyinf cannot capture that use."""
-        _, m, attr = holder
-        if id(p) in self.lora_emb:
-            layer, ad, which = self.lora_emb[id(p)]
-            return _Use(layer, f"lora_emb_{which}", ad)
-        linear = isinstance(m, nn.Linear)
-        if attr == "bias" and (linear or _is_conv1d(m)):
-            return _Use(m, "bias")
-        if attr == "weight" and (linear or _is_conv1d(m)):
-            return _Use(m, "linear" if linear else "conv1d")
-        if attr == "weight" and isinstance(m, nn.Embedding) and m.max_norm is None and not m.scale_grad_by_freq:
-            scale = _embedding_scale(m)
-            return None if scale is None else _Use(m, "embedding", scale=scale)
-        return None
-
-    def capturable(self, p: torch.Tensor) -> bool:
-        return all(self.use(h, p) is not None for h in self.holders[id(p)])
-
-    def target(self, p: torch.Tensor, transpose: bool, name: str | None = None) -> _Target:
-        holders = self.holders[id(p)]
-        if name is None:  # a weight is named by its module (as blocks=[...] names it), the rest by parameter name
-            mn, _, attr = holders[0]
-            name = mn if attr == "weight" and id(p) not in self.lora_emb else f"{mn}.{attr}"
-        for hn, hm, hattr in holders:
-            if self.use((hn, hm, hattr), p) is None:
-                if len(holders) > 1:
-                    raise ValueError(
-                        f"block '{name}': its parameter is shared (tied) with "
-                        f"{[h[0] for h in holders if h[0] != name]}, and '{hn}' ({type(hm).__name__}.{hattr}) "
-                        f"uses it in a way pyinf cannot capture, so its whole gradient cannot be given; "
-                        "leave this block out of blocks=[...]"
-                    )
-                raise ValueError(f"block '{name}' is a {type(hm).__name__}.{hattr}; pyinf captures {CAPTURABLE}")
-        if not p.is_floating_point():
-            raise ValueError(f"block '{name}': weight has dtype {p.dtype}, not floating point")
-        shape = (1, p.numel()) if p.dim() == 1 else tuple(p.shape[::-1] if transpose else p.shape)
-        uses = tuple(self.use(h, p) for h in holders)
-        return _Target(name, p, uses, transpose, Block(name, *shape))
-
-    def lora_role(self, p: torch.Tensor) -> tuple[str, nn.Module, str, bool] | None:
-        """(layer name, layer, adapter, is B) of a LoRA A/B parameter, else None."""
-        own = self.owner.get(id(p))
-        if own is None or own[0] not in self.lora_layers:
-            return None
-        ln, lm, ad = own
-        if id(p) in self.lora_emb:
-            return ln, lm, ad, self.lora_emb[id(p)][2] == "B"
-        return ln, lm, ad, ad in lm.lora_B and any(q is p for q in lm.lora_B[ad].parameters())
-
-    def peft_params(self) -> list[tuple[torch.Tensor, bool]]:
-        """blocks="lora": LoRA A/B of the active adapters, the active modules_to_save copies' capturable
-        parameters, and every other trainable capturable parameter (e.g. biases under bias="all"); nothing
-        for a model without PEFT adapters (all of whose parameters may be trainable)."""
-        if not self.lora_layers and not self.saved:
-            return []
-        out = [(self.params[n], tr) for ln, lm in self.lora_layers.items() for n, tr in _lora_params(ln, lm)]
-        for w in self.saved.values():
-            for ad in _adapters(w):
-                if ad in w.modules_to_save:
-                    out += [(p, False) for p in w.modules_to_save[ad].parameters() if self.capturable(p)]
-        out += [(p, False) for p in self.params.values()
-                if p.requires_grad and id(p) not in self.owner and self.capturable(p)]
-        return [(p, tr) for p, tr in out if self.lora_role(p) is not None or p.numel() <= LARGE_BLOCK]
-
-    def left_out(self, captured: set[int]) -> list[str]:
-        """'name (why)' for every trainable or active-adapter parameter that is not captured."""
-        out = []
-        for n, p in self.params.items():
-            own = self.owner.get(id(p))
-            active = own is not None and own[2] in _adapters(own[1])
-            if id(p) in captured or not (p.requires_grad or active):
-                continue
-            if own is not None and not active:
-                why = f"adapter '{own[2]}' is not active"
-            else:
-                bad = [h for h in self.holders[id(p)] if self.use(h, p) is None]
-                why = (f"{type(bad[0][1]).__name__}.{bad[0][2]} of '{bad[0][0]}'" if bad else "not selected")
-                if len(self.holders[id(p)]) > 1 and bad:
-                    why = "tied to " + why
-                elif not bad and p.numel() > LARGE_BLOCK:
-                    why = (f"{p.numel():,} values a sample, more than LARGE_BLOCK for blocks='lora'; "
-                           "name it in blocks=[...] to attribute it")
-            out.append(f"{n} ({why})")
-        return out
-
-
-def _with_bias(idx: _ModelIndex, entry: str) -> tuple:
-    """`"<module>+bias"`: (weight, False, name, its _Target with the bias appended as a last input column)."""
-    name = entry[: -len("+bias")]
-    mod = idx.modules.get(name)
-    if not (isinstance(mod, nn.Linear) or _is_conv1d(mod)) or name in idx.lora_layers:
-        raise ValueError(f"block {entry!r}: '+bias' takes an nn.Linear or Conv1D module, "
-                         f"not {type(mod).__name__ if mod is not None else 'a missing module'}")
-    if not isinstance(getattr(mod, "bias", None), nn.Parameter):
-        raise ValueError(f"block {entry!r}: {name} has no bias; name the module without '+bias'")
-    w = mod.weight
-    if len(idx.holders[id(w)]) > 1 or len(idx.holders[id(mod.bias)]) > 1:
-        raise ValueError(f"block {entry!r}: a tied weight or bias cannot be joined; name them separately")
-    t = idx.target(w, False, entry)
-    rows, cols = (t.block.rows, t.block.cols + 1) if isinstance(mod, nn.Linear) else (t.block.rows + 1, t.block.cols)
-    return w, False, entry, _Target(entry, w, t.uses, False, Block(entry, rows, cols), mod.bias)
-
-
-def _close_matches(name: str, candidates: list[str]) -> list[str]:
-    suffix = [c for c in candidates if c.endswith("." + name)]
-    close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.5)
-    return list(dict.fromkeys(suffix[:5] + close))[:6]
-
-
-def _resolve_blocks(model: nn.Module, blocks: BlockSpec) -> list[_Target]:
-    idx = _ModelIndex(model)
-    entries = [blocks] if isinstance(blocks, str) else list(blocks)
-    if not all(isinstance(e, str) for e in entries):
-        raise TypeError(f"blocks must be 'lora' or a list of module names, got {blocks!r}")
-    chosen: list[tuple[torch.Tensor, bool, str | None]] = []  # (parameter, transpose, block name)
-    for entry in entries:
-        if entry == "lora":
-            found = idx.peft_params()
-            if not found:
-                raise ValueError("no LoRA adapters found; pass blocks=[module names]")
-            chosen += [(p, tr, None) for p, tr in found]
-            continue
-        if entry.endswith("+bias"):
-            chosen.append(_with_bias(idx, entry))
-            continue
-        name = entry[: -len(".weight")] if entry.endswith(".weight") and entry not in idx.modules else entry
-        mod = idx.modules.get(name)
-        if mod is not None and name in idx.lora_layers:
-            found = _lora_params(name, mod)
-            if not found:
-                raise ValueError(f"LoRA layer {entry!r} has no active nn.Linear or nn.Embedding adapter")
-            chosen += [(idx.params[n], tr, None) for n, tr in found]
-            continue
-        if mod is not None:
-            p = getattr(mod, "weight", None)
-            if not isinstance(p, nn.Parameter) or idx.use((name, mod, "weight"), p) is None:
-                raise ValueError(
-                    f"block {entry!r} is a {type(mod).__name__}, not an nn.Linear, Conv1D, nn.Embedding "
-                    "or a LoRA layer"
-                )
-        elif entry in idx.params:
-            p, name = idx.params[entry], None
-        else:
-            cands = [n for n, m in idx.modules.items()
-                     if isinstance(m, (nn.Linear, nn.Embedding)) or _is_conv1d(m) or _is_lora_layer(m)]
-            hint = _close_matches(entry, cands + [n for n in idx.params if not n.endswith(".weight")])
-            raise ValueError(
-                f"unknown block {entry!r}: no such module or parameter in the model"
-                + (f"; close matches: {hint}" if hint else "")
-            )
-        role = idx.lora_role(p)
-        if role is not None:
-            _lora_params(role[0], role[1], [role[2]])  # refuses merged layers and variants
-        chosen.append((p, role is not None and role[3], name))
-    # one block per parameter, named after its first holder
-    unique: dict[int, _Target] = {}
-    biased = {id(c[0]): c[3] for c in chosen if len(c) == 4}
-    for p, tr, name, *bias in chosen:
-        if id(p) in biased and name != biased[id(p)].name:
-            raise ValueError(f"blocks {name!r} and {biased[id(p)].name!r} both hold the weight of one layer; name one")
-        if id(p) not in unique:
-            unique[id(p)] = idx.target(p, tr, name) if not bias else bias[0]
-    if not unique:
-        raise ValueError("no blocks to capture; pass blocks='lora' or blocks=[module names]")
-    if "lora" in entries:
-        left = idx.left_out(set(unique))
-        if left:
-            warnings.warn(
-                f"pyinf: {len(left)} trainable parameter(s) are not attributed (pyinf captures {CAPTURABLE}): "
-                + ", ".join(left[:20]) + (", ..." if len(left) > 20 else ""),
-                stacklevel=3,
-            )
-    return list(unique.values())
 
 
 # --------------------------------------------------------------------------- #
@@ -496,7 +161,7 @@ class GradientCapture:
             raise TypeError("loss must be a callable loss(model, batch) -> (B,) per-sample losses")
         self.model = model
         self.loss = loss if loss is not None else default_loss
-        self._targets = _resolve_blocks(model, blocks)
+        self._targets = resolve_blocks(model, blocks)
         self.blocks: list[Block] = [t.block for t in self._targets]
         self.use_triton = use_triton
         self.mask_padding = bool(mask_padding)
@@ -508,7 +173,7 @@ class GradientCapture:
         self._token_H: dict[str, torch.Tensor] | None = None  # token_scores: H per block, (m, rows, cols)
         self._token_T = 0
         self._reset()
-        by_module: dict[int, tuple[nn.Module, list[tuple[_Target, _Use]]]] = {}
+        by_module: dict[int, tuple[nn.Module, list[tuple[Target, Use]]]] = {}
         for t in self._targets:
             for u in t.uses:
                 by_module.setdefault(id(u.module), (u.module, []))[1].append((t, u))
@@ -551,7 +216,7 @@ class GradientCapture:
         self._kernel = None
         self._tokens: torch.Tensor | None = None  # token_scores: the (m, B, T) sum so far
 
-    def _forward_hook(self, uses: list[tuple[_Target, _Use]], module, args, kwargs, output):
+    def _forward_hook(self, uses: list[tuple[Target, Use]], module, args, kwargs, output):
         if not self._active:
             return None
         self._seen.update(t.name for t, _ in uses)
@@ -565,7 +230,7 @@ class GradientCapture:
         output.register_hook(functools.partial(self._grad_hook, uses, x.detach()))
         return None
 
-    def _grad_hook(self, uses: list[tuple[_Target, _Use]], a: torch.Tensor, e: torch.Tensor):
+    def _grad_hook(self, uses: list[tuple[Target, Use]], a: torch.Tensor, e: torch.Tensor):
         with torch.no_grad():
             B = self._B
             e3 = e.reshape(e.shape[0], -1, e.shape[-1]) if e.dim() != 2 else e[:, None, :]
@@ -600,7 +265,7 @@ class GradientCapture:
                 self._count[name] = self._count.get(name, 0) + 1
         return None
 
-    def _add_factors(self, uses: list[tuple[_Target, _Use]], a: torch.Tensor, e: torch.Tensor, ones=None) -> None:
+    def _add_factors(self, uses: list[tuple[Target, Use]], a: torch.Tensor, e: torch.Tensor, ones=None) -> None:
         """K-FAC token statistics of this use (`pyinf.factors`): the rows and cols sides of the block's outer
         products, over the tokens the batch's attention_mask keeps. Embeddings have none."""
         keep = self._stat_mask
@@ -615,7 +280,7 @@ class GradientCapture:
                 continue
             self._added = True
 
-    def _add_token_scores(self, uses: list[tuple[_Target, _Use]], a: torch.Tensor, e: torch.Tensor, ones, mask) -> None:
+    def _add_token_scores(self, uses: list[tuple[Target, Use]], a: torch.Tensor, e: torch.Tensor, ones, mask) -> None:
         """token_scores: add this use's per-token scores (`pyinf.token_scores`) into `self._tokens`."""
         from .token_scores import use_token_scores
 
@@ -630,7 +295,7 @@ class GradientCapture:
                                  mask, t.name)
             self._tokens = s if self._tokens is None else self._tokens + s
 
-    def _contribution(self, t: _Target, u: _Use, a: torch.Tensor, e: torch.Tensor, mask):
+    def _contribution(self, t: Target, u: Use, a: torch.Tensor, e: torch.Tensor, mask):
         """This use's share of the per-sample gradients, in the block's layout: ((B, rows, cols) fp32, norms or None).
 
         a: (B, T, d_in) inputs, or (B, T) token ids for an embedding; e: (B, T, d_out) = dL/d(output).
@@ -710,7 +375,6 @@ class GradientCapture:
         device = model_device(self.model)
         batch = move_to_device(batch, device)
         weights = [t.param for t in self._targets]
-        state = _snapshot(self.model)
         self._reset()
         mask = batch.get("attention_mask")
         stats = self.factors if self.factors is not None and self.factors.active else None
@@ -720,37 +384,23 @@ class GradientCapture:
         self._phase = "grads" if stats is None or sampled else "both"
         self._stat_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         try:
-            _enter_capture_mode(self.model, weights, state)
-            self._kernel = self._pick_kernel(device)
-            with torch.inference_mode(False), torch.enable_grad():
+            with ModelMode(self.model, weights), torch.inference_mode(False), torch.enable_grad():
+                self._kernel = self._pick_kernel(device)
                 self._active = True
-                losses = self.loss(self.model, batch)
-                losses = self._check_losses(losses, mask)
+                losses = check_losses(self.loss(self.model, batch), _rows(mask))
                 self._B = losses.shape[0]
-                if (
-                    self.mask_padding
-                    and isinstance(mask, torch.Tensor)
-                    and mask.dim() == 2
-                    and mask.shape[0] == self._B
-                ):
+                if self.mask_padding and self._stat_mask is not None and mask.shape[0] == self._B:
                     self._mask = mask
                 if not losses.requires_grad:
                     raise ValueError(
                         "the per-sample losses do not depend on any captured block "
                         f"({[b.name for b in self.blocks][:4]}...)"
                     )
-                stash = [(p, p.grad) for p in weights]
-                for p in weights:
-                    p.grad = None
-                try:
-                    losses.float().sum().backward()
-                    if sampled:  # the true Fisher's statistics: a second backward, on labels drawn from the model
-                        self._phase = "factors"
-                        self._sampled_backward(batch)
-                finally:
-                    for p, g in stash:
-                        p.grad = g
-            return self._collect(device)
+                losses.float().sum().backward()
+                if sampled:  # the true Fisher's statistics: a second backward, on labels drawn from the model
+                    self._phase = "factors"
+                    self._sampled_backward(batch)
+                return self._collect(device)
         except Exception as err:
             if self._added and is_oom(err):  # not retried in halves: the statistics cannot be taken back
                 raise RuntimeError(
@@ -760,7 +410,6 @@ class GradientCapture:
             raise
         finally:
             self._active = False
-            _restore(state)
             self._reset_buffers()
 
     # -- a forward and backward run by the caller (pyinf.callback, at="train") -- #
@@ -790,7 +439,7 @@ class GradientCapture:
         """Forward and backward of the loss on `fisher_batch(model, batch)`; the hooks only add statistics."""
         with torch.no_grad():
             fb = self.fisher_batch(self.model, batch)
-        losses = self._check_losses((self.fisher_loss or self.loss)(self.model, fb), fb.get("attention_mask"))
+        losses = check_losses((self.fisher_loss or self.loss)(self.model, fb), _rows(fb.get("attention_mask")))
         if losses.requires_grad:
             losses.float().sum().backward()
 
@@ -800,20 +449,6 @@ class GradientCapture:
         self._phase, self._added = "grads", False
         self._kernel = None
         self._tokens = None
-
-    @staticmethod
-    def _check_losses(losses: Any, mask: Any) -> torch.Tensor:
-        if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
-            shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-            raise ValueError(f"loss(model, batch) must return per-sample losses of shape (B,), got {shape}")
-        if isinstance(mask, torch.Tensor) and mask.dim() >= 1 and mask.shape[0] != losses.shape[0]:
-            raise ValueError(
-                f"loss returned {losses.shape[0]} values for a batch of {mask.shape[0]} samples"
-            )
-        bad = ~torch.isfinite(losses.detach())
-        if bool(bad.any()):
-            raise ValueError(f"the loss of samples {bad.nonzero().flatten().tolist()} is NaN or Inf")
-        return losses
 
     def _collect(self, device: torch.device) -> dict[str, torch.Tensor]:
         missing = [t.name for t in self._targets if t.name not in self._seen]
@@ -842,36 +477,9 @@ class GradientCapture:
         return out
 
 
-def _snapshot(model: nn.Module):
-    return [(m, m.training) for m in model.modules()], [(p, p.requires_grad) for p in model.parameters()]
-
-
-# Enter and restore set only the flags that change: writing every module's flag
-# (nn.Module.__setattr__, a recursive model.eval()) took 1 ms a call on the demo
-# model (141 modules), 2% of its forward + backward on a batch.
-def _enter_capture_mode(model: nn.Module, weights: list[torch.Tensor], state) -> None:
-    training, flags = state
-    if any(t for _, t in training):
-        model.eval()
-    for m, _ in training:
-        # transformers checkpoints a layer only while it is training; keep the
-        # flag on the checkpointed layer itself (its children stay in eval).
-        if getattr(m, "gradient_checkpointing", False) is True:
-            m.training = True
-    ids = {id(w) for w in weights}  # the captured weights are parameters of `model`
-    for p, f in flags:
-        if f != (id(p) in ids):
-            p.requires_grad_(not f)
-
-
-def _restore(state) -> None:
-    training, flags = state
-    for m, t in training:
-        if m.training != t:
-            m.training = t
-    for p, f in flags:
-        if p.requires_grad != f:
-            p.requires_grad_(f)
+def _rows(mask: Any) -> int | None:
+    """The batch's sample count from its attention_mask, if it has one."""
+    return mask.shape[0] if isinstance(mask, torch.Tensor) and mask.dim() >= 1 else None
 
 
 def per_sample_grads(

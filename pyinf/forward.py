@@ -91,10 +91,10 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from .gradients import as_batches
-from .losses import default_loss, model_device, move_to_device
-from .oom import slice_batch
-from .store import batch_len
+from .batches import as_batches, batch_len, slice_batch
+from .losses import check_losses, default_loss, model_device, move_to_device
+from .model_state import ModelMode
+from .targets import active_adapters, is_lora_layer, resolve_blocks
 from .optional_kernel import OptionalKernel
 from .options import Options, any_value, one_of, positive_float, positive_int
 from .progress import bar
@@ -163,12 +163,10 @@ class _Plan:
 
 
 def _plan(model: nn.Module, blocks) -> tuple[list, _Plan]:
-    from .capture import _active_adapters, _is_lora_layer, _resolve_blocks
-
-    targets = _resolve_blocks(model, blocks)
+    targets = resolve_blocks(model, blocks)
     role: dict[int, tuple[str, nn.Module, str, str]] = {}
     for ln, lm in model.named_modules():
-        if _is_lora_layer(lm):
+        if is_lora_layer(lm):
             for ad in lm.lora_A:
                 role[id(lm.lora_A[ad])] = (ln, lm, ad, "A")
             for ad in lm.lora_B:
@@ -184,7 +182,7 @@ def _plan(model: nn.Module, blocks) -> tuple[list, _Plan]:
             plan.other.append(t.name)
         elif id(module) in role:
             ln, lm, ad, which = role[id(module)]
-            if ad not in _active_adapters(lm):
+            if ad not in active_adapters(lm):
                 raise ValueError(f"block '{t.name}': adapter '{ad}' is not active, so its weights do not affect the loss")
             entry = plan.lora.setdefault(id(lm), (ln, lm, {}))
             unit = entry[2].setdefault(ad, _LoraUnit(ln, lm, ad))
@@ -281,13 +279,12 @@ class _Grouped:
         return k
 
     def _lora_forward(self, ln: str, lm: nn.Module, units: dict[str, _LoraUnit], x, *args, **kwargs):
-        from .capture import _active_adapters
 
         if kwargs.pop("adapter_names", None) is not None:
             raise ValueError(f"LoRA layer '{ln}': mixed-adapter batches (adapter_names) are not supported")
         result = lm.base_layer(x, *args, **kwargs)
         result_dtype = result.dtype
-        for ad in _active_adapters(lm):
+        for ad in active_adapters(lm):
             A_mod, B_mod = lm.lora_A[ad], lm.lora_B[ad]
             cast = getattr(lm, "_cast_input_dtype", None)
             xa = cast(x, A_mod.weight.dtype) if cast is not None else x.to(A_mod.weight.dtype)
@@ -337,36 +334,9 @@ def _replicate(batch: Mapping[str, Any], k: int) -> dict[str, Any]:
     }
 
 
-def _check_losses(losses, rows: int) -> torch.Tensor:
-    if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or losses.shape[0] != rows:
-        shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-        raise ValueError(f"loss(model, batch) must return per-sample losses of shape ({rows},), got {shape}")
-    return losses
-
-
 def _wide(t: torch.Tensor) -> torch.Tensor:
     """float64 stays float64, anything else becomes float32 (losses, master weights, gradients)."""
     return t.double() if t.dtype == torch.float64 else t.float()
-
-
-class _ModelState:
-    """Eval mode and requires_grad flags for a pass; restored (with .grad) on exit."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self):
-        self.training = [(m, m.training) for m in self.model.modules()]
-        self.flags = [(p, p.requires_grad, p.grad) for p in self.model.parameters()]
-        self.model.eval()
-        return self
-
-    def __exit__(self, *exc):
-        for m, t in self.training:
-            m.training = t
-        for p, f, g in self.flags:
-            p.requires_grad_(f)
-            p.grad = g
 
 
 class _Optimizer:
@@ -459,7 +429,8 @@ class ForwardInfluence:
     def _loss(self, batch, query: bool = False) -> torch.Tensor:
         """The training losses of `batch`, or (`query`) its measurements, `(B,)`."""
         batch = move_to_device(batch, self.device)
-        return _check_losses((self.measurement if query else self.loss)(self.model, batch), batch_len(batch))
+        return check_losses((self.measurement if query else self.loss)(self.model, batch), batch_len(batch),
+                            finite=False)
 
     # -- fit ------------------------------------------------------------------
     @torch.no_grad()
@@ -474,7 +445,7 @@ class ForwardInfluence:
             raise ValueError("the training data is empty")
         out = []
         dev = self.device
-        with _ModelState(self.model), bar("forward: base losses", len(self.batches), self.progress, unit="batch") as pb:
+        with ModelMode(self.model), bar("forward: base losses", len(self.batches), self.progress, unit="batch") as pb:
             for i, b in enumerate(self.batches):
                 if i == 0 and dev.type == "cuda":
                     torch.cuda.synchronize(dev)
@@ -518,7 +489,7 @@ class ForwardInfluence:
         self.last_queries_per_pass = k
         out = torch.empty(m, self.n, dtype=torch.float32, device=self.base_losses.device)
         desc = f"forward: {self.optimizer} steps + train losses ({k} queries per pass)"
-        with _ModelState(self.model), bar(desc, m, self.progress, unit="query") as pb:
+        with ModelMode(self.model), bar(desc, m, self.progress, unit="query") as pb:
             if k == 1:
                 self._one_at_a_time(qbatches, out, pb)
             else:

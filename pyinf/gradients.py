@@ -21,13 +21,7 @@ model in its Λ* pass, and Forward-INF reads the training batches themselves
 (it keeps them, `data`). Query gradients are captured from the model with
 the task's measurement (`query_grads`).
 
-Data: one batch (a dict of tensors, e.g. `tokenizer(..., return_tensors="pt")`
-with labels), a list of batches, a list of per-example dicts (stacked
-`batch_size` at a time by `default_collate`), a Dataset, (dataset,
-collate_fn) or a DataLoader. Score columns (query rows) follow the data's
-order, and a DataLoader's dataset order: a shuffled loader (shuffle=True)
-is read as with shuffle=False; a loader with another non-sequential
-sampler (weighted, subset, distributed, a custom batch sampler) is refused.
+Data: any of the forms `pyinf.batches` accepts, read in the data's order.
 
 Data parallel under `torchrun` (`pyinf.distributed`): with a process group
 initialised, the capture shards the training batches across the ranks
@@ -54,22 +48,20 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler
-from torch.utils.data import default_collate
 
+from .batches import as_batches
 from .blocks import Block, check_finite
 from .losses import Task, move_to_device
 from .methods.kfac import FISHERS
 from .oom import HalvingCapture, is_oom, release_memory
 from .progress import bar
 from .progress import check as check_progress
-from .store import ACCEPTED, LOSS_KEY, STORES, fingerprint, make_store, parse_store, resolve_grad_dtype
+from .store import LOSS_KEY, STORES, fingerprint, make_store, parse_store, resolve_grad_dtype
 
 __all__ = ["capture_gradients", "TrainGradients", "capture_config", "CAPTURE_KEYS"]
 
@@ -77,88 +69,12 @@ NAN_POLICIES = ("error", "skip")
 # The capture options, the keys of `capture_config`'s dict.
 CAPTURE_KEYS = ("blocks", "store", "grad_dtype", "batch_size", "chunk_size", "nan_policy", "mask_padding", "factors",
                 "seed", "progress")
-# What a rebuilt DataLoader keeps of the user's (`_in_dataset_order`); the newer ones only where they exist.
-_LOADER_KEYS = ("num_workers", "collate_fn", "pin_memory", "drop_last", "timeout", "worker_init_fn",
-                "multiprocessing_context", "prefetch_factor", "persistent_workers", "pin_memory_device", "in_order")
 
 
 def _make_capture(model, blocks, loss):
     from .capture import GradientCapture  # the capture module is heavy (transformers); import on use
 
     return GradientCapture(model, blocks=blocks, loss=loss)
-
-
-# --------------------------------------------------------------------------- #
-# data
-# --------------------------------------------------------------------------- #
-def _in_dataset_order(loader: DataLoader) -> DataLoader:
-    """`loader`, read in its dataset's order: score columns (query rows) are dataset indices.
-
-    A shuffled loader (shuffle=True) is rebuilt with shuffle=False, everything
-    else kept (per-sample gradients do not depend on which samples share a
-    batch); a sampler whose order pyinf cannot map back is refused.
-    """
-    sampler, batches = loader.sampler, loader.batch_sampler
-    if isinstance(loader.dataset, IterableDataset) or (
-        type(sampler) is SequentialSampler and (batches is None or type(batches) is BatchSampler)
-    ):
-        return loader
-    shuffled = (type(sampler) is RandomSampler and not sampler.replacement
-                and sampler.num_samples == len(loader.dataset) and type(batches) is BatchSampler)
-    if not shuffled:
-        custom = type(batches).__name__ if batches is not None and type(batches) is not BatchSampler else None
-        raise ValueError(
-            f"a DataLoader with a {custom or type(sampler).__name__}: pyinf returns scores in the dataset's "
-            f"order and cannot map this {'batch sampler' if custom else 'sampler'}'s order back; pass "
-            f"DataLoader(dataset, batch_size=..., shuffle=False, collate_fn=...) (a torch.utils.data.Subset for "
-            f"part of it), the dataset itself, or a list of batches (scored in the list's order)"
-        )
-    kept = {k: getattr(loader, k) for k in _LOADER_KEYS if hasattr(loader, k)}
-    return DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False, **kept)
-
-
-def _is_example(item) -> bool:
-    """One example, not a batch: 1-D (or flat list) `input_ids`; without them, tensors of at most
-    one dimension, one of them a scalar (a batch holds no 0-d tensor)."""
-    if not isinstance(item, Mapping):
-        return False
-    ids = item.get("input_ids")
-    if isinstance(ids, torch.Tensor):
-        return ids.dim() == 1
-    if isinstance(ids, (list, tuple)):
-        return not ids or not isinstance(ids[0], (list, tuple, torch.Tensor))
-    dims = [v.dim() for v in item.values() if isinstance(v, torch.Tensor)]
-    return bool(dims) and max(dims) <= 1 and min(dims) == 0
-
-
-def _collate_examples(examples: list) -> dict:
-    """Per-example dicts -> one batch, stacked by torch's default_collate (equal shapes only)."""
-    try:
-        return default_collate([{k: torch.as_tensor(v) for k, v in ex.items()} for ex in examples])
-    except (RuntimeError, TypeError, ValueError) as err:
-        raise ValueError(
-            f"per-example dicts are stacked into batches with torch's default_collate, which needs the examples "
-            f"of a batch to have equal shapes and numeric values ({err}); pass (examples, collate_fn) with a "
-            f"padding collator, e.g. transformers.DataCollatorWithPadding(tokenizer) (class labels) or "
-            f"DataCollatorForSeq2Seq(tokenizer) (token labels), or padded batches"
-        ) from None
-
-
-def as_batches(data, batch_size: int):
-    """Data as an iterable of batches, in the data's order (the forms in the module docstring)."""
-    if isinstance(data, Mapping):  # one batch (a dict, a tokenizer's BatchEncoding)
-        return [data]
-    if isinstance(data, (str, bytes, torch.Tensor)):
-        raise TypeError(f"cannot score a {type(data).__name__}: {ACCEPTED}")
-    if isinstance(data, tuple) and len(data) == 2 and callable(data[1]):
-        return DataLoader(data[0], batch_size=batch_size, shuffle=False, collate_fn=data[1])
-    if isinstance(data, (list, tuple)) and data and _is_example(data[0]):
-        return DataLoader(list(data), batch_size=batch_size, shuffle=False, collate_fn=_collate_examples)
-    if isinstance(data, DataLoader):
-        return _in_dataset_order(data)
-    if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
-        return DataLoader(data, batch_size=batch_size, shuffle=False)
-    return data
 
 
 # --------------------------------------------------------------------------- #

@@ -69,7 +69,7 @@ from torch import nn
 
 IGNORE_INDEX = -100
 
-__all__ = ["default_loss", "sample_labels", "move_to_device", "model_device", "IGNORE_INDEX", "Task",
+__all__ = ["default_loss", "check_losses", "sample_labels", "move_to_device", "model_device", "IGNORE_INDEX", "Task",
            "completion_log_prob", "classification_margin", "selected_tokens_loss"]
 
 LossFn = Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]
@@ -102,6 +102,20 @@ def move_to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, 
         k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
         for k, v in batch.items()
     }
+
+
+def check_losses(losses: Any, rows: int | None = None, *, finite: bool = True) -> torch.Tensor:
+    """`losses` if it is a `(B,)` tensor of per-sample values (B = `rows` when given); else a ValueError
+    naming what came back. `finite`: a NaN or Inf value is a ValueError naming the samples (one host read)."""
+    if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or (rows is not None and losses.shape[0] != rows):
+        got = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+        want = "" if rows is None else f" with B = {rows}, the batch's samples"
+        raise ValueError(f"loss(model, batch) must return per-sample losses of shape (B,){want}, got {got}")
+    if finite:
+        bad = ~torch.isfinite(losses.detach())
+        if bool(bad.any()):
+            raise ValueError(f"the loss of samples {bad.nonzero().flatten().tolist()} is NaN or Inf")
+    return losses
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

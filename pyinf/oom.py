@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import gc
 import warnings
-from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
 
-from .store import batch_len
+from .batches import batch_len, slice_batch
 
 OOM_TYPES: tuple[type, ...] = tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError})
 _OOM_TEXT = ("out of memory", "can't allocate memory")
@@ -40,23 +39,6 @@ def release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def slice_batch(batch: Any, start: int, stop: int, size: int) -> Any:
-    """Samples `start:stop` of a batch of `size` samples (tensors/lists with that length in dim 0)."""
-
-    def cut(v):
-        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == size:
-            return v[start:stop]
-        if isinstance(v, (list, tuple)) and len(v) == size:
-            return type(v)(v[start:stop])
-        return v
-
-    if isinstance(batch, Mapping):
-        return {k: cut(v) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(cut(v) for v in batch)
-    return cut(batch)
 
 
 class HalvingCapture:

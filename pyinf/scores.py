@@ -72,7 +72,8 @@ def digest_batches(batches: Iterable) -> tuple[str, int]:
     """(sha256 over the batches' tensors (`pyinf.store.hash_batch`), number of samples) of query data."""
     import hashlib
 
-    from .store import batch_len, hash_batch
+    from .batches import batch_len
+    from .store import hash_batch
 
     h, m = hashlib.sha256(), 0
     for batch in batches:

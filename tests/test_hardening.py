@@ -227,7 +227,7 @@ def test_truncated_shard_detected_and_recomputed(tmp_path):
     disk(tmp_path).fill(CountingCapture(), batches)
     p = tmp_path / "shard-000001.bin"
     p.write_bytes(p.read_bytes()[:-7])
-    store_mod._VERIFIED.clear()  # as in a new process
+    store_mod.disk._VERIFIED.clear()  # as in a new process
     st = DiskStore.restore({"path": str(tmp_path)}, BLOCKS, CPU, torch.float32, progress=False, fingerprint="model-1")
     with pytest.raises(ValueError, match="truncated"):  # never read as data
         read_all(st)
@@ -258,7 +258,7 @@ def test_fit_killed_while_writing_a_shard_resumes_with_identical_scores(setup, t
         from pyinf import store as store_mod
         from pyinf.attributor import Attributor
         from test_attributor import Setup
-        real, writes = store_mod._write_atomic, []
+        real, writes = store_mod.disk._write_atomic, []
 
         def dying(path, chunks):
             if path.name.startswith("shard-"):
@@ -272,7 +272,7 @@ def test_fit_killed_while_writing_a_shard_resumes_with_identical_scores(setup, t
                     os.kill(os.getpid(), signal.SIGKILL)
             return real(path, chunks)
 
-        store_mod._write_atomic = dying
+        store_mod.disk._write_atomic = dying
         setup = Setup()
         Attributor(setup.model, blocks=setup.blocks, store={spec!r}, chunk_size=4, progress=False).fit(setup.train(12, 2))
         """
@@ -305,7 +305,7 @@ def test_flipped_byte_and_truncated_shard_recomputed_with_identical_scores(setup
     flipped[len(flipped) // 3] ^= 0x10
     (root / "shard-000000.bin").write_bytes(bytes(flipped))
     (root / "shard-000002.bin").write_bytes((root / "shard-000002.bin").read_bytes()[:100])
-    store_mod._VERIFIED.clear()  # as in a new process
+    store_mod.disk._VERIFIED.clear()  # as in a new process
     with pytest.warns(RuntimeWarning, match="recomputing") as record:
         att = Attributor(setup.model, store=spec, chunk_size=4, progress=False).fit(train)
     msgs = " ".join(str(w.message) for w in record)

@@ -127,7 +127,7 @@ def test_disk_corrupted_shard_detected_and_recomputed(tmp_path):
     data = bytearray(p.read_bytes())
     data[5] ^= 0xFF
     p.write_bytes(bytes(data))
-    store_mod._VERIFIED.clear()  # as in a new process
+    store_mod.disk._VERIFIED.clear()  # as in a new process
     st = DiskStore.restore({"path": str(tmp_path)}, BLOCKS, CPU, torch.float32, progress=False, fingerprint="model-1")
     with pytest.raises(ValueError, match="corrupt"):
         read_all(st)
@@ -306,7 +306,7 @@ def test_fingerprint_sees_every_value():
     """Every value of every parameter and buffer, LoRA scaling and the capture options count
     (it used to see only the first 4096 values of a base weight)."""
     model = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.Linear(128, 4), torch.nn.BatchNorm1d(4))
-    model.big = torch.nn.Parameter(torch.zeros(store_mod.FULL_HASH_NUMEL + 1))  # the checksum path
+    model.big = torch.nn.Parameter(torch.zeros(store_mod.base.FULL_HASH_NUMEL + 1))  # the checksum path
     blocks = [Block("1", 4, 128)]
 
     def fp(**options):
@@ -314,7 +314,7 @@ def test_fingerprint_sees_every_value():
 
     base = fp()
     assert fp() == base and fp(mask_padding=True) != base
-    for t, i in ((model[0].weight, 5000), (model.big, store_mod.FULL_HASH_NUMEL), (model[2].running_var, 3)):
+    for t, i in ((model[0].weight, 5000), (model.big, store_mod.base.FULL_HASH_NUMEL), (model[2].running_var, 3)):
         with torch.no_grad():
             old = t.view(-1)[i].clone()
             t.view(-1)[i] = torch.nextafter(old, old + 1)  # the smallest change there is
@@ -352,7 +352,7 @@ def test_complete_store_on_read_only_storage(tmp_path, monkeypatch):
     def no_write(path, chunks):
         raise AssertionError(f"wrote {path}")
 
-    monkeypatch.setattr(store_mod, "_write_atomic", no_write)
+    monkeypatch.setattr(store_mod.disk, "_write_atomic", no_write)
     try:
         st = disk(root).fill(CountingCapture(), batches)
         got, _ = read_all(st)
