@@ -74,6 +74,7 @@ class Analysis:
         """ValueError for capture options (`TrainGradients.config`) this analysis cannot work with."""
 
     def fit(self, grads) -> None:
+        """Prepare from the captured `grads` (a `TrainGradients`): the method's passes over its store, or Forward-INF's base losses."""
         raise NotImplementedError
 
     def queries(self, grads, query_data, query_grads, aggregate: bool) -> tuple[int, object]:
@@ -113,6 +114,7 @@ class Analysis:
         raise NotImplementedError
 
     def load_state(self, state: dict, grads) -> None:
+        """Restore what `state()` returned, on `grads` (the same training gradients, reloaded)."""
         raise NotImplementedError
 
     def report(self) -> dict:

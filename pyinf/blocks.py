@@ -59,6 +59,7 @@ class BlockGroup:
 
     @property
     def size(self) -> int:
+        """D_b of each block of the group."""
         return self.rows * self.cols
 
 
@@ -243,14 +244,18 @@ class GradientSource:
     fisher_gradients = None
 
     def chunks(self, names=None, start: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """One pass: `(start, {block: (c, rows, cols)})` per chunk of samples from sample `start` (a chunk
+            boundary), for the blocks `names` (default: all), same-shape blocks adjacent."""
         raise NotImplementedError
 
     @property
     def groups(self) -> list[BlockGroup]:
+        """The groups of same-shape blocks, in storage order (`group_blocks`)."""
         return group_blocks(self.blocks)
 
     @property
     def num_chunks(self) -> int:
+        """Chunks in one full pass: ⌈n / chunk_size⌉."""
         return math.ceil(self.n / self.chunk_size)
 
 

@@ -132,11 +132,12 @@ class Comm:
             self.device = torch.device("cpu")
 
     def barrier(self) -> None:
+        """Wait for every rank of the group."""
         _dist().barrier(group=self.group)
 
     # -- reductions --------------------------------------------------------
     def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """In place (sum or max) on every rank; returns `t`."""
+        """`t` (any shape, same on every rank) reduced in place (sum or max) on every rank; returns `t`."""
         dist = _dist()
         buf = t.detach().contiguous().to(self.device)
         dist.all_reduce(buf, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=self.group)
@@ -146,7 +147,7 @@ class Comm:
         return t
 
     def all_reduce_dict(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Sum every tensor of the dict in place, one collective per dtype (flattened)."""
+        """Sum every tensor of {name: (any shape)} in place across ranks, one collective per dtype (flattened)."""
         by_dtype: dict[torch.dtype, list[str]] = {}
         for name, t in tensors.items():
             by_dtype.setdefault(t.dtype, []).append(name)
@@ -169,12 +170,13 @@ class Comm:
         return [int(b.item()) for b in buf]
 
     def max_float(self, x: float) -> float:
+        """The maximum of `x` over the ranks."""
         t = torch.tensor([float(x)], dtype=torch.float64)
         return float(self.all_reduce(t, op="max").item())
 
     # -- gathers -----------------------------------------------------------
     def all_gather_var(self, t: torch.Tensor) -> list[torch.Tensor]:
-        """Every rank's `t` (sizes may differ in dim 0; the other dims and dtype must agree), in rank order."""
+        """Every rank's `t` (n_r, ...) (n_r may differ; the other dims and dtype must agree), a list in rank order."""
         dist = _dist()
         counts = self.all_ints(t.shape[0])
         top = max(counts)
@@ -187,7 +189,7 @@ class Comm:
         return [o[:c].to(t.device) for o, c in zip(out, counts)]
 
     def all_gather_cols(self, t: torch.Tensor) -> torch.Tensor:
-        """Concatenate every rank's `t` along its last dimension (in rank order), on every rank."""
+        """Every rank's `t` (..., n_r) concatenated along the last dimension in rank order, (..., Σ n_r), on every rank."""
         moved = t.movedim(-1, 0).contiguous()
         return torch.cat(self.all_gather_var(moved)).movedim(0, -1)
 
@@ -197,13 +199,14 @@ class Comm:
         return out if self.rank == 0 else None
 
     def all_gather_object(self, obj: Any) -> list:
+        """`[obj of rank 0, ..., obj of rank world-1]` on every rank (picklable objects)."""
         dist = _dist()
         out = [None] * self.world
         dist.all_gather_object(out, obj, group=self.group)
         return out
 
     def broadcast_tensors(self, tensors: dict[str, torch.Tensor] | None, device: torch.device, src: int = 0):
-        """Rank `src`'s {name: tensor} on every rank (on `device`): shapes by object, data by tensor."""
+        """Rank `src`'s {name: tensor (any shape)} on every rank (on `device`): shapes by object, data by tensor."""
         dist = _dist()
         meta = [None]
         if self.rank == src:

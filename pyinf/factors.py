@@ -123,6 +123,7 @@ class FactorStats:
             raise ValueError(f"the factors file holds {vals.numel()} values, the blocks need {off}")
 
     def token_counts(self) -> dict[str, float]:
+        """{block: the number of tokens its statistics summed over}."""
         return {name: float(self.tokens[gi][k]) for name, (gi, k) in self.index.items()}
 
     def state(self) -> dict:
@@ -133,6 +134,7 @@ class FactorStats:
 
     @classmethod
     def from_state(cls, state: dict, device) -> "FactorStats":
+        """The statistics `state()` saved, on `device`."""
         self = cls([Block(*b) for b in state["blocks"]], device, state["fisher"], state["seed"])
         for dst, src in zip(self.rows + self.cols + self.tokens, state["rows"] + state["cols"] + state["tokens"]):
             dst.copy_(src)

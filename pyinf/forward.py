@@ -418,12 +418,14 @@ class ForwardInfluence:
 
     @property
     def n(self) -> int:
+        """Training samples fitted (after `fit`)."""
         if self.base_losses is None:
             raise RuntimeError("call fit(train_data) first")
         return self.base_losses.shape[0]
 
     @property
     def device(self) -> torch.device:
+        """Where the model's inputs go."""
         return model_device(self.model)
 
     def _loss(self, batch, query: bool = False) -> torch.Tensor:

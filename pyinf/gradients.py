@@ -389,7 +389,7 @@ class TrainGradients:
         return {b.name: torch.cat([p[b.name] for p in parts]) for b in self.blocks}
 
     def shared_query_grads(self, query_data) -> dict[str, torch.Tensor]:
-        """Query gradients, captured once: on rank 0 and broadcast when data parallel."""
+        """Query gradients {block: (m, rows, cols)}, captured once: on rank 0 and broadcast when data parallel."""
         comm = self.comm
         if comm is None:
             return self.query_grads(query_data)

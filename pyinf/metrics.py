@@ -36,7 +36,8 @@ def _as_rows(values: torch.Tensor) -> tuple[torch.Tensor, bool]:
 
 
 def recall_at_k(values: torch.Tensor, positive: torch.Tensor, k: int) -> torch.Tensor:
-    """Per row, the fraction of the positives found among the k highest `values`.
+    """Per row of `values` (m, n) and boolean `positive` (m, n): the fraction of the positives found among the k
+    highest values, (m,).
 
     Ties at the cut are broken by position (first index first), as `topk` on a
     stable sort does. A row with no positives gives NaN.
@@ -72,17 +73,18 @@ def detection_curve(values: torch.Tensor, positive: torch.Tensor) -> tuple[torch
 
 
 def curve_auc(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Area under a curve by the trapezoid rule (a random ranking's detection curve gives ~0.5)."""
+    """Area under the curve `y` (k,) over `x` (k,) by the trapezoid rule (a random ranking's detection curve gives ~0.5)."""
     return float(torch.trapezoid(y.double(), x.double()))
 
 
 def detection_auc(values: torch.Tensor, positive: torch.Tensor) -> float:
-    """Area under `detection_curve` (1 − n_pos/(2n) for a perfect ranking, ~0.5 for a random one)."""
+    """Area under `detection_curve` of `values` (n,) against boolean `positive` (n,) (1 − n_pos/(2n) for a perfect
+    ranking, ~0.5 for a random one)."""
     return curve_auc(*detection_curve(values, positive))
 
 
 def average_ranks(values: torch.Tensor) -> torch.Tensor:
-    """1-based ranks along the last dim, ties given the mean of the ranks they span."""
+    """1-based ranks of `values` (..., n) along the last dim, (..., n) float64; ties get the mean of the ranks they span."""
     vals, squeeze = _as_rows(values.double())
     order = vals.argsort(dim=1, stable=True)
     sorted_vals = vals.gather(1, order)
@@ -95,7 +97,8 @@ def average_ranks(values: torch.Tensor) -> torch.Tensor:
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Spearman rank correlation along the last dim (average ranks for ties); NaN for a constant row."""
+    """Spearman rank correlation of `a`, `b` (..., n) along the last dim, (...,) (average ranks for ties); NaN for a
+    constant row."""
     ra, rb = average_ranks(a), average_ranks(b)
     ra = ra - ra.mean(dim=-1, keepdim=True)
     rb = rb - rb.mean(dim=-1, keepdim=True)

@@ -24,7 +24,8 @@ __all__ = ["ModelMode"]
 
 
 class ModelMode:
-    """`with ModelMode(model, trainable):` eval mode, only `trainable` (parameters of `model`) require grad."""
+    """`with ModelMode(model, trainable):` eval mode, only `trainable` (parameters of `model`, any shape) require
+    grad; everything restored on exit (module doc)."""
 
     def __init__(self, model: nn.Module, trainable: Iterable[torch.Tensor] = ()):
         self.model = model

@@ -29,6 +29,7 @@ _OOM_TEXT = ("out of memory", "can't allocate memory")
 
 
 def is_oom(err: BaseException) -> bool:
+    """Whether `err` is an out-of-memory error (CUDA, CPU allocator, Triton's shared memory)."""
     if isinstance(err, OOM_TYPES):
         return True
     return isinstance(err, RuntimeError) and any(t in str(err).lower() for t in _OOM_TEXT)

@@ -14,6 +14,7 @@ class OptionalKernel:
         self.error: BaseException | None = None
 
     def get(self) -> Callable | None:
+        """The kernel function, imported on first use; None when it cannot run here (the reason in `error`)."""
         if self._fn is None:
             try:
                 mod = importlib.import_module(f"pyinf.kernels.{self.module}")

@@ -65,6 +65,7 @@ class Phase:
                 self._bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True)
 
     def update(self, n: int = 1) -> None:
+        """Advance the phase by `n` units."""
         self.count += n
         if self._bar is not None:
             self._bar.update(n)
@@ -78,6 +79,7 @@ class Phase:
             self._bar.set_postfix_str(f"pass {self.passes}")
 
     def close(self) -> None:
+        """End the phase: close its bar, or print its one log line (idempotent)."""
         if self._closed:
             return
         self._closed = True

@@ -143,6 +143,7 @@ class ScoreFile:
 
     @property
     def complete(self) -> bool:
+        """Whether every row has been written."""
         return bool(self.header["complete"])
 
     @property
@@ -152,14 +153,14 @@ class ScoreFile:
         return w[0][1] if w and w[0][0] == 0 else 0
 
     def saved_preconditioned(self, device) -> dict[str, torch.Tensor] | None:
-        """The H an interrupted run saved (on `device`), or None."""
+        """The H {block: (m, D_b)} an interrupted run saved (on `device`), or None."""
         p = self.path / PRECONDITIONED
         if self.complete or not p.is_file():
             return None
         return {k: v.to(device) for k, v in torch.load(p, map_location="cpu", weights_only=True).items()}
 
     def save_preconditioned(self, H: dict[str, torch.Tensor]) -> None:
-        """Keep H for a resume (atomic: a partial H.pt is never read)."""
+        """Keep H {block: (m, D_b)} for a resume (atomic: a partial H.pt is never read)."""
         p = self.path / PRECONDITIONED
         tmp = p.with_name(p.name + ".tmp")
         torch.save({k: v.detach().cpu() for k, v in H.items()}, tmp)

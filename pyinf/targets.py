@@ -297,6 +297,8 @@ def _close_matches(name: str, candidates: list[str]) -> list[str]:
 
 
 def resolve_blocks(model: nn.Module, blocks: BlockSpec) -> list[Target]:
+    """The `Target`s `blocks` names in `model` (module doc: "lora", layer, module or parameter names), one
+    per parameter in the entries' order; ValueError naming an unknown or uncapturable entry (with close matches)."""
     idx = _ModelIndex(model)
     entries = [blocks] if isinstance(blocks, str) else list(blocks)
     if not all(isinstance(e, str) for e in entries):

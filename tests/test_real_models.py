@@ -309,11 +309,11 @@ def test_trainable_parameters_left_out_are_named():
 def test_large_saved_head_is_left_out_by_name_and_attributable_explicitly(monkeypatch):
     """blocks="lora" leaves out a saved head above LARGE_BLOCK values (a real vocabulary's lm_head would
     take GBs a sample), says so, and captures it when it is named."""
-    import pyinf.capture as capture_mod
+    import pyinf.targets as targets_mod
 
     model = peft_llama(target_modules=["q_proj"], modules_to_save=["lm_head"], task_type="CAUSAL_LM")
     head = "base_model.model.lm_head.modules_to_save.default"
-    monkeypatch.setattr(capture_mod, "LARGE_BLOCK", V * 32 - 1)  # the tiny head (V, 32) counts as large
+    monkeypatch.setattr(targets_mod, "LARGE_BLOCK", V * 32 - 1)  # the tiny head (V, 32) counts as large
     with pytest.warns(UserWarning, match=re.escape(head) + r"\.weight \(" + f"{V * 32:,}" + r" values a sample"):
         cap = GradientCapture(model)
     assert head not in {t.name for t in cap._targets} and len(cap.blocks) == 2

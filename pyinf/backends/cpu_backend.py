@@ -114,6 +114,7 @@ def _f32(t: torch.Tensor):
 
 
 class CPUBackend(TorchBackend):
+    """The C++ extension's primitives on CPU tensors (module doc: which take the native path); the rest as TorchBackend."""
     name = "cpu"
 
     def __init__(self):

@@ -92,11 +92,14 @@ def spd_inverse(A: torch.Tensor, *, iterations: int, tol: float, solver: str = "
 # the second columns ≤ i, so they never overlap. (A plain tensor: saved with the Attributor.)
 # Used by hyperinf (its inverses) and pyinf.factors (the K-FAC statistics).
 def packed_pairs(b: int, k: int, device: torch.device) -> torch.Tensor:
+    """Zeros for `b` symmetric k × k float64 matrices packed two per `(k, k + 1)` slab: `((b + 1) // 2, k, k + 1)`
+    (`pack` adds matrix i into its slab's lower or upper triangle, `unpack` reads it back)."""
     return torch.zeros((b + 1) // 2, k, k + 1, dtype=torch.float64, device=device)
 
 
 def pack(pairs: torch.Tensor, i: int, X: torch.Tensor) -> None:
-    """Add symmetric `X` into matrix `i` (adding the triangle's zeros leaves the partner intact)."""
+    """Add symmetric `X` (k, k) into matrix `i` of `pairs` ((b + 1) // 2, k, k + 1) (adding the triangle's zeros leaves
+    the partner intact)."""
     p, odd = divmod(i, 2)
     if odd:
         pairs[p, :, :-1] += X.tril()
@@ -105,7 +108,7 @@ def pack(pairs: torch.Tensor, i: int, X: torch.Tensor) -> None:
 
 
 def unpack(pairs: torch.Tensor, i: int) -> torch.Tensor:
-    """Matrix `i`, whole (a new k × k tensor)."""
+    """Matrix `i` of `pairs` ((b + 1) // 2, k, k + 1), whole: a new (k, k) tensor."""
     p, odd = divmod(i, 2)
     if odd:
         T = pairs[p, :, :-1].tril()

@@ -19,6 +19,7 @@ def _upcast(G: torch.Tensor, like: torch.Tensor | None = None, dtype: torch.dtyp
 
 
 class TorchBackend(Backend):
+    """The reference backend: every primitive in plain PyTorch (any device, any float dtype)."""
     name = "torch"
 
     def sq_norms(self, G):

@@ -80,6 +80,7 @@ def _rows_contiguous(t: torch.Tensor) -> bool:
 
 
 class TritonBackend(Backend):
+    """The Triton kernels on CUDA tensors (module doc: which primitive takes which kernel, and the float64 paths)."""
     name = "triton"
 
     def __init__(self):

@@ -64,6 +64,7 @@ def train_cfg_mlp(cfg: EvalConfig, X, y):
 
 
 class MLP(nn.Module):
+    """The evals' classifier: d_in → hidden (ReLU) → classes; its two Linear weights are the blocks."""
     def __init__(self, d_in: int = 64, hidden: int = 32, classes: int = 10):
         super().__init__()
         self.fc1 = nn.Linear(d_in, hidden)
@@ -74,6 +75,7 @@ class MLP(nn.Module):
 
 
 def per_sample_loss(model: nn.Module, batch) -> torch.Tensor:
+    """Cross-entropy per sample, `(B,)`, of a batch {"x": (B, d_in), "labels": (B,)}."""
     return F.cross_entropy(model(batch["x"]), batch["labels"], reduction="none")
 
 
@@ -96,6 +98,8 @@ def train_mlp(X, y, *, hidden: int, steps: int, lr: float, weight_decay: float, 
 
 
 def batches(X, y, bs: int = 256):
+    """`X` (n, d_in), `y` (n,) as a list of {"x", "labels"} batches of `bs` samples (under torchrun, this rank's
+    contiguous share)."""
     from ..distributed import current
 
     comm = current()
@@ -105,6 +109,7 @@ def batches(X, y, bs: int = 256):
 
 
 def available_methods(methods) -> tuple[list[str], list[str]]:
+    """(methods `pyinf.Attributor` accepts, methods it does not) of `methods`."""
     from ..tasks.demo import method_available
 
     ok = [m for m in methods if method_available(m)]

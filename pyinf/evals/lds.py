@@ -32,6 +32,9 @@ class LDSConfig(EvalConfig):
 
 
 def run_lds(cfg: LDSConfig) -> dict:
+    """Run the LDS eval (module doc): per method the mean and sd over queries of the Spearman correlation
+    between summed subset scores and retrained losses, with wall times; returns the report dict (also
+    written as JSON and a PNG under `cfg.out`)."""
     if not 0 < cfg.fraction < 1:
         raise ValueError(f"--fraction must be in (0, 1), got {cfg.fraction}")
     if cfg.subsets < 3:
@@ -95,6 +98,7 @@ def _figure(path, per_query, report):
 
 
 def format_table(report: dict) -> str:
+    """The report of `run_lds` as a text table, a method per line."""
     lines = [f"{'method':10s} {'LDS':>7s} {'±sd':>6s} {'time (s)':>9s}"]
     for m, r in report["methods"].items():
         lines.append(f"{m:10s} {r['lds']:7.3f} {r['lds_std']:6.3f} {r['seconds']:9.2f}" + ("  (warned)" if r["warnings"] else ""))

@@ -34,6 +34,8 @@ class MislabeledConfig(EvalConfig):
 
 
 def run_mislabeled(cfg: MislabeledConfig) -> dict:
+    """Run the mislabeled-detection eval (module doc): per method the area under the detection curve of
+    aggregate and self influence, with wall times; returns the report dict (also written as JSON and a PNG)."""
     if not 0 < cfg.flip < 1:
         raise ValueError(f"--flip must be in (0, 1), got {cfg.flip}")
     t0 = time.perf_counter()
@@ -103,6 +105,7 @@ def _figure(path, curves, cfg, report):
 
 
 def format_table(report: dict) -> str:
+    """The report of `run_mislabeled` as a text table, a method per line."""
     lines = [f"{'method':10s} {'agg AUC':>8s} {'self AUC':>9s} {'time (s)':>9s}   (random 0.5, perfect {report['perfect_auc']:.2f})"]
     for m, r in report["methods"].items():
         s = f"{r['self_auc']:9.3f}" if "self_auc" in r else f"{'n/a':>9s}"

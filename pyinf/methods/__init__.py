@@ -14,6 +14,7 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (TracIn, DataInf, Exact, 
 
 
 def get_method(name: str) -> type[Method]:
+    """The `Method` class registered under `name` ("tracin", "datainf", ...); ValueError naming the choices."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
     return METHODS[name]

@@ -16,6 +16,7 @@ from .base import Method
 
 
 class DataInf(Method):
+    """DataInf: the closed-form Sherman-Morrison sum per block (module doc); passes: norms, H, scoring."""
     name = "datainf"
 
     def precondition(self, queries):

@@ -25,6 +25,7 @@ from .kfac import KFAC
 
 
 class EKFAC(KFAC):
+    """EK-FAC: K-FAC's eigenbases with eigenvalues refitted to the per-sample gradients (module doc)."""
     name = "ekfac"
     refits_eigenvalues = True
 

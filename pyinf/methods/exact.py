@@ -48,6 +48,7 @@ GRAM_BYTES = 2 << 30
 
 
 class Exact(Method):
+    """The damped block Fisher inverse: primal Cholesky when D_b ≤ n, else Woodbury on the n × n Gram (module doc)."""
     name = "exact"
     damping_from_fit = True  # λ_b from the trace of the Fisher or Gram it builds: no norms pass
 

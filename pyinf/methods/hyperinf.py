@@ -43,6 +43,7 @@ class HyperINFOptions(Options):
 
 
 class HyperINF(Method):
+    """HyperINF: the inverse of the damped GFIM (cols × cols per block) by Schulz or Cholesky (module doc)."""
     name = "hyperinf"
     damping_from_fit = True  # λ_b from trace(Σ_i g_iᵀ g_i) = Σ_i ‖g_i‖²: no norms pass
     Options = HyperINFOptions

@@ -58,6 +58,7 @@ class KFACOptions(Options):
 
 
 class KFAC(Method):
+    """K-FAC: the block Fisher as R̄ ⊗ C̄ from the capture's token statistics, inverted in their eigenbases (module doc)."""
     name = "kfac"
     damping_from_fit = True  # λ from the trace of Λ: no norms pass
     needs_factors = True

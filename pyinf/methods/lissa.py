@@ -33,6 +33,7 @@ class LiSSAOptions(Options):
 
 
 class LiSSA(Method):
+    """LiSSA: the stochastic Neumann recursion for (F + λI)⁻¹ v, one pass over G per iteration (module doc)."""
     name = "lissa"
     Options = LiSSAOptions
 

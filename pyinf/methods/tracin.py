@@ -8,6 +8,7 @@ from .base import Method
 
 
 class TracIn(Method):
+    """TracIn: no curvature, H = I; the score is the gradient dot product."""
     name = "tracin"
     needs_damping = False  # the damping is accepted for uniformity and unused
 

@@ -38,10 +38,12 @@ def resolve_grad_dtype(grad_dtype, device: torch.device) -> torch.dtype:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
+    """"float32" for torch.float32 (the manifest's spelling)."""
     return str(dtype).removeprefix("torch.")
 
 
 def per_sample_bytes(blocks: list[Block], grad_dtype: torch.dtype) -> int:
+    """Bytes one sample's gradients take over `blocks`, stored as `grad_dtype`."""
     return sum(b.size for b in blocks) * torch.finfo(grad_dtype).bits // 8
 
 
@@ -52,7 +54,7 @@ def default_chunk_size(blocks: list[Block], grad_dtype: torch.dtype) -> int:
 
 def chunk_to_device(views: dict[str, torch.Tensor], blocks: list[Block], device: torch.device,
                non_blocking: bool = False) -> dict[str, torch.Tensor]:
-    """A chunk on `device`: one copy per group of same-shape blocks (kept adjacent there, so the
+    """A chunk {block: (c, rows, cols)} on `device`: one copy per group of same-shape blocks (kept adjacent there, so the
     methods' `stack_group` is a view), none when it is there already."""
     if all(t.device == device for t in views.values()):
         return views
@@ -178,6 +180,7 @@ class Store(GradientSource):
             self._phase = None
 
     def chunks(self, names=None, start: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """One pass (`GradientSource.chunks`), counted on the current phase's bar."""
         if self._phase is None:  # a pass outside any phase: a phase of its own
             with self.phase("pass"):
                 yield from self.chunks(names, start)
@@ -201,6 +204,7 @@ class Store(GradientSource):
         raise NotImplementedError
 
     def fill(self, capture: Capture, batches: Iterable) -> "Store":
+        """Run `capture(batch) -> {block: (B, rows, cols)}` over `batches` once and keep the result; returns self."""
         raise NotImplementedError
 
     def _capture(self, capture: Capture, batch, offset: int) -> tuple[dict[str, torch.Tensor], list[int]]:
@@ -247,7 +251,7 @@ class Store(GradientSource):
         return None if self.factors is None else self.factors.state()
 
     def _restore_factors(self, state: dict, device) -> None:
-        from .factors import FactorStats
+        from ..factors import FactorStats
 
         saved = state.get("factors")
         self.factors = None if saved is None else FactorStats.from_state(saved, device)

@@ -414,6 +414,7 @@ class DiskStore(Store):
 
     @classmethod
     def restore(cls, state, blocks, device, grad_dtype, progress=None, fingerprint=None, **_):
+        """The store `state()` described, reopened from its directory (complete, same fingerprint)."""
         self = cls(state["path"], blocks, device, grad_dtype, fingerprint, progress=progress)
         man = self._read_manifest()
         if man is None or not man["complete"]:

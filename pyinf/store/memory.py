@@ -97,6 +97,7 @@ class MemoryStore(Store):
 
     @classmethod
     def restore(cls, state, blocks, device, grad_dtype, progress=None, **_):
+        """The store `state()` saved (its slabs), on `device`."""
         storage = device if state["storage"] == "cuda" else torch.device("cpu")
         self = cls(blocks, device, grad_dtype, storage, state["chunk_size"], progress)
         self.n = state["n"]

@@ -26,6 +26,7 @@ class RecomputeStore(Store):
         self.sizes: list[int] = []
 
     def attach(self, capture: Capture, batches: Iterable) -> None:
+        """Keep the capture and the (re-iterable) training batches that every pass runs again."""
         if iter(batches) is batches:
             raise ValueError(
                 "store='none' reads the training data once per pass: pass a re-iterable "
@@ -99,6 +100,7 @@ class RecomputeStore(Store):
 
     @classmethod
     def restore(cls, state, blocks, device, grad_dtype, progress=None, capture=None, batches=None, **_):
+        """A store over `batches` again (they must be the training data of the fit, in order)."""
         if batches is None:
             raise ValueError("this Attributor was fitted with store='none': pass train_data to Attributor.load")
         self = cls(blocks, device, grad_dtype, progress)

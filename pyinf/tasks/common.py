@@ -18,6 +18,7 @@ class Example:
 
     @property
     def text(self) -> str:
+        """Prompt and answer joined by the separator token."""
         return self.prompt + SEP + self.answer
 
 

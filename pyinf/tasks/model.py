@@ -70,9 +70,11 @@ class WordTokenizer:
         self.vocab_size = len(self.tokens) + 4
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of `text` (unknown words: UNK)."""
         return [self.index.get(t, UNK) for t in TOKEN_RE.findall(text)]
 
     def decode(self, ids) -> str:
+        """The words of `ids`, special tokens dropped."""
         return " ".join(self.tokens[i - 4] for i in ids if i >= 4)
 
     def example(self, ex: Example, answer_only: bool = True) -> tuple[list[int], list[int]]:
@@ -84,7 +86,7 @@ class WordTokenizer:
         return ids, labels
 
     def batch(self, examples, answer_only: bool = True) -> dict[str, torch.Tensor]:
-        """A right-padded batch {input_ids, attention_mask, labels}."""
+        """A right-padded batch {input_ids, attention_mask, labels}, each (B, T) int64 (labels -100 off the answer)."""
         pairs = [self.example(e, answer_only) for e in examples]
         T = max(len(i) for i, _ in pairs)
         ids = torch.full((len(pairs), T), PAD, dtype=torch.long)
@@ -129,6 +131,7 @@ class ModelConfig:
 
 
 def cache_dir(path: str | os.PathLike | None = None) -> Path:
+    """Where trained task models are cached: `path`, else `$PYINF_CACHE`, else `~/.cache/pyinf`."""
     if path is not None:
         return Path(path)
     env = os.environ.get("PYINF_CACHE")

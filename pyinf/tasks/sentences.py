@@ -79,10 +79,12 @@ SENTENCE_CLASSES = (
 
 
 def transform(label: int, sentence: str) -> str:
+    """The answer of class `label` for `sentence` (its words transformed by the class's rule)."""
     return " ".join(SENTENCE_CLASSES[label][2](sentence.split()))
 
 
 def random_sentence(rng: random.Random, lo: int = 3, hi: int = 5) -> str:
+    """`lo`..`hi` distinct words drawn from the vocabulary by `rng`."""
     return " ".join(rng.sample(WORDS, rng.randint(lo, hi)))
 
 
