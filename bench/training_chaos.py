@@ -5,7 +5,8 @@ and ATen's vectorised paths: AVX-512 on one machine, AVX2 on another) sum in
 different orders, and the training dynamics amplify those last-bit
 differences. This script measures it on one machine by forcing two of ATen's
 kernel paths (`ATEN_CPU_CAPABILITY=default` and `avx2`): the demo's
-pre-training for `--steps` steps (same seed, same data, 1 thread), in float32
+pre-training (its own `_train`: optimiser, schedule, clipping) over `--steps`
+batches (same seed, same data, 1 thread), in float32
 and in float64, then the relative weight difference ‖θ_a − θ_b‖ / ‖θ_a‖
 between the two paths. A difference that float64 does not shrink is chaos in
 the training, not rounding that more precision would remove.
@@ -29,31 +30,18 @@ PATHS = ("default", "avx2")
 
 
 def train(dtype: str, steps: int, out: str) -> None:
-    """The demo's pre-training (`pyinf.tasks.model`: config, data, optimiser) for `steps` steps; weights to `out`."""
-    from pyinf.losses import default_loss
-    from pyinf.tasks.model import ModelConfig, WordTokenizer, _llama, _shuffled_batches, pretrain_texts
+    """The demo's pre-training (`pyinf.tasks.model._train`: config, data, optimiser, schedule) for one epoch
+    over the first `steps` batches of its texts; weights to `out`."""
+    from pyinf.tasks.model import ModelConfig, WordTokenizer, _llama, _shuffled_batches, _train, pretrain_texts
 
     torch.set_num_threads(1)
     cfg, tok = ModelConfig(), WordTokenizer()
     torch.manual_seed(0)
     model = _llama(cfg, tok.vocab_size).to(getattr(torch, dtype))
-    batches = _shuffled_batches(pretrain_texts(cfg.pretrain_texts, 0), cfg.batch_size, tok.text_batch)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.pretrain_lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(0)
-    model.train()
-    done = 0
-    while done < steps:
-        for batch in batches(gen):
-            loss = default_loss(model, batch).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            done += 1
-            if done == steps:
-                break
-    torch.save({"loss": loss.item(), "weights": {n: p.detach().double() for n, p in model.named_parameters()}}, out)
+    texts = pretrain_texts(cfg.pretrain_texts, 0)[: steps * cfg.batch_size]
+    loss = _train(model, _shuffled_batches(texts, cfg.batch_size, tok.text_batch), 1, cfg.pretrain_lr,
+                  "pre-train", False, 0)
+    torch.save({"loss": loss, "weights": {n: p.detach().double() for n, p in model.named_parameters()}}, out)
 
 
 def relative_difference(a: dict, b: dict) -> float:
