@@ -88,12 +88,12 @@ def _perturb_lora_b(model, seed: int) -> None:
 
 def demo_setup():
     from pyinf.tasks.math_problems import math_problems
-    from pyinf.tasks.model import ModelConfig, WordTokenizer, _llama, _wrap_lora
+    from pyinf.tasks.model import ModelConfig, WordTokenizer, llama, wrap_lora
     from pyinf.tasks.sentences import sentence_transformations
 
     torch.manual_seed(0)
     cfg, tok = ModelConfig(), WordTokenizer()
-    model = _wrap_lora(_llama(cfg, tok.vocab_size), cfg)
+    model = wrap_lora(llama(cfg, tok.vocab_size), cfg)
     _perturb_lora_b(model, 1)
     rng = random.Random(0)
     batches = []

@@ -5,7 +5,7 @@ and ATen's vectorised paths: AVX-512 on one machine, AVX2 on another) sum in
 different orders, and the training dynamics amplify those last-bit
 differences. This script measures it on one machine by forcing two of ATen's
 kernel paths (`ATEN_CPU_CAPABILITY=default` and `avx2`): the demo's
-pre-training (its own `_train`: optimiser, schedule, clipping) over `--steps`
+pre-training (its own `train`: optimiser, schedule, clipping) over `--steps`
 batches (same seed, same data, 1 thread), in float32
 and in float64, then the relative weight difference ‖θ_a − θ_b‖ / ‖θ_a‖
 between the two paths. A difference that float64 does not shrink is chaos in
@@ -29,17 +29,17 @@ from machine import machine_info, write_result
 PATHS = ("default", "avx2")
 
 
-def train(dtype: str, steps: int, out: str) -> None:
-    """The demo's pre-training (`pyinf.tasks.model._train`: config, data, optimiser, schedule) for one epoch
+def pretrain_steps(dtype: str, steps: int, out: str) -> None:
+    """The demo's pre-training (`pyinf.tasks.model.train`: config, data, optimiser, schedule) for one epoch
     over the first `steps` batches of its texts; weights to `out`."""
-    from pyinf.tasks.model import ModelConfig, WordTokenizer, _llama, _shuffled_batches, _train, pretrain_texts
+    from pyinf.tasks.model import ModelConfig, WordTokenizer, llama, shuffled_batches, train, pretrain_texts
 
     torch.set_num_threads(1)
     cfg, tok = ModelConfig(), WordTokenizer()
     torch.manual_seed(0)
-    model = _llama(cfg, tok.vocab_size).to(getattr(torch, dtype))
+    model = llama(cfg, tok.vocab_size).to(getattr(torch, dtype))
     texts = pretrain_texts(cfg.pretrain_texts, 0)[: steps * cfg.batch_size]
-    loss = _train(model, _shuffled_batches(texts, cfg.batch_size, tok.text_batch), 1, cfg.pretrain_lr,
+    loss = train(model, shuffled_batches(texts, cfg.batch_size, tok.text_batch), 1, cfg.pretrain_lr,
                   "pre-train", False, 0)
     torch.save({"loss": loss, "weights": {n: p.detach().double() for n, p in model.named_parameters()}}, out)
 
@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--train", nargs=3, metavar=("DTYPE", "STEPS", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.train:
-        return train(args.train[0], int(args.train[1]), args.train[2])
+        return pretrain_steps(args.train[0], int(args.train[1]), args.train[2])
     result = {"steps": args.steps, "paths": PATHS, "machine": machine_info(), "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         runs = {}

@@ -146,7 +146,8 @@ def cache_key(cfg: ModelConfig, seed: int, data_seed: int, examples=()) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _llama(cfg: ModelConfig, vocab: int):
+def llama(cfg: ModelConfig, vocab: int):
+    """A randomly initialised `LlamaForCausalLM` of `cfg`'s size (eager attention, untied embeddings)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     lc = LlamaConfig(
@@ -159,7 +160,8 @@ def _llama(cfg: ModelConfig, vocab: int):
     return LlamaForCausalLM(lc)
 
 
-def _wrap_lora(base, cfg: ModelConfig):
+def wrap_lora(base, cfg: ModelConfig):
+    """`base` wrapped with PEFT LoRA (r, alpha and target modules from `cfg`, no dropout)."""
     from peft import LoraConfig, get_peft_model
 
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
@@ -210,15 +212,24 @@ def pretrain_texts(n: int, seed: int) -> list[str]:
     return out
 
 
-def _log(msg: str, progress: bool):
+def log(msg: str, progress: bool | None):
+    """One progress line on stderr unless `progress` is False."""
     if progress is not False:
         print(msg, file=sys.stderr, flush=True)
 
 
-def _train(model, batches_fn, epochs: int, lr: float, desc: str, progress: bool, seed: int) -> float:
+def train(model, batches_fn, epochs: int, lr: float, desc: str, progress: bool | None, seed: int,
+          loss_fn=None) -> float:
+    """AdamW on the trainable parameters of `model`, warm-up then linear decay, gradient clipping at 1.
+
+    `batches_fn(generator)` returns one epoch's batches (`shuffled_batches`);
+    `loss_fn(model, batch)` gives per-sample losses (default: `pyinf.losses.default_loss`).
+    Returns the smoothed last loss; leaves the model in eval mode.
+    """
     from ..progress import bar
     from ..losses import default_loss
 
+    loss_fn = loss_fn or default_loss
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
@@ -230,7 +241,7 @@ def _train(model, batches_fn, epochs: int, lr: float, desc: str, progress: bool,
     with bar(desc, total, progress, unit="step") as pb:
         for _ in range(epochs):
             for batch in batches_fn(gen):
-                loss = default_loss(model, batch).mean()
+                loss = loss_fn(model, batch).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -244,7 +255,9 @@ def _train(model, batches_fn, epochs: int, lr: float, desc: str, progress: bool,
     return last
 
 
-def _shuffled_batches(items, bs, make):
+def shuffled_batches(items, bs, make):
+    """`fn(generator)`: one epoch of `make(list of items)` batches of `bs` in a seeded random order
+    (`fn(generator, dry=True)` only counts them)."""
     def fn(gen, dry=False):
         if dry:
             return range((len(items) + bs - 1) // bs)
@@ -262,18 +275,35 @@ def build_model(train_examples, cfg: ModelConfig = ModelConfig(), *, seed: int =
     the cache while the other ranks wait at a barrier, then they load it.
     Without the cache every rank trains the same (seeded) model.
     """
+    kwargs = dict(seed=seed, data_seed=data_seed, cache=cache, use_cache=use_cache, progress=progress)
+    return rank0_first(lambda: _build_model(train_examples, cfg, **kwargs), use_cache)
+
+
+def rank0_first(build, use_cache: bool = True):
+    """`build()` on rank 0 first (it fills the cache), then on the other ranks (they load it).
+
+    Outside a process group, or with the cache off (every rank builds the same
+    seeded result), just `build()`.
+    """
     from ..distributed import current
 
     comm = current() if use_cache else None
-    kwargs = dict(seed=seed, data_seed=data_seed, cache=cache, use_cache=use_cache, progress=progress)
     if comm is None:
-        return _build_model(train_examples, cfg, **kwargs)
+        return build()
     if comm.rank == 0:
-        out = _build_model(train_examples, cfg, **kwargs)
+        out = build()
         comm.barrier()
         return out
     comm.barrier()
-    return _build_model(train_examples, cfg, **kwargs)
+    return build()
+
+
+def save_atomic(obj, path: Path) -> None:
+    """`torch.save(obj, path)` through a per-process temporary file and a rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # never two writers on one file
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 def _build_model(train_examples, cfg: ModelConfig, *, seed: int, data_seed: int, cache, use_cache: bool,
@@ -283,34 +313,31 @@ def _build_model(train_examples, cfg: ModelConfig, *, seed: int, data_seed: int,
     key = cache_key(cfg, seed, data_seed, examples)
     path = cache_dir(cache) / "tasks" / key / "model.pt"
     torch.manual_seed(seed)
-    base = _llama(cfg, tok.vocab_size)
+    base = llama(cfg, tok.vocab_size)
     if use_cache and path.exists():
         state = torch.load(path, map_location="cpu", weights_only=True)
-        model = _wrap_lora(base, cfg)
+        model = wrap_lora(base, cfg)
         model.load_state_dict(state["state_dict"])
         model.eval()
-        _log(f"loaded the fine-tuned model from the cache {path}", progress)
+        log(f"loaded the fine-tuned model from the cache {path}", progress)
         return model, tok, {**state["info"], "cached": True, "cache_path": str(path)}
     t0 = time.perf_counter()
     texts = pretrain_texts(cfg.pretrain_texts, data_seed)
-    pre_loss = _train(base, _shuffled_batches(texts, cfg.batch_size, tok.text_batch), cfg.pretrain_epochs,
+    pre_loss = train(base, shuffled_batches(texts, cfg.batch_size, tok.text_batch), cfg.pretrain_epochs,
                       cfg.pretrain_lr, "pre-train the base model", progress, seed)
     t1 = time.perf_counter()
-    _log(f"pre-trained the base model on {len(texts)} generic texts: loss {pre_loss:.3f} ({t1 - t0:.1f} s)", progress)
+    log(f"pre-trained the base model on {len(texts)} generic texts: loss {pre_loss:.3f} ({t1 - t0:.1f} s)", progress)
     torch.manual_seed(seed + 1)
-    model = _wrap_lora(base, cfg)
-    ft_loss = _train(model, _shuffled_batches(examples, cfg.batch_size, lambda b: tok.batch(b, cfg.answer_only)),
+    model = wrap_lora(base, cfg)
+    ft_loss = train(model, shuffled_batches(examples, cfg.batch_size, lambda b: tok.batch(b, cfg.answer_only)),
                      cfg.finetune_epochs, cfg.finetune_lr, "LoRA fine-tune", progress, seed + 1)
     t2 = time.perf_counter()
-    _log(f"LoRA-fine-tuned on {len(examples)} task examples: loss {ft_loss:.3f} ({t2 - t1:.1f} s)", progress)
+    log(f"LoRA-fine-tuned on {len(examples)} task examples: loss {ft_loss:.3f} ({t2 - t1:.1f} s)", progress)
     info = {"pretrain_loss": pre_loss, "finetune_loss": ft_loss, "pretrain_seconds": t1 - t0,
             "finetune_seconds": t2 - t1, "config": asdict(cfg), "seed": seed, "data_seed": data_seed,
             "code_version": CODE_VERSION, "key": key}
     if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # never two writers on one file
-        torch.save({"state_dict": model.state_dict(), "info": info}, tmp)
-        os.replace(tmp, path)
+        save_atomic({"state_dict": model.state_dict(), "info": info}, path)
     return model, tok, {**info, "cached": False, "cache_path": str(path)}
 
 
