@@ -69,6 +69,7 @@ def test_eval_mislabeled_tiny(tmp_path):
     rep = json.loads((tmp_path / "mislabeled_report.json").read_text())
     assert (tmp_path / "mislabeled.png").stat().st_size > 1000
     assert rep["n_flipped"] == 24
+    assert rep["run"]["device"] and rep["run"]["torch_version"] and "git_commit" in rep["run"]  # where it ran
     assert {"tracin", "datainf", "exact", "lissa", "hyperinf", "kfac", "ekfac"} <= set(rep["methods"])
     for m, r in rep["methods"].items():
         assert 0.0 <= r["aggregated_auc"] <= 1.0, m

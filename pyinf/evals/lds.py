@@ -10,7 +10,6 @@ actual losses, averaged over queries.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..reports import pyplot, save_figure, save_report
 from ..metrics import spearman
 from ..progress import bar
 from .common import EvalConfig, attribute, available_methods, batches, capture, split_digits, train_cfg_mlp
@@ -74,16 +74,13 @@ def run_lds(cfg: LDSConfig) -> dict:
               "capture_seconds": capture_s, "seconds": time.perf_counter() - t0}
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "lds_report.json").write_text(json.dumps(report, indent=2))
+    save_report(report, out / "lds_report.json")
     _figure(out / "lds.png", per_query, report)
     return report
 
 
 def _figure(path, per_query, report):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     names = list(per_query)
@@ -92,9 +89,7 @@ def _figure(path, per_query, report):
     ax.axhline(0, color="gray", ls="--", lw=1)
     ax.set_ylabel("Spearman ρ per query (predicted vs actual loss)")
     ax.set_title("linear datamodeling score on digits (mean ▲)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def format_table(report: dict) -> str:

@@ -15,13 +15,13 @@ A random ranking's area is ~0.5; a perfect one is 1 − flip/2.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from ..reports import pyplot, save_figure, save_report
 from ..metrics import curve_auc, detection_curve
 from .common import EvalConfig, attribute, available_methods, batches, capture, split_digits, train_cfg_mlp
 
@@ -75,16 +75,13 @@ def run_mislabeled(cfg: MislabeledConfig) -> dict:
               "capture_seconds": capture_s, "seconds": time.perf_counter() - t0}
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "mislabeled_report.json").write_text(json.dumps(report, indent=2))
+    save_report(report, out / "mislabeled_report.json")
     _figure(out / "mislabeled.png", curves, cfg, report)
     return report
 
 
 def _figure(path, curves, cfg, report):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     x = torch.arange(cfg.n_train + 1) / cfg.n_train
@@ -99,9 +96,7 @@ def _figure(path, curves, cfg, report):
         ax.set_title(title)
         ax.legend(fontsize=8)
     fig.suptitle(f"digits, {report['n_flipped']} of {cfg.n_train} labels flipped")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def format_table(report: dict) -> str:

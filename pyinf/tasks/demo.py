@@ -14,7 +14,6 @@ is reported per task). Saves `demo_scores.pt`,
 """
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..reports import pyplot, save_figure, save_report
 from ..backends import describe as describe_backend
 from ..metrics import recall_at_k, roc_auc
 from .math_problems import math_problems
@@ -129,10 +129,7 @@ def _run_method(grads, tok, task, method: str, cfg: DemoConfig, query_grads: dic
 
 
 def _figure(path: Path, report: dict, scores: dict, labels: dict):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     tasks = list(report["tasks"])
     fig, axes = plt.subplots(len(tasks), 2, figsize=(12, 4.2 * len(tasks)), squeeze=False)
@@ -160,9 +157,7 @@ def _figure(path: Path, report: dict, scores: dict, labels: dict):
         ax.set_xlabel("training examples")
         ax.set_ylabel("queries")
         fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -213,10 +208,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     report["seconds"] = time.perf_counter() - t_start
     _say("[3/3] saving scores, report and figure", cfg)
     torch.save({"scores": all_scores, "labels": labels}, out / "demo_scores.pt")
-    (out / "demo_report.json").write_text(json.dumps(report, indent=2, default=str))
+    save_report(report, out / "demo_report.json")
     _figure(out / "demo.png", report, all_scores, labels)
     report["seconds"] = time.perf_counter() - t_start
-    (out / "demo_report.json").write_text(json.dumps(report, indent=2, default=str))
+    save_report(report, out / "demo_report.json")
     return report
 
 
