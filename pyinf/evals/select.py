@@ -50,6 +50,11 @@ class SelectConfig(EvalConfig):
     use_cache: bool = True
 
 
+def pct(k: float) -> str:
+    """A kept percentage as the report's key: 20.0 -> "20"."""
+    return f"{k:g}"
+
+
 def top_fraction(helpfulness: torch.Tensor, percent: float) -> torch.Tensor:
     """Indices (sorted) of the round(percent% · n) largest entries of `helpfulness` (n,); ties: lower index first."""
     if not 0 < percent < 100:
@@ -151,14 +156,14 @@ def run_select(cfg: SelectConfig) -> dict:
               "pool": "the noisy training set: its flipped labels are what a good selection drops",
               "full": summarise([p["full"] for p in per_seed]),
               "clean_only": summarise([p["clean_only"] for p in per_seed]),
-              "random": {f"{k:g}": summarise([p["random"][k] for p in per_seed]) for k in cfg.keep},
+              "random": {pct(k): summarise([p["random"][k] for p in per_seed]) for k in cfg.keep},
               "methods": {}, "per_seed": per_seed}
     for row, method, damping in rows:
         r = {"method": method, "damping": None if method == "forward" else damping,
              "seconds": _mean_sd([p["methods"][row]["seconds"] for p in per_seed])[0],
              "warnings": list(dict.fromkeys(w for p in per_seed for w in p["methods"][row]["warnings"]))}
         for k in cfg.keep:
-            r[f"{k:g}"] = summarise([p["methods"][row][k] for p in per_seed])
+            r[pct(k)] = summarise([p["methods"][row][k] for p in per_seed])
         report["methods"][row] = r
     report["capture_seconds"] = _mean_sd([p["capture_seconds"] for p in per_seed])[0]
     report["seconds"] = time.perf_counter() - t0
@@ -177,7 +182,7 @@ def _figure(path, cfg: SelectConfig, report: dict):
                              squeeze=False)
     for ax, k in zip(axes[0], cfg.keep):
         names = rows + ["random"]
-        res = [report["methods"][r][f"{k:g}"] for r in rows] + [report["random"][f"{k:g}"]]
+        res = [report["methods"][r][pct(k)] for r in rows] + [report["random"][pct(k)]]
         acc = [r["test_accuracy"] for r in res]
         sd = [r["test_accuracy_sd"] for r in res]
         colors = ["tab:blue"] * len(rows) + ["tab:gray"]
@@ -192,7 +197,7 @@ def _figure(path, cfg: SelectConfig, report: dict):
         ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
         ax.set_ylim(0, 1)
         ax.set_ylabel("test accuracy after LoRA-tuning on the selection")
-        ax.set_title(f"keep the {k:g}% most helpful ({report['random'][f"{k:g}"]['n']} of {cfg.n_train})")
+        ax.set_title(f"keep the {k:g}% most helpful ({report['random'][pct(k)]['n']} of {cfg.n_train})")
         ax.legend(fontsize=8, loc="lower right")
     seeds = report["seeds"]
     fig.suptitle(f"data selection on a pool with {cfg.flip:.0%} flipped labels (bars: mean ± sd over seeds "
