@@ -32,8 +32,8 @@ import torch
 from ..reports import pyplot, save_figure, save_report
 from ..metrics import curve_auc, detection_curve
 from ..tasks.text_classes import TextModelConfig
-from .common import (EvalConfig, attribute, available_methods, batches, capture, split_digits, sweep,
-                     train_cfg_mlp)
+from .common import (EvalConfig, attribute, available_methods, batches, capture, per_sample_loss,
+                     split_digits, sweep, train_cfg_mlp)
 
 
 @dataclass
@@ -50,12 +50,18 @@ class MislabeledConfig(EvalConfig):
 
 
 TASKS = ("digits", "text")
-# What the seed papers report for flipped-label detection (no numbers of ours): DataInf (Kwon et al., ICLR 2024,
-# LoRA-tuned RoBERTa-large on GLUE, 20% flipped, validation-mean influence) finds DataInf close to the exact
-# inverse and above LiSSA and the Hessian-free (TracIn-like) score; HyperINF (Zhou et al., 2024) ranks HyperINF
-# above DataInf, LiSSA and TracIn.
-PAPER_ORDERING = {"DataInf (RoBERTa-large LoRA, GLUE, 20% flipped)": ["exact", "datainf", "lissa", "tracin"],
-                  "HyperINF (LoRA LLMs, mislabeled detection)": ["hyperinf", "datainf", "lissa", "tracin"]}
+# The orderings the seed papers report for flipped-label detection (their text, not rerun here): DataInf (Kwon
+# et al., ICLR 2024; LoRA-tuned RoBERTa-large on GLUE, 20% flipped, validation-mean influence) finds DataInf
+# about as good as the exact inverse and above LiSSA and the Hessian-free (TracIn-like) score; HyperINF (Zhou
+# et al., 2024) finds HyperINF above DataInf, LiSSA and TracIn.
+PAPER_ORDERING = {"DataInf (RoBERTa-large LoRA, GLUE, 20% flipped)": "exact ≈ datainf > lissa, tracin",
+                  "HyperINF (LoRA LLMs, mislabeled detection)": "hyperinf > datainf > lissa, tracin"}
+
+
+def ordering(methods: dict, key: str) -> str:
+    """The rows of `methods` (report["methods"]) that have `key`, best first: "a 0.83 > b 0.80 > ..."."""
+    rows = sorted((r[key], row) for row, r in methods.items() if key in r)[::-1]
+    return " > ".join(f"{row} {v:.3f}" for v, row in rows)
 
 
 def _digits_setup(cfg: MislabeledConfig, seed: int):
@@ -117,6 +123,15 @@ def detection(grads, rows, val, flipped: torch.Tensor, *, opts: dict, attribute_
     return results, curves
 
 
+@torch.no_grad()
+def _train_losses(model, train_batches, loss) -> torch.Tensor:
+    """(n,) per-sample training loss, `loss(model, batch)` (None: the Hugging Face loss); largest first is the
+    baseline ranking an influence method should beat."""
+    from ..losses import default_loss
+
+    return torch.cat([(loss or default_loss)(model, b) for b in train_batches]).float()
+
+
 def _mean_sd(values: list[float]) -> tuple[float, float]:
     t = torch.tensor(values, dtype=torch.float64)
     return t.mean().item(), (t.std().item() if len(values) > 1 else 0.0)
@@ -146,9 +161,13 @@ def run_mislabeled(cfg: MislabeledConfig) -> dict:
                   f"fits {facts['fits_flipped']:.2f} of the flipped labels", flush=True)
         opts = dict(damping=rows[0][2], lissa_iterations=cfg.lissa_iterations, forward_lr=cfg.forward_lr)
         grads, c_s = capture(model, methods, train_b, progress=cfg.progress, **opts, **kw)
-        kw.pop("blocks", None), kw.pop("loss", None)  # capture's only
+        loss = kw.pop("loss", per_sample_loss)
+        kw.pop("blocks", None)  # capture's only
         results, seed_curves = detection(grads, rows, val_b, flipped, opts=opts, attribute_kw=kw,
                                          progress=cfg.progress)
+        x, f = detection_curve(_train_losses(model, train_b, loss), flipped)  # the no-influence baseline
+        seed_curves[("training loss", "baseline")] = f
+        facts["loss_baseline_auc"] = curve_auc(x, f)
         per_seed.append({"seed": seed, **facts, "capture_seconds": c_s, "methods": results})
         capture_s.append(c_s)
         for k, f in seed_curves.items():  # the figure shows the mean curve over seeds
@@ -165,9 +184,11 @@ def run_mislabeled(cfg: MislabeledConfig) -> dict:
         r["options"] = per_seed[0]["methods"][row]["options"]
         summary[row] = r
     facts = {k: _mean_sd([p[k] for p in per_seed])[0] for k in ("val_accuracy", "fits_flipped")}
+    facts["loss_baseline_auc"], facts["loss_baseline_auc_sd"] = _mean_sd([p["loss_baseline_auc"] for p in per_seed])
     report = {"config": asdict(cfg), "task": cfg.task, "seeds": seeds, **facts, "n_flipped": n_flip,
               "skipped_methods": skipped, "perfect_auc": 1 - n_flip / (2 * cfg.n_train), "methods": summary,
-              "paper_ordering": PAPER_ORDERING, "per_seed": per_seed,
+              "paper_ordering": PAPER_ORDERING,
+              "ordering": {m: ordering(summary, f"{m}_auc") for m in ("aggregated", "self")}, "per_seed": per_seed,
               "capture_seconds": _mean_sd(capture_s)[0], "seconds": time.perf_counter() - t0}
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -189,6 +210,10 @@ def _figure(path, curves, cfg, report):
                 r = report["methods"][row]
                 sd = f" ± {r[mode + '_auc_sd']:.3f}" if len(seeds) > 1 else ""
                 ax.plot(x, f, label=f"{row}: AUC {r[mode + '_auc']:.3f}{sd}")
+        if ("training loss", "baseline") in curves:
+            sd = f" ± {report['loss_baseline_auc_sd']:.3f}" if len(seeds) > 1 else ""
+            ax.plot(x, curves[("training loss", "baseline")], color="black", ls="-.", lw=1,
+                    label=f"baseline, training loss (largest first): AUC {report['loss_baseline_auc']:.3f}{sd}")
         ax.plot([0, 1], [0, 1], color="gray", ls="--", lw=1, label="random: AUC 0.5")
         ax.plot([0, cfg.flip, 1], [0, 1, 1], color="black", ls=":", lw=1,
                 label=f"perfect: AUC {report['perfect_auc']:.2f}")
@@ -219,5 +244,10 @@ def format_table(report: dict) -> str:
     for m, r in report["methods"].items():
         lines.append(f"{m:14s} {cell(r, 'aggregated_auc'):>{w}s} {cell(r, 'self_auc'):>{w}s} {r['seconds']:9.2f}"
                      + ("  (warned)" if r["warnings"] else ""))
+    sd = f" ± {report['loss_baseline_auc_sd']:.3f}" if many else ""
+    lines.append(f"{'training loss':14s} {report['loss_baseline_auc']:.3f}{sd}  (baseline: largest loss first, no influence)")
+    lines.append(f"order, validation influence: {report['ordering']['aggregated']}")
+    lines.append(f"order, self-influence:       {report['ordering']['self']}")
+    lines += [f"paper, {k}: {v}" for k, v in report["paper_ordering"].items()]
     lines.append(f"one capture for every method {report['capture_seconds']:.2f} s per seed, total {report['seconds']:.1f} s")
     return "\n".join(lines)

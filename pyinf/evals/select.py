@@ -187,18 +187,21 @@ def _figure(path, cfg: SelectConfig, report: dict):
         sd = [r["test_accuracy_sd"] for r in res]
         colors = ["tab:blue"] * len(rows) + ["tab:gray"]
         ax.bar(range(len(names)), acc, yerr=sd, color=colors, capsize=3)
-        for i, r in enumerate(res):
-            ax.text(i, 0.02, f"{r['test_accuracy']:.3f}\nflip {r['flipped_fraction']:.2f}", ha="center",
-                    fontsize=7, color="white", rotation=90, va="bottom")
+        lines = [report["full"]["test_accuracy"], report["clean_only"]["test_accuracy"]]
+        lo = max(0.0, min([a - e for a, e in zip(acc, sd)] + lines) - 0.05)
+        hi = min(1.0, max([a + e for a, e in zip(acc, sd)] + lines) + 0.06)
+        for i, r in enumerate(res):  # the numbers, above each bar
+            ax.text(i, r["test_accuracy"] + r["test_accuracy_sd"] + 0.01 * (hi - lo),
+                    f"{r['test_accuracy']:.3f}\nflip {r['flipped_fraction']:.2f}", ha="center", va="bottom", fontsize=6)
         for key, color, label in (("full", "black", "full pool"), ("clean_only", "tab:green", "clean part only")):
             ax.axhline(report[key]["test_accuracy"], color=color, ls="--", lw=1,
                        label=f"{label}: {report[key]['test_accuracy']:.3f}")
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
-        ax.set_ylim(0, 1)
+        ax.set_ylim(lo, hi)
         ax.set_ylabel("test accuracy after LoRA-tuning on the selection")
         ax.set_title(f"keep the {k:g}% most helpful ({report['random'][pct(k)]['n']} of {cfg.n_train})")
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best")
     seeds = report["seeds"]
     fig.suptitle(f"data selection on a pool with {cfg.flip:.0%} flipped labels (bars: mean ± sd over seeds "
                  f"{','.join(map(str, seeds))}; 'flip': flipped fraction selected, pool {cfg.flip:.2f})", fontsize=10)
