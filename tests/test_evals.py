@@ -175,6 +175,24 @@ def test_top_fraction_keeps_exactly_k_percent():
         top_fraction(h, 1)
 
 
+def test_top_fraction_per_class_shares_k_among_the_labels():
+    from pyinf.evals.select import top_fraction_per_class
+
+    h = torch.arange(10.0)  # the last index is the most helpful
+    labels = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 1, 1])  # 6 and 4: 50% keeps 3 and 2
+    assert top_fraction_per_class(h, labels, 50).tolist() == [3, 4, 5, 8, 9]
+    # 30% of 10 = 3: quotas 1.8 and 1.2 -> 1 and 1, the larger remainder (class 0) gets the third
+    assert top_fraction_per_class(h, labels, 30).tolist() == [4, 5, 9]
+    g = torch.Generator().manual_seed(0)
+    big_h, big_l = torch.randn(1000, generator=g), torch.randint(0, 5, (1000,), generator=g)
+    keep = top_fraction_per_class(big_h, big_l, 20)
+    assert len(keep) == 200 and len(set(keep.tolist())) == 200
+    share = torch.bincount(big_l[keep], minlength=5).double() / torch.bincount(big_l, minlength=5).double()
+    assert (share - 0.2).abs().max() < 0.01
+    with pytest.raises(ValueError, match="keep"):
+        top_fraction_per_class(h, labels, 100)
+
+
 def test_eval_select_tiny(tmp_path):
     from pyinf.cli import main
 
@@ -184,7 +202,7 @@ def test_eval_select_tiny(tmp_path):
     assert rc == 0
     rep = json.loads((tmp_path / "select_report.json").read_text())
     assert (tmp_path / "select.png").stat().st_size > 1000
-    assert set(rep["methods"]) == {"tracin", "datainf"}
+    assert set(rep["methods"]) == {"tracin", "datainf", "tracin per class", "datainf per class"}
     for row, r in rep["methods"].items():
         assert r["20"]["n"] == 10 and r["50"]["n"] == 25, row  # exactly k% of the pool
         assert r["20"]["epochs"] == 5 * r["50"]["epochs"] // 2  # equal examples seen: epochs scale with 100 / k
