@@ -206,7 +206,7 @@ def _figure(path, cfg: SelectConfig, report: dict):
     plt = pyplot()
 
     rows = list(report["methods"])
-    fig, axes = plt.subplots(1, len(cfg.keep), figsize=(max(6, 0.9 * (len(rows) + 2)) * len(cfg.keep) / 1.3, 5),
+    fig, axes = plt.subplots(1, len(cfg.keep), figsize=(max(6.0, 0.5 * (len(rows) + 3)) * len(cfg.keep), 5.5),
                              squeeze=False)
     for ax, k in zip(axes[0], cfg.keep):
         names = rows + ["random"]
