@@ -224,7 +224,7 @@ def _figure(path, curves, cfg, report):
     what = ("digits, MLP" if report["task"] == "digits" else
             "generated 5-topic sentences, LoRA-tuned (r=8, head trained) transformer classifier")
     over = f"mean curves over seeds {','.join(map(str, seeds))} (AUC mean ± sd)" if len(seeds) > 1 else f"seed {seeds[0]}"
-    fig.suptitle(f"{what}: {report['n_flipped']} of {cfg.n_train} training labels flipped; {over}", fontsize=10)
+    fig.suptitle(f"{what}\n{report['n_flipped']} of {cfg.n_train} training labels flipped; {over}", fontsize=10)
     save_figure(fig, path)
 
 
