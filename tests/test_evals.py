@@ -227,3 +227,23 @@ def test_eval_text_bad_input(tmp_path, capsys, argv, message):
     assert main([*argv, "--tiny", "--quiet", "--out", str(tmp_path), "--cache", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("pyinf: error:") and message in err, err
+
+
+def test_text_evals_capture_once_per_seed_for_every_method_and_damping(tmp_path, monkeypatch):
+    """Item 5 of issue 17: one capture of the training set per seed serves every method and damping."""
+    from pyinf.cli import main
+    from pyinf.gradients import TrainGradients
+
+    fills = []
+    real = TrainGradients._fill
+    monkeypatch.setattr(TrainGradients, "_fill", lambda self, data: fills.append(1) or real(self, data))
+    common = ["--seeds", "0,1", "--damping", "0.01,1", "--methods", "tracin,datainf,kfac,ekfac,forward",
+              "--cache", str(tmp_path / "c"), *TEXT_FAST]
+    assert main(["eval", "mislabeled", "--task", "text", "--n-train", "40", "--n-val", "10",
+                 "--out", str(tmp_path / "m"), *common]) == 0
+    assert len(fills) == 2
+    rep = json.loads((tmp_path / "m" / "mislabeled_report.json").read_text())
+    assert {"kfac@0.01", "kfac@1", "ekfac@0.01", "ekfac@1", "tracin", "forward"} <= set(rep["methods"])
+    assert main(["eval", "select", "--n-train", "40", "--n-val", "10", "--n-test", "10",
+                 "--out", str(tmp_path / "s"), *common]) == 0
+    assert len(fills) == 4

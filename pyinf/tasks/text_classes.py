@@ -28,7 +28,7 @@ import json
 import random
 import time
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -262,8 +262,3 @@ def noisy_text(seed: int, n_train: int, n_val: int, n_test: int, flip: float) ->
     noisy, flipped = flip_labels(ytr, flip, seed)
     return NoisyText(tr, noisy, ytr, flipped, va, yva, te, yte)
 
-
-def tiny(cfg: TextModelConfig) -> TextModelConfig:
-    """The test suite's size (seconds); `cfg`'s other settings kept."""
-    return replace(cfg, **{k: getattr(TINY, k) for k in ("hidden", "layers", "heads", "intermediate",
-                                                          "pretrain_examples", "pretrain_epochs", "finetune_epochs")})
