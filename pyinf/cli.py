@@ -220,6 +220,8 @@ def _text_options(args, cfg) -> None:
         cfg.seeds = (0, 1, 2)
     if args.seeds is not None:
         cfg.seeds = args.seeds
+    elif args.seed != 0:  # --seed alone: that one seed
+        cfg.seeds = (args.seed,)
     if args.tiny:
         cfg.text_model = TINY
     if args.cache is not None and os.path.exists(args.cache) and not os.path.isdir(args.cache):
