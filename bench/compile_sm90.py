@@ -19,7 +19,8 @@ second environment with Triton 3.6.0 (torch, triton, numpy; no pyinf needed):
 How (no CUDA driver is touched at any point):
 
 1. Every public launcher is called at the Llama-2-13B LoRA shapes of
-   `cases()` on fake CUDA tensors (torch's FakeTensorMode: shape, dtype and
+   `cases()` (per_sample_outer also at Stable Diffusion 1.5's UNet LoRA shapes,
+   `SD_LEVELS`, `SD_TEXT`, `SD_RANKS`) on fake CUDA tensors (torch's FakeTensorMode: shape, dtype and
    device "cuda", no memory), with the two GPU queries of ``_util`` answered
    as on an H100 (tensor cores; 132 SMs). The launcher therefore picks block
    sizes, precision and num_warps exactly as it would on the GPU. (Python
