@@ -162,12 +162,15 @@ def _check_model_shapes(model: nn.Module, x: torch.Tensor, cond: torch.Tensor, i
     if isinstance(channels, int) and x.shape[1] != channels:
         raise ValueError(f"DenoisingLoss: '{input_key}' has {x.shape[1]} channels but the model's "
                          f"in_channels = {channels} (pass VAE latents to a latent UNet)")
-    width = getattr(cfg, "cross_attention_dim", None)
+    # the embeddings' width: encoder_hid_dim where the UNet projects them first, else cross_attention_dim
+    name, width = "encoder_hid_dim", getattr(cfg, "encoder_hid_dim", None)
+    if width is None:
+        name, width = "cross_attention_dim", getattr(cfg, "cross_attention_dim", None)
     if isinstance(width, (list, tuple)) and len(set(width)) == 1:
         width = width[0]
     if isinstance(width, int) and cond.shape[-1] != width:
         raise ValueError(f"DenoisingLoss: '{cond_key}' holds text embeddings of width {cond.shape[-1]} but the "
-                         f"model's cross_attention_dim = {width}")
+                         f"model's {name} = {width}")
 
 
 def _sample(output) -> torch.Tensor:
