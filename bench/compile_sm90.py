@@ -19,7 +19,8 @@ second environment with Triton 3.6.0 (torch, triton, numpy; no pyinf needed):
 How (no CUDA driver is touched at any point):
 
 1. Every public launcher is called at the Llama-2-13B LoRA shapes of
-   `cases()` on fake CUDA tensors (torch's FakeTensorMode: shape, dtype and
+   `cases()` (per_sample_outer also at Stable Diffusion 1.5's UNet LoRA shapes,
+   `SD_LEVELS`, `SD_TEXT`, `SD_RANKS`) on fake CUDA tensors (torch's FakeTensorMode: shape, dtype and
    device "cuda", no memory), with the two GPU queries of ``_util`` answered
    as on an H100 (tensor cores; 132 SMs). The launcher therefore picks block
    sizes, precision and num_warps exactly as it would on the GPU. (Python
@@ -144,6 +145,13 @@ SCHULZ_K = (900, 5120)         # Schulz inverse sizes: c × c Gram, 5120² GFIM
 GROUPS, TOKENS, HIDDEN = 4, 4096, 5120  # grouped LoRA: k groups of M = 32 × 128 rows, K = N = 5120
 LORA_RANKS = (8, 64)
 BATCH, SEQ = 32, 128           # per-sample outer products: 32 sequences of 128 tokens
+# Stable Diffusion 1.5's UNet with LoRA on to_q / to_k / to_v / to_out.0 (issue 16), 512² images = 64² latents:
+# (spatial tokens, width) of its attention levels, the text encoder's (tokens, width) that cross-attention's
+# to_k / to_v read, LoRA ranks (4: diffusers' train_text_to_image_lora.py default) and the batch.
+SD_LEVELS = ((4096, 320), (1024, 640), (256, 1280), (64, 1280))  # 64², 32², 16² and the mid block's 8²
+SD_TEXT = (77, 768)
+SD_RANKS = (4, 8, 16, 64)
+SD_BATCH = 8
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OVERRIDES = ("ieee", "tf32", "tf32x3", "bf16x2")  # the PYINF_TRITON_PRECISION values
 
@@ -241,6 +249,21 @@ def cases(k: dict[str, ModuleType]) -> list[Case]:
     add("per_sample_outer", "per_sample_outer bf16 u T-major (strided)", DEFAULT,
         lambda: pso.per_sample_outer(t(SEQ, BATCH, ROWS, dtype=torch.bfloat16).transpose(0, 1),
                                      t(BATCH, SEQ, COLS, dtype=torch.bfloat16), mask()))
+    # SD-1.5 UNet LoRA: u = (B, T, r) (A's output gradient, or A x for B), v = (B, T, d) (the layer's input for
+    # A, its output gradient for B); no mask (every spatial position is real)
+    def sd(dt, r, T, d):
+        return lambda: pso.per_sample_outer(t(SD_BATCH, T, r, dtype=dt), t(SD_BATCH, T, d, dtype=dt))
+
+    for tag, dt in DTYPES.items():
+        for r in SD_RANKS:
+            for T, d in SD_LEVELS:
+                add("per_sample_outer", f"per_sample_outer {tag} SD-1.5 r={r} {d} T={T}", DEFAULT, sd(dt, r, T, d))
+            text_T, text_d = SD_TEXT
+            add("per_sample_outer", f"per_sample_outer {tag} SD-1.5 r={r} cross to_k/to_v A {text_d} T={text_T}",
+                DEFAULT, sd(dt, r, text_T, text_d))
+            for _, d in SD_LEVELS[:3]:
+                add("per_sample_outer", f"per_sample_outer {tag} SD-1.5 r={r} cross to_k/to_v B {d} T={text_T}",
+                    DEFAULT, sd(dt, r, text_T, d))
 
     # -- opt-in: every precision override, fp32 and bf16 gradients ----------------
     for p in OVERRIDES:

@@ -167,7 +167,9 @@ def per_sample_outer(
     # tl.dot on a GPU needs every dimension >= 16 and powers of two.
     BLOCK_U = _block(DU, 16, 64)
     BLOCK_V = _block(DV, 16, 128 if BLOCK_U <= 32 else 64)
-    BLOCK_T = _block(T, 16, 32 if upcast else 64)
+    # 16-bit inputs with a LoRA rank below 16 (u's tile mostly masked): 64-row T tiles spill on Triton 3.9's
+    # ptxas at sm_90 (40/24 B at SD-1.5's r = 4, bench/compile_sm90.py); 32 rows do not
+    BLOCK_T = _block(T, 16, 32 if upcast or DU < 16 else 64)
     grid = (B, triton.cdiv(DU, BLOCK_U), triton.cdiv(DV, BLOCK_V))
     part = torch.empty((B, grid[1] * grid[2]), dtype=torch.float32, device=dev)
     m_arg = mask if mask is not None else u  # dummy pointer, never read

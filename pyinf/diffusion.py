@@ -109,6 +109,7 @@ class DenoisingLoss:
 
     def __call__(self, model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
         x, cond, index = self._inputs(batch)
+        _check_model_shapes(model, x, cond, self.input_key, self.cond_key)
         noise, t = self.draw(index, tuple(x.shape[1:]))
         noise = noise.to(x.device)
         ac = self.alphas_cumprod.to(x.device)
@@ -152,6 +153,24 @@ class DenoisingLoss:
             raise ValueError(f"DenoisingLoss: '{self.index_key}' must be (B,) integers, got {tuple(index.shape)} "
                              f"{index.dtype}")
         return x, cond, index
+
+
+def _check_model_shapes(model: nn.Module, x: torch.Tensor, cond: torch.Tensor, input_key: str, cond_key: str):
+    """Name a batch that does not fit a diffusers UNet's config (its own error is a shape mismatch deep inside)."""
+    cfg = getattr(model, "config", None)
+    channels = getattr(cfg, "in_channels", None)
+    if isinstance(channels, int) and x.shape[1] != channels:
+        raise ValueError(f"DenoisingLoss: '{input_key}' has {x.shape[1]} channels but the model's "
+                         f"in_channels = {channels} (pass VAE latents to a latent UNet)")
+    # the embeddings' width: encoder_hid_dim where the UNet projects them first, else cross_attention_dim
+    name, width = "encoder_hid_dim", getattr(cfg, "encoder_hid_dim", None)
+    if width is None:
+        name, width = "cross_attention_dim", getattr(cfg, "cross_attention_dim", None)
+    if isinstance(width, (list, tuple)) and len(set(width)) == 1:
+        width = width[0]
+    if isinstance(width, int) and cond.shape[-1] != width:
+        raise ValueError(f"DenoisingLoss: '{cond_key}' holds text embeddings of width {cond.shape[-1]} but the "
+                         f"model's {name} = {width}")
 
 
 def _sample(output) -> torch.Tensor:

@@ -73,6 +73,8 @@ def test_kernels_compile_for_sm90(python, extra, tmp_path):
     assert default and all(r["ok"] and r["spill_stores"] == 0 and r["spill_loads"] == 0 for r in default)
     assert any(r["mma"].startswith("wgmma") for r in default), "no default config uses Hopper's wgmma"
     _check_access_widths_and_grids(default)
+    sd = {c.split(" SD-1.5 ")[0] for r in default for c in r["cases"] if " SD-1.5 " in c}  # issue 16's UNet shapes
+    assert sd == {f"per_sample_outer {tag}" for tag in ("fp32", "bf16", "fp16")}, sd
     _check_autotuned_configs(default)
 
 

@@ -204,3 +204,65 @@ def lora_modules(model) -> dict[str, tuple[torch.nn.Module, bool]]:
         elif name.endswith(".lora_B.default"):
             mods[name] = (m, True)
     return mods
+
+
+# --------------------------------------------------------------------------- #
+# a tiny diffusers UNet with LoRA (issue 16)
+# --------------------------------------------------------------------------- #
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # diffusers' train_text_to_image_lora.py
+UNET_TEXT_LEN, UNET_TEXT_DIM = 5, 12  # the encoder_hidden_states of make_image_batch: (B, 5, 12)
+
+
+def tiny_unet_lora(seed: int = 0, *, dtype: torch.dtype = torch.float32, r: int = 4, alpha: int = 4,
+                   sample_size: int = 8):
+    """A diffusers `UNet2DConditionModel` from a small config (random weights, `seed`): 4 latent
+    channels, `sample_size`² latents, block channels (16, 32), one layer per block, a cross-attention
+    down block, a cross-attention mid block and a cross-attention up block (3 attention blocks:
+    self-attention on the spatial positions, cross-attention to (B, 5, 12) text embeddings), with PEFT
+    LoRA r, alpha on to_q, to_k, to_v, to_out.0 added as diffusers' train_text_to_image_lora.py does
+    (`unet.add_adapter(LoraConfig(..., init_lora_weights="gaussian"))`, base weights frozen), LoRA B made
+    nonzero (seeded) so that g_A is not zero. Returned in training mode."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(16, 32), norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=UNET_TEXT_DIM, attention_head_dim=4,
+    )
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=r, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=UNET_TARGETS))
+    _perturb_lora_B(unet, seed)
+    if dtype != torch.float32:
+        unet.to(dtype)
+    unet.train()
+    return unet
+
+
+def make_image_batch(B: int = 4, seed: int = 0, *, start: int = 0, sample_size: int = 8,
+                     dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Seeded (B, 4, s, s) latents `pixel_values`, (B, 5, 12) `encoder_hidden_states` and global indices
+    `index` = start..start+B-1 (what `pyinf.diffusion.DenoisingLoss` seeds each sample's draws with)."""
+    g = torch.Generator().manual_seed(seed)
+    return {"pixel_values": torch.randn(B, 4, sample_size, sample_size, generator=g).to(dtype),
+            "encoder_hidden_states": torch.randn(B, UNET_TEXT_LEN, UNET_TEXT_DIM, generator=g).to(dtype),
+            "index": torch.arange(start, start + B)}
+
+
+def image_batches(n: int, batch_size: int, seed: int = 0, **kw) -> list[dict[str, torch.Tensor]]:
+    """n samples in batches of `batch_size` (the last one shorter), indices 0..n-1."""
+    return [make_image_batch(min(batch_size, n - i), seed=1000 * seed + i, start=i, **kw)
+            for i in range(0, n, batch_size)]
+
+
+def unet_task(draws: int = 1, *, train_seed: int = 0, query_seed: int = 1, timesteps=None):
+    """`pyinf.Task` with the seeded denoising loss: training draws from `train_seed`, the query
+    measurement from `query_seed` (a query never shares noise with the training image of its index)."""
+    from pyinf import Task
+    from pyinf.diffusion import DenoisingLoss
+
+    return Task(train_loss=DenoisingLoss(draws=draws, seed=train_seed, timesteps=timesteps),
+                measurement=DenoisingLoss(draws=draws, seed=query_seed, timesteps=timesteps))
