@@ -27,9 +27,8 @@ from pathlib import Path
 
 import torch
 
-from ..progress import bar
 from ..reports import pyplot, save_figure, save_report
-from ..tasks.common import SEP, Example
+from ..tasks.common import Example
 from ..tasks.model import log, per_example_loss
 from ..tasks.sentences import SENTENCE_CLASSES
 from .common import available_methods
@@ -109,6 +108,8 @@ def _check(cfg: LeakageConfig) -> None:
     for name in ("n_train", "n_test", "n_leak", "copies", "top"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.n_leak > 10 * cfg.n_test:  # each task has ten classes
+        raise ValueError(f"--n-leak {cfg.n_leak} > the {10 * cfg.n_test} test examples of a task (--n-test per class)")
 
 
 def run_leakage(cfg: LeakageConfig) -> dict:
