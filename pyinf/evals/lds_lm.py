@@ -126,8 +126,8 @@ def _figure(path: Path, per_query: dict, report: dict, cfg: LMLDSConfig):
     ax.axhline(0, color="gray", ls="--", lw=1)
     for i, m in enumerate(names, 1):
         r = report["summary"][m]
-        ax.text(i, 1.02, pm(r["lds"], r["lds_sd_seeds"]), ha="center", fontsize=8)
-    ax.set_ylim(-1, 1.12)
+        ax.text(i, 1.04, pm(r["lds"], r["lds_sd_seeds"]), ha="center", fontsize=8)
+    ax.set_ylim(-1, 1.15)
     ax.set_ylabel("Spearman ρ per query (summed scores vs retrained loss)")
     run = next(iter(report["runs"].values()))
     ax.set_title(f"LDS on the demo's LoRA LM: {cfg.subsets} fine-tunes on halves of {run['n_train']} examples, "

@@ -181,14 +181,14 @@ def _figure(path: Path, report: dict, cfg: LeakageConfig):
         sds = [(summ[m][f"{kind}_in_top_sd"] or 0.0) / cfg.copies for m in names]
         xs = (x - 0.2 + 0.4 * k).tolist()
         ax.bar(xs, means, width=0.4, yerr=sds, capsize=3, color=color, label=f"{kind} copies")
-        for xi, m in zip(xs, means):
-            ax.text(xi, min(m, 1.0) + 0.03, f"{m:.2f}", ha="center", fontsize=8)
+        for xi, m, sd in zip(xs, means, sds):
+            ax.text(xi, m + sd + 0.02, f"{m:.2f}", ha="center", fontsize=8)
     ax.axhline(report["chance_in_top"] / cfg.copies, color="gray", ls="--", lw=1, label="chance")
     ax.set_xticks(x.tolist(), names)
-    ax.set_ylim(0, 1.12)
+    ax.set_ylim(0, 1.35)
     ax.set_ylabel(f"fraction of planted copies in the top {cfg.top}")
     ax.set_title(f"copies found in their test example's top {cfg.top} (mean ± sd over {len(cfg.seeds)} seeds)")
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper center", ncol=3)
     ax = axes[1]
     for k, (kind, color) in enumerate(zip(KINDS, ("tab:blue", "tab:orange"))):
         ranks = [summ[m][f"{kind}_median_rank"] + 1 for m in names]  # + 1: rank 0 on a log axis
