@@ -158,6 +158,9 @@ def run_leakage(cfg: LeakageConfig) -> dict:
         for key in ("exact_in_top", "paraphrase_in_top", "exact_median_rank", "paraphrase_median_rank", "seconds"):
             summary[method][key], summary[method][key + "_sd"] = mean_sd(runs[s]["methods"][method][key]
                                                                          for s in cfg.seeds)
+        summary[method]["by_task"] = {
+            f"{kind}_{task}": mean_sd(runs[s]["methods"][method][f"{kind}_in_top_by_task"][task] for s in cfg.seeds)
+            for kind in KINDS for task in runs[cfg.seeds[0]]["methods"][method][f"{kind}_in_top_by_task"]}
     n = runs[cfg.seeds[0]]["n_train"]
     report = {"config": {**asdict(cfg), "model": asdict(cfg.model)}, "base": base_info, "skipped_methods": skipped,
               "chance_in_top": cfg.copies * cfg.top / n, "n_train": n, "summary": summary,
@@ -217,6 +220,9 @@ def format_table(report: dict) -> str:
         lines.append(f"{m:10s} {pm(r['exact_in_top'], r['exact_in_top_sd']):>18s} "
                      f"{pm(r['paraphrase_in_top'], r['paraphrase_in_top_sd']):>22s} "
                      f"{r['exact_median_rank']:>9.1f} /{r['paraphrase_median_rank']:>7.1f} {r['seconds']:9.2f}")
+    lines.append(f"\nper task, copies in the top {top} (mean ± sd over seeds):")
+    for m, r in report["summary"].items():
+        lines.append(f"{m:10s} " + "  ".join(f"{k} {pm(*v)}" for k, v in r["by_task"].items()))
     lines.append(f"seeds {cfg['seeds']}: mean ± sd over seeds of the per-seed mean over {2 * cfg['n_leak']} leaked "
                  f"test examples; {report['n_train']} training examples; total {report['seconds']:.1f} s")
     return "\n".join(lines)
