@@ -6,7 +6,8 @@ the training set and record each query's loss. Per query j, the prediction
 for subset k is the sum of the subset's scores, `Σ_{i∈S_k} score[j, i]`
 (scores estimate d(query loss)/d(weight of i), so a larger sum predicts a
 larger loss); the LDS is the Spearman correlation over k of predicted and
-actual losses, averaged over queries.
+actual losses, averaged over queries. `random_subsets` and `lds_per_query` are shared with the LoRA
+language-model version (`pyinf eval lds --task lm`, `pyinf.evals.lds_lm`).
 """
 from __future__ import annotations
 

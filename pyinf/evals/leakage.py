@@ -198,13 +198,14 @@ def _figure(path: Path, report: dict, cfg: LeakageConfig):
         xs = (x - 0.2 + 0.4 * k).tolist()
         ax.bar(xs, ranks, width=0.4, color=color, label=f"{kind} copies")
         for xi, r in zip(xs, ranks):
-            ax.text(xi, r * 1.1, f"{r - 1:.0f}", ha="center", fontsize=8)
+            ax.text(xi, r * 1.1, f"{r - 1:.1f}" if r < 11 else f"{r - 1:.0f}", ha="center", fontsize=8)
     ax.axhline(cfg.top, color="gray", ls=":", lw=1, label=f"top {cfg.top}")
     ax.set_yscale("log")
+    ax.set_ylim(0.8, 30 * max(summ[m][f"{kind}_median_rank"] + 1 for m in names for kind in KINDS))
     ax.set_xticks(x.tolist(), names)
     ax.set_ylabel(f"median rank + 1 of a copy (of {report['n_train']})")
     ax.set_title("where the copies rank (lower is better; mean over seeds)")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper center", ncol=3)
     fig.suptitle(f"leakage on the demo's LoRA model: {cfg.n_leak} test examples per task leaked "
                  f"({cfg.copies} exact + {cfg.copies} paraphrased copies each), {report['n_train']} training examples")
     save_figure(fig, path)
