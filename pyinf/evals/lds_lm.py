@@ -141,8 +141,9 @@ def format_table(report: dict) -> str:
     cfg = report["config"]
     lines = [f"{'method':10s} {'LDS (seeds)':>14s} {'sd (queries)':>13s} {'time (s)':>9s}"]
     for m, r in report["summary"].items():
+        warned = any(run["methods"][m]["warnings"] for run in report["runs"].values())
         lines.append(f"{m:10s} {pm(r['lds'], r['lds_sd_seeds'], 3):>14s} {r['lds_sd_queries']:13.3f} "
-                     f"{r['seconds']:9.2f}")
+                     f"{r['seconds']:9.2f}" + ("  (warned: see the report)" if warned else ""))
     retrain = [r["retrain"] for r in report["runs"].values()]
     lines.append(f"seeds {cfg['seeds']}: mean ± sd over seeds of the mean over queries; fine-tunes on subsets: "
                  f"{sum(r['trained'] for r in retrain)} trained, {sum(r['cached'] for r in retrain)} from the cache "

@@ -211,6 +211,10 @@ def _figure(path: Path, report: dict, cfg: LeakageConfig):
     save_figure(fig, path)
 
 
+def _warned(report: dict, method: str) -> bool:
+    return any(run["methods"][method]["warnings"] for run in report["runs"].values())
+
+
 def format_table(report: dict) -> str:
     """The report of `run_leakage` as a text table, a method per line."""
     cfg = report["config"]
@@ -220,7 +224,8 @@ def format_table(report: dict) -> str:
     for m, r in report["summary"].items():
         lines.append(f"{m:10s} {pm(r['exact_in_top'], r['exact_in_top_sd']):>18s} "
                      f"{pm(r['paraphrase_in_top'], r['paraphrase_in_top_sd']):>22s} "
-                     f"{r['exact_median_rank']:>9.1f} /{r['paraphrase_median_rank']:>7.1f} {r['seconds']:9.2f}")
+                     f"{r['exact_median_rank']:>9.1f} /{r['paraphrase_median_rank']:>7.1f} {r['seconds']:9.2f}"
+                     + ("  (warned: see the report)" if _warned(report, m) else ""))
     lines.append(f"\nper task, copies in the top {top} (mean ± sd over seeds):")
     for m, r in report["summary"].items():
         lines.append(f"{m:10s} " + "  ".join(f"{k} {pm(*v)}" for k, v in r["by_task"].items()))
