@@ -116,6 +116,21 @@ def available_methods(methods) -> tuple[list[str], list[str]]:
     return ok, [m for m in methods if m not in ok]
 
 
+def sweep(methods, dampings) -> list[tuple[str, str, float]]:
+    """The analyses of a sweep from one capture: (row name, method, damping) for every method and damping;
+    the row is "method@damping" when there are several dampings ("method" for one), and tracin and forward,
+    which take no damping, run once."""
+    dampings = list(dict.fromkeys(float(d) for d in dampings))
+    if not dampings or any(not d > 0 for d in dampings):
+        raise ValueError(f"dampings must be > 0, got {dampings}")
+    rows = []
+    for m in methods:
+        undamped = m in ("tracin", "forward")
+        for d in (dampings[:1] if undamped else dampings):
+            rows.append((m if len(dampings) == 1 or undamped else f"{m}@{d:g}", m, d))
+    return rows
+
+
 def _options(method: str, damping: float, lissa_iterations: int, forward_lr: float,
              forward_moves=FORWARD_BLOCKS) -> dict:
     if method == "forward":  # it moves the weights: a joined [W | b] block cannot be stepped
