@@ -182,3 +182,11 @@ def test_base_and_finetune_cache_split(tmp_path):
     # a fresh fine-tune without the cache trains the same model (seeded init and order, one machine)
     m4, i4 = finetune(base, tok, ex, cfg, use_cache=False, progress=False)
     assert not i4["cached"] and all(torch.equal(s1[k], v) for k, v in m4.state_dict().items())
+
+
+def test_lm_eval_seed_alone_runs_that_seed(tmp_path):
+    rc = main(["eval", "leakage", *TINY, "--n-train", "2", "--n-test", "1", "--n-leak", "1", "--seed", "3",
+               "--methods", "tracin", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o")])
+    rep = json.loads((tmp_path / "o" / "leakage_report.json").read_text())
+    assert rc == 0 and list(rep["runs"]) == ["3"] and rep["config"]["base_seed"] == 0
+    assert rep["summary"]["tracin"]["exact_in_top_sd"] is None  # one seed: no sd
