@@ -5,6 +5,8 @@
     pyinf eval lds          linear datamodeling score on digits, per method
     pyinf eval mislabeled --task text   the same on a LoRA-tuned text classifier, over seeds
     pyinf eval select       data selection by influence (HyperINF): accuracy after LoRA-tuning on the top k%
+    pyinf eval lds --task lm            LDS on the demo's LoRA language model (50 cached fine-tunes a seed)
+    pyinf eval leakage      leaked test examples (exact and paraphrased copies) found in the top 10, per method
 
 User errors (bad options, missing files, bad sizes) end with exit code 2 and
 one line on stderr.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import re
 import sys
@@ -144,6 +147,8 @@ NEEDS = {
     "demo": [("transformers", "hf"), ("peft", "hf"), ("matplotlib", "eval")],
     "eval": [("sklearn", "eval"), ("matplotlib", "eval")],
     "eval --task text": [("transformers", "hf"), ("peft", "hf"), ("matplotlib", "eval")],
+    "eval leakage": [("transformers", "hf"), ("peft", "hf"), ("matplotlib", "eval")],
+    "eval lds --task lm": [("transformers", "hf"), ("peft", "hf"), ("matplotlib", "eval")],
 }
 
 
@@ -258,8 +263,72 @@ def eval_select(args) -> int:
 def eval_lds(args) -> int:
     from .evals.lds import LDSConfig, format_table, run_lds
 
-    cfg = LDSConfig(n_train=args.n_train, n_query=args.n_query, subsets=args.subsets, fraction=args.fraction)
+    if args.task == "lm":
+        return eval_lds_lm(args)
+    cfg = LDSConfig(n_train=_or(args.n_train, 500), n_query=_or(args.n_query, 100), subsets=_or(args.subsets, 100),
+                    fraction=args.fraction)
     return _run_eval(args, cfg, run_lds, format_table, "lds_report.json, lds.png")
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+def _lm_eval(args, cfg, command: str, run, format_table, files: str) -> int:
+    """What the LoRA language-model evals share: threads, output folder, cache, model size, method options."""
+    from .evals.lm import TINY_MODEL
+
+    require(command)
+    _threads(args)
+    _out_dir(args.out)
+    if args.cache is not None and os.path.exists(args.cache) and not os.path.isdir(args.cache):
+        raise ValueError(f"--cache {args.cache!r} exists and is not a folder")
+    if args.tiny:
+        cfg.model = TINY_MODEL
+    if args.finetune_epochs:
+        cfg.model = dataclasses.replace(cfg.model, finetune_epochs=args.finetune_epochs)
+    cfg.methods, cfg.damping, cfg.out = args.methods, args.damping, args.out
+    cfg.cache, cfg.use_cache, cfg.progress = args.cache, not args.no_cache, _progress(args)
+    if args.seeds is not None:
+        cfg.seeds = args.seeds
+    elif args.seed != 0:  # --seed alone: that one seed (as the text evals)
+        cfg.seeds = (args.seed,)
+    if args.lissa_iterations:
+        cfg.lissa_iterations = args.lissa_iterations
+    if args.forward_lr:
+        cfg.forward_lr = args.forward_lr
+    report = run(cfg)
+    print(format_table(report))
+    print(f"report and figure saved under {args.out}/ ({files})")
+    return 0
+
+
+def eval_lds_lm(args) -> int:
+    from .evals.lds_lm import LMLDSConfig, format_table, run_lds_lm
+
+    cfg = LMLDSConfig(fraction=args.fraction)
+    cfg.n_train, cfg.n_query = _or(args.n_train, cfg.n_train), _or(args.n_query, cfg.n_query)
+    cfg.subsets = _or(args.subsets, cfg.subsets)
+    return _lm_eval(args, cfg, "eval lds --task lm", run_lds_lm, format_table, "lds_lm_report.json, lds_lm.png")
+
+
+def eval_leakage(args) -> int:
+    from .evals.leakage import LeakageConfig, format_table, run_leakage
+
+    cfg = LeakageConfig(n_train=args.n_train, n_test=args.n_test, n_leak=args.n_leak, copies=args.copies,
+                        top=args.top)
+    return _lm_eval(args, cfg, "eval leakage", run_leakage, format_table, "leakage_report.json, leakage.png")
+
+
+def _lm_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of the LoRA language-model evals (beside `_common`'s; --seed alone: that one seed)."""
+    p.add_argument("--seeds", type=_seeds, default=None,
+                   help="comma-separated seeds, one run each (its data; the base and adapter init are the demo's "
+                        "in every run); mean ± sd over them (default: 0,1,2)")
+    p.add_argument("--cache", default=None, help="model cache folder (default: $PYINF_CACHE or ~/.cache/pyinf)")
+    p.add_argument("--no-cache", action="store_true", help="train every model again, do not read or write the cache")
+    p.add_argument("--finetune-epochs", type=_positive_int, default=None, help="LoRA fine-tune epochs")
+    p.add_argument("--tiny", action="store_true", help="a tiny model trained in seconds (smoke tests)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="a tiny model trained in seconds (smoke tests)")
     p.set_defaults(func=demo)
 
-    ev = sub.add_parser("eval", help="benchmarks: mislabeled, lds, select")
+    ev = sub.add_parser("eval", help="benchmarks: mislabeled, lds, select, leakage")
     esub = ev.add_subparsers(dest="eval", required=True, parser_class=_Parser)
     p = esub.add_parser("mislabeled", help="flipped-label detection on digits or a LoRA-tuned text classifier")
     _common(p, "pyinf-out", damping_sweep=True)
@@ -302,13 +371,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=eval_select)
     p = esub.add_parser("lds", help="linear datamodeling score on digits")
     _common(p, "pyinf-out")
-    p.add_argument("--n-train", type=_positive_int, default=500)
-    p.add_argument("--n-query", type=_positive_int, default=100)
-    p.add_argument("--subsets", type=_positive_int, default=100, help="retrained models")
+    p.add_argument("--task", choices=("digits", "lm"), default="digits",
+                   help="digits: the MLP on scikit-learn's digits; lm: the demo's LoRA language model, cached "
+                        "fine-tunes (default: %(default)s)")
+    p.add_argument("--n-train", type=_positive_int, default=None,
+                   help="training points (digits, default 500) / examples per class and task (lm, default 20)")
+    p.add_argument("--n-query", type=_positive_int, default=None,
+                   help="queries (digits, default 100) / per class and task (lm, default 2)")
+    p.add_argument("--subsets", type=_positive_int, default=None, help="retrained models (digits 100, lm 50)")
     p.add_argument("--fraction", type=float, default=0.5, help="subset size as a fraction of the training set")
-    p.add_argument("--steps", type=_positive_int, default=300, help="full-batch Adam steps")
-    p.add_argument("--hidden", type=_positive_int, default=32)
+    p.add_argument("--steps", type=_positive_int, default=300, help="full-batch Adam steps (digits)")
+    p.add_argument("--hidden", type=_positive_int, default=32, help="(digits)")
+    _lm_arguments(p)
     p.set_defaults(func=eval_lds)
+    p = esub.add_parser("leakage", help="leaked test examples found by influence on the demo's LoRA model")
+    _common(p, "pyinf-out")
+    p.add_argument("--n-train", type=_positive_int, default=90, help="training examples per class and task")
+    p.add_argument("--n-test", type=_positive_int, default=10, help="test examples per class and task")
+    p.add_argument("--n-leak", type=_positive_int, default=10, help="leaked test examples per task")
+    p.add_argument("--copies", type=_positive_int, default=1, help="exact, and paraphrased, copies per leaked example")
+    p.add_argument("--top", type=_positive_int, default=10, help="a copy is found when in this many most helpful")
+    _lm_arguments(p)
+    p.set_defaults(func=eval_leakage)
     return parser
 
 

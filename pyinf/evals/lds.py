@@ -6,7 +6,8 @@ the training set and record each query's loss. Per query j, the prediction
 for subset k is the sum of the subset's scores, `Σ_{i∈S_k} score[j, i]`
 (scores estimate d(query loss)/d(weight of i), so a larger sum predicts a
 larger loss); the LDS is the Spearman correlation over k of predicted and
-actual losses, averaged over queries.
+actual losses, averaged over queries. `random_subsets` and `lds_per_query` are shared with the LoRA
+language-model version (`pyinf eval lds --task lm`, `pyinf.evals.lds_lm`).
 """
 from __future__ import annotations
 
@@ -31,6 +32,23 @@ class LDSConfig(EvalConfig):
     fraction: float = 0.5
 
 
+def random_subsets(n: int, subsets: int, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """(subsets, n) bool masks, each `round(fraction * n)` points drawn without replacement by `generator`."""
+    k_in = int(round(fraction * n))
+    masks = torch.zeros(subsets, n, dtype=torch.bool)
+    for k in range(subsets):
+        masks[k, torch.randperm(n, generator=generator)[:k_in]] = True
+    return masks
+
+
+def lds_per_query(masks: torch.Tensor, scores: torch.Tensor, actual: torch.Tensor) -> torch.Tensor:
+    """(m,) LDS per query: Spearman over the subsets of the predicted query loss, the sum of the subset's scores
+    (masks (subsets, n) bool @ scores (m, n)ᵀ), against the retrained losses `actual` (subsets, m); NaN for a
+    query whose prediction or loss is constant."""
+    predicted = masks.double() @ scores.double().T  # (subsets, m)
+    return spearman(predicted.T, actual.double().T)
+
+
 def run_lds(cfg: LDSConfig) -> dict:
     """Run the LDS eval (module doc): per method the mean and sd over queries of the Spearman correlation
     between summed subset scores and retrained losses, with wall times; returns the report dict (also
@@ -42,10 +60,8 @@ def run_lds(cfg: LDSConfig) -> dict:
     t0 = time.perf_counter()
     Xtr, ytr, Xq, yq, g = split_digits(cfg, cfg.n_train, cfg.n_query, "query")
     model = train_cfg_mlp(cfg, Xtr, ytr)
-    k_in = int(round(cfg.fraction * cfg.n_train))
-    masks = torch.zeros(cfg.subsets, cfg.n_train, dtype=torch.bool)
-    for k in range(cfg.subsets):
-        masks[k, torch.randperm(cfg.n_train, generator=g)[:k_in]] = True
+    masks = random_subsets(cfg.n_train, cfg.subsets, cfg.fraction, g)
+    k_in = int(masks[0].sum())
     actual = torch.empty(cfg.subsets, cfg.n_query, dtype=torch.float64)
     t1 = time.perf_counter()
     with bar("lds: retrain on subsets", cfg.subsets, cfg.progress, unit="model") as pb:
@@ -66,8 +82,7 @@ def run_lds(cfg: LDSConfig) -> dict:
         if cfg.progress is not False:
             print(f"  [{i}/{len(methods)}] {method} ...", flush=True)
         scores, _, info = attribute(grads, method, batches(Xq, yq), self_influence=False, query_grads=shared, **opts)
-        predicted = masks.double() @ scores.double().T  # (subsets, m)
-        rho = spearman(predicted.T, actual.T)  # per query
+        rho = lds_per_query(masks, scores, actual)
         per_query[method] = rho
         results[method] = {**info, "lds": float(rho.nanmean()), "lds_std": float(rho[~rho.isnan()].std())}
     report = {"config": asdict(cfg), "retrain_seconds": retrain_s, "skipped_methods": skipped, "methods": results,

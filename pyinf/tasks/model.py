@@ -271,6 +271,8 @@ def build_model(train_examples, cfg: ModelConfig = ModelConfig(), *, seed: int =
                 cache: str | os.PathLike | None = None, use_cache: bool = True, progress: bool | None = None):
     """(PEFT model in eval mode, tokenizer, info dict); trains or loads from the cache.
 
+    `finetune(pretrained_base(...), train_examples)`: the base pre-trained on generic text, then the LoRA
+    fine-tune on the examples, each stage cached on its own.
     Under a process group with the cache on, rank 0 trains (or loads) and writes
     the cache while the other ranks wait at a barrier, then they load it.
     Without the cache every rank trains the same (seeded) model.
@@ -306,39 +308,125 @@ def save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _build_model(train_examples, cfg: ModelConfig, *, seed: int, data_seed: int, cache, use_cache: bool,
-                 progress: bool):
+# The fields of ModelConfig that the LoRA fine-tune alone reads: the pre-trained base does not depend on them.
+FINETUNE_FIELDS = ("lora_r", "lora_alpha", "lora_targets", "finetune_epochs", "finetune_lr", "answer_only")
+
+
+def base_key(cfg: ModelConfig, seed: int, data_seed: int) -> str:
+    """The pre-trained base's cache key: the config without its fine-tune fields, the seeds, the code version."""
+    pre = {k: v for k, v in asdict(cfg).items() if k not in FINETUNE_FIELDS}
+    blob = json.dumps({"cfg": pre, "seed": seed, "data_seed": data_seed, "code": CODE_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def pretrained_base(cfg: ModelConfig = ModelConfig(), *, seed: int = 0, data_seed: int = 0,
+                    cache: str | os.PathLike | None = None, use_cache: bool = True, progress: bool | None = None):
+    """(base `LlamaForCausalLM` in eval mode, tokenizer, info): `llama(cfg)` initialised under
+    `torch.manual_seed(seed)` and pre-trained on `pretrain_texts(cfg.pretrain_texts, data_seed)`, or loaded
+    from the cache (`<cache>/bases/<base_key>/base.pt`; the fine-tune fields of `cfg` are not part of the key).
+    Under a process group, rank 0 first (`rank0_first`)."""
+    kwargs = dict(seed=seed, data_seed=data_seed, cache=cache, use_cache=use_cache, progress=progress)
+    return rank0_first(lambda: _pretrained_base(cfg, **kwargs), use_cache)
+
+
+def _pretrained_base(cfg: ModelConfig, *, seed: int, data_seed: int, cache, use_cache: bool, progress):
     tok = WordTokenizer()
-    examples = list(train_examples)
-    key = cache_key(cfg, seed, data_seed, examples)
-    path = cache_dir(cache) / "tasks" / key / "model.pt"
+    key = base_key(cfg, seed, data_seed)
+    path = cache_dir(cache) / "bases" / key / "base.pt"
     torch.manual_seed(seed)
     base = llama(cfg, tok.vocab_size)
     if use_cache and path.exists():
         state = torch.load(path, map_location="cpu", weights_only=True)
-        model = wrap_lora(base, cfg)
-        model.load_state_dict(state["state_dict"])
-        model.eval()
-        log(f"loaded the fine-tuned model from the cache {path}", progress)
-        return model, tok, {**state["info"], "cached": True, "cache_path": str(path)}
+        base.load_state_dict(state["state_dict"])
+        base.eval()
+        log(f"loaded the pre-trained base from the cache {path}", progress)
+        return base, tok, {**state["info"], "cached": True, "cache_path": str(path)}
     t0 = time.perf_counter()
     texts = pretrain_texts(cfg.pretrain_texts, data_seed)
-    pre_loss = train(base, shuffled_batches(texts, cfg.batch_size, tok.text_batch), cfg.pretrain_epochs,
-                      cfg.pretrain_lr, "pre-train the base model", progress, seed)
-    t1 = time.perf_counter()
-    log(f"pre-trained the base model on {len(texts)} generic texts: loss {pre_loss:.3f} ({t1 - t0:.1f} s)", progress)
-    torch.manual_seed(seed + 1)
-    model = wrap_lora(base, cfg)
-    ft_loss = train(model, shuffled_batches(examples, cfg.batch_size, lambda b: tok.batch(b, cfg.answer_only)),
-                     cfg.finetune_epochs, cfg.finetune_lr, "LoRA fine-tune", progress, seed + 1)
-    t2 = time.perf_counter()
-    log(f"LoRA-fine-tuned on {len(examples)} task examples: loss {ft_loss:.3f} ({t2 - t1:.1f} s)", progress)
-    info = {"pretrain_loss": pre_loss, "finetune_loss": ft_loss, "pretrain_seconds": t1 - t0,
-            "finetune_seconds": t2 - t1, "config": asdict(cfg), "seed": seed, "data_seed": data_seed,
-            "code_version": CODE_VERSION, "key": key}
+    loss = train(base, shuffled_batches(texts, cfg.batch_size, tok.text_batch), cfg.pretrain_epochs,
+                 cfg.pretrain_lr, "pre-train the base model", progress, seed)
+    seconds = time.perf_counter() - t0
+    log(f"pre-trained the base model on {len(texts)} generic texts: loss {loss:.3f} ({seconds:.1f} s)", progress)
+    info = {"pretrain_loss": loss, "pretrain_seconds": seconds, "seed": seed, "data_seed": data_seed,
+            "code_version": CODE_VERSION, "base_key": key}
     if use_cache:
-        save_atomic({"state_dict": model.state_dict(), "info": info}, path)
-    return model, tok, {**info, "cached": False, "cache_path": str(path)}
+        save_atomic({"state_dict": base.state_dict(), "info": info}, path)
+    return base, tok, {**info, "cached": False, "cache_path": str(path)}
+
+
+def finetune(base, tok: WordTokenizer, examples, cfg: ModelConfig = ModelConfig(), *, seed: int = 0,
+             data_seed: int = 0, cache: str | os.PathLike | None = None, use_cache: bool = True,
+             progress: bool | None = None, desc: str = "LoRA fine-tune", base_info: dict | None = None):
+    """(PEFT model in eval mode, info): a LoRA adapter on a copy of `base` (left untouched), initialised under
+    `torch.manual_seed(seed + 1)` (the same adapter init for every call with this seed) and trained on
+    `examples` (`cfg.finetune_epochs` epochs, shuffles seeded by seed + 1), or loaded from the cache.
+
+    `base` must be `pretrained_base(cfg, seed=seed, data_seed=data_seed)`'s: the cache key
+    (`cache_key(cfg, seed, data_seed, examples)`, `<cache>/tasks/<key>/model.pt`) names the base by them.
+    The cache file holds the adapter's weights only (files written before hold the whole state: both load);
+    its info records `base_info`'s pre-training loss and time when given. Under a process group, rank 0 first.
+    """
+    kwargs = dict(seed=seed, data_seed=data_seed, cache=cache, use_cache=use_cache, progress=progress, desc=desc,
+                  base_info=base_info)
+    return rank0_first(lambda: _finetune(base, tok, examples, cfg, **kwargs), use_cache)
+
+
+def _finetune(base, tok: WordTokenizer, examples, cfg: ModelConfig, *, seed: int, data_seed: int, cache,
+              use_cache: bool, progress, desc: str, base_info: dict | None):
+    import copy
+
+    examples = list(examples)
+    key = cache_key(cfg, seed, data_seed, examples)
+    path = cache_dir(cache) / "tasks" / key / "model.pt"
+    torch.manual_seed(seed + 1)
+    model = wrap_lora(copy.deepcopy(base), cfg)
+    if use_cache and path.exists():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if "adapter" in state:
+            missing = model.load_state_dict(state["adapter"], strict=False)
+            if missing.unexpected_keys or set(state["adapter"]) != _trainable(model):
+                raise ValueError(f"the cached adapter {path} does not fit this model: delete it to retrain")
+        else:
+            model.load_state_dict(state["state_dict"])
+        model.eval()
+        log(f"loaded the fine-tuned model from the cache {path}", progress)
+        return model, {**state["info"], "cached": True, "cache_path": str(path)}
+    t0 = time.perf_counter()
+    loss = train(model, shuffled_batches(examples, cfg.batch_size, lambda b: tok.batch(b, cfg.answer_only)),
+                 cfg.finetune_epochs, cfg.finetune_lr, desc, progress, seed + 1)
+    seconds = time.perf_counter() - t0
+    log(f"LoRA-fine-tuned on {len(examples)} task examples: loss {loss:.3f} ({seconds:.1f} s)", progress)
+    info = {"finetune_loss": loss, "finetune_seconds": seconds, "config": asdict(cfg), "seed": seed,
+            "data_seed": data_seed, "code_version": CODE_VERSION, "key": key, "examples": len(examples)}
+    if base_info is not None:
+        info.update(pretrain_loss=base_info.get("pretrain_loss"),
+                    pretrain_seconds=0.0 if base_info.get("cached") else base_info.get("pretrain_seconds"))
+    if use_cache:
+        adapter = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        save_atomic({"adapter": adapter, "info": info}, path)
+    return model, {**info, "cached": False, "cache_path": str(path)}
+
+
+def _trainable(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _build_model(train_examples, cfg: ModelConfig, *, seed: int, data_seed: int, cache, use_cache: bool,
+                 progress: bool):
+    examples = list(train_examples)
+    path = cache_dir(cache) / "tasks" / cache_key(cfg, seed, data_seed, examples) / "model.pt"
+    base_info = None
+    whole = use_cache and path.exists() and "state_dict" in torch.load(path, map_location="cpu", weights_only=True)
+    if whole:  # a cache file of the whole fine-tuned model (written before the split): no base needed
+        tok = WordTokenizer()
+        torch.manual_seed(seed)
+        base = llama(cfg, tok.vocab_size)
+    else:
+        base, tok, base_info = _pretrained_base(cfg, seed=seed, data_seed=data_seed, cache=cache,
+                                                use_cache=use_cache, progress=progress)
+    model, info = _finetune(base, tok, examples, cfg, seed=seed, data_seed=data_seed, cache=cache,
+                            use_cache=use_cache, progress=progress, desc="LoRA fine-tune", base_info=base_info)
+    return model, tok, info
 
 
 @torch.no_grad()
