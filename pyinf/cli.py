@@ -192,6 +192,37 @@ def demo(args) -> int:
     return 0
 
 
+def _cache_option(args) -> str | None:
+    """--cache, checked: a folder, or a path not there yet (None: $PYINF_CACHE or ~/.cache/pyinf)."""
+    if args.cache is not None and os.path.exists(args.cache) and not os.path.isdir(args.cache):
+        raise ValueError(f"--cache {args.cache!r} exists and is not a folder")
+    return args.cache
+
+
+def _seeds_option(args, cfg) -> None:
+    """--seeds, else --seed alone (not 0): that one seed; else the eval's default seeds."""
+    if args.seeds is not None:
+        cfg.seeds = args.seeds
+    elif args.seed != 0:
+        cfg.seeds = (args.seed,)
+
+
+def _method_options(args, cfg) -> None:
+    """--lissa-iterations and --forward-lr where given (else the config's defaults)."""
+    if args.lissa_iterations:
+        cfg.lissa_iterations = args.lissa_iterations
+    if args.forward_lr:
+        cfg.forward_lr = args.forward_lr
+
+
+def _report(args, cfg, run, format_table, files: str) -> int:
+    """Run the eval, print its table and where its files went."""
+    report = run(cfg)
+    print(format_table(report))
+    print(f"report and figure saved under {args.out}/ ({files})")
+    return 0
+
+
 def _run_eval(args, cfg, run, format_table, files: str) -> int:
     """What both evals share: threads, the output folder, the method options, the report."""
     require("eval")
@@ -203,14 +234,8 @@ def _run_eval(args, cfg, run, format_table, files: str) -> int:
     if isinstance(args.damping, tuple):  # a damping sweep
         cfg.damping, cfg.dampings = args.damping[0], args.damping
     cfg.methods, cfg.out, cfg.progress = args.methods, args.out, _progress(args)
-    if args.lissa_iterations:
-        cfg.lissa_iterations = args.lissa_iterations
-    if args.forward_lr:
-        cfg.forward_lr = args.forward_lr
-    report = run(cfg)
-    print(format_table(report))
-    print(f"report and figure saved under {args.out}/ ({files})")
-    return 0
+    _method_options(args, cfg)
+    return _report(args, cfg, run, format_table, files)
 
 
 def _text_options(args, cfg) -> None:
@@ -223,15 +248,10 @@ def _text_options(args, cfg) -> None:
         # runs its iterations for every training point, 300 would take ~3 min a seed here
         cfg.forward_lr, cfg.lissa_iterations = 1e-3, 100
         cfg.seeds = (0, 1, 2)
-    if args.seeds is not None:
-        cfg.seeds = args.seeds
-    elif args.seed != 0:  # --seed alone: that one seed
-        cfg.seeds = (args.seed,)
+    _seeds_option(args, cfg)
     if args.tiny:
         cfg.text_model = TINY
-    if args.cache is not None and os.path.exists(args.cache) and not os.path.isdir(args.cache):
-        raise ValueError(f"--cache {args.cache!r} exists and is not a folder")
-    cfg.cache, cfg.use_cache = args.cache, not args.no_cache
+    cfg.cache, cfg.use_cache = _cache_option(args), not args.no_cache
 
 
 def _text_arguments(p: argparse.ArgumentParser, seeds: str) -> None:
@@ -281,26 +301,15 @@ def _lm_eval(args, cfg, command: str, run, format_table, files: str) -> int:
     require(command)
     _threads(args)
     _out_dir(args.out)
-    if args.cache is not None and os.path.exists(args.cache) and not os.path.isdir(args.cache):
-        raise ValueError(f"--cache {args.cache!r} exists and is not a folder")
     if args.tiny:
         cfg.model = TINY_MODEL
     if args.finetune_epochs:
         cfg.model = dataclasses.replace(cfg.model, finetune_epochs=args.finetune_epochs)
     cfg.methods, cfg.damping, cfg.out = args.methods, args.damping, args.out
-    cfg.cache, cfg.use_cache, cfg.progress = args.cache, not args.no_cache, _progress(args)
-    if args.seeds is not None:
-        cfg.seeds = args.seeds
-    elif args.seed != 0:  # --seed alone: that one seed (as the text evals)
-        cfg.seeds = (args.seed,)
-    if args.lissa_iterations:
-        cfg.lissa_iterations = args.lissa_iterations
-    if args.forward_lr:
-        cfg.forward_lr = args.forward_lr
-    report = run(cfg)
-    print(format_table(report))
-    print(f"report and figure saved under {args.out}/ ({files})")
-    return 0
+    cfg.cache, cfg.use_cache, cfg.progress = _cache_option(args), not args.no_cache, _progress(args)
+    _seeds_option(args, cfg)
+    _method_options(args, cfg)
+    return _report(args, cfg, run, format_table, files)
 
 
 def eval_lds_lm(args) -> int:

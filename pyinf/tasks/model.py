@@ -57,6 +57,17 @@ def _vocabulary() -> list[str]:
     return list(dict.fromkeys(toks))
 
 
+def pad(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists: (ids (B, T) int64 filled with `value`, mask (B, T) int64: 1 on real tokens)."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), value, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for k, s in enumerate(seqs):
+        ids[k, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[k, : len(s)] = 1
+    return ids, mask
+
+
 class WordTokenizer:
     """Word-level tokenizer: words, single digits and punctuation marks (spaces dropped).
 
@@ -88,25 +99,13 @@ class WordTokenizer:
     def batch(self, examples, answer_only: bool = True) -> dict[str, torch.Tensor]:
         """A right-padded batch {input_ids, attention_mask, labels}, each (B, T) int64 (labels -100 off the answer)."""
         pairs = [self.example(e, answer_only) for e in examples]
-        T = max(len(i) for i, _ in pairs)
-        ids = torch.full((len(pairs), T), PAD, dtype=torch.long)
-        lab = torch.full((len(pairs), T), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(pairs), T), dtype=torch.long)
-        for k, (i, l) in enumerate(pairs):
-            ids[k, : len(i)] = torch.tensor(i)
-            lab[k, : len(l)] = torch.tensor(l)
-            mask[k, : len(i)] = 1
+        ids, mask = pad([i for i, _ in pairs], PAD)
+        lab, _ = pad([l for _, l in pairs], IGNORE)
         return {"input_ids": ids, "attention_mask": mask, "labels": lab}
 
     def text_batch(self, texts) -> dict[str, torch.Tensor]:
         """Plain language-model batch (bos text eos, loss on every token)."""
-        seqs = [[BOS] + self.encode(t) + [EOS] for t in texts]
-        T = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), T), PAD, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for k, s in enumerate(seqs):
-            ids[k, : len(s)] = torch.tensor(s)
-            mask[k, : len(s)] = 1
+        ids, mask = pad([[BOS] + self.encode(t) + [EOS] for t in texts], PAD)
         return {"input_ids": ids, "attention_mask": mask, "labels": torch.where(mask.bool(), ids, IGNORE)}
 
 

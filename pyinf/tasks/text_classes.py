@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .model import cache_dir, log, rank0_first, save_atomic, shuffled_batches, train
+from .model import cache_dir, log, pad, rank0_first, save_atomic, shuffled_batches, train
 
 CODE_VERSION = "text-classes-1"  # bump when generation or training changes what gets cached
 
@@ -101,13 +101,7 @@ class TextTokenizer:
 
     def batch(self, texts, labels) -> dict[str, torch.Tensor]:
         """{input_ids, attention_mask (B, T) int64, labels (B,) int64}, right-padded."""
-        seqs = [[self.index.get(w, UNK) for w in t.split()] + [EOS] for t in texts]
-        T = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), T), PAD, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for k, s in enumerate(seqs):
-            ids[k, : len(s)] = torch.tensor(s)
-            mask[k, : len(s)] = 1
+        ids, mask = pad([[self.index.get(w, UNK) for w in t.split()] + [EOS] for t in texts], PAD)
         return {"input_ids": ids, "attention_mask": mask, "labels": torch.as_tensor(labels, dtype=torch.long)}
 
     def batches(self, texts, labels, bs: int = 64) -> list[dict[str, torch.Tensor]]:
