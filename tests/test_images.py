@@ -22,10 +22,12 @@ def test_generator_is_deterministic_and_seeded():
     assert a.min() >= -1 and a.max() <= 1
     assert not torch.equal(a, style_images(3, 4, 16, seed=1))
     assert torch.equal(style_images(3, 6, 16, seed=0)[4:], style_images(3, 2, 16, seed=0, offset=4))
-    assert torch.equal(generic_images(5, 16, 0), generic_images(5, 16, 0))
-    e = prompt_embeddings(["zorbly", "quandle"], 8, tokens=3, seed=0)
-    assert e.shape == (2, 3, 8) and torch.equal(e, prompt_embeddings(["zorbly", "quandle"], 8, tokens=3, seed=0))
-    assert torch.equal(e[0, :2], e[1, :2]) and not torch.allclose(e[0, 2], e[1, 2])  # shared prefix, own word
+    (a5, p5), (b5, q5) = generic_images(5, 16, 0), generic_images(5, 16, 0)
+    assert torch.equal(a5, b5) and p5 == q5 and len(p5) == 5
+    e = prompt_embeddings([("zorbly", "zorbly"), ("quandle", "quandle")], 8, seed=0)
+    assert e.shape == (2, 3, 8) and torch.equal(e, prompt_embeddings([("zorbly", "zorbly"), ("quandle", "quandle")], 8, seed=0))
+    assert torch.equal(e[0, 0], e[1, 0]) and torch.equal(e[0, 1], e[0, 2])  # shared prefix, the word twice
+    assert not torch.allclose(e[0, 1], e[1, 1])
 
 
 def test_styles_differ_and_test_images_are_held_out():

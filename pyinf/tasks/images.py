@@ -5,11 +5,13 @@
   word ("zorbly", ...). Each image jitters its style's frequency, phase, shape
   position and size, colours and pixel noise.
 * `generic_images`: the base model's corpus: the same kinds of textures and
-  shapes in *random* palettes and combinations, under one generic prompt (no
-  style words), as the LM demo's base model learns skills under plain names.
+  shapes in *random* palettes and combinations, each under a plain prompt
+  naming its texture and shape (no style words, no colours), as the LM demo's
+  base model learns skills under plain names. The LoRA then binds each made-up
+  word to a palette, texture and shape.
 * `prompt_embeddings`: fixed seeded text embeddings (L, d) per prompt, what the
-  pipeline passes as `encoder_hidden_states`: shared "a picture of" tokens and
-  one token for the word.
+  pipeline passes as `encoder_hidden_states`: a shared "a picture of" token and
+  one token per word.
 * `build_unet`: a diffusers `UNet2DConditionModel` from a small config, random
   init, pre-trained on the generic images, then LoRA-tuned (PEFT on `to_q`,
   `to_k`, `to_v`, `to_out.0`, as diffusers' LoRA training script sets it up) on
@@ -29,7 +31,7 @@ import torch
 
 from .model import cache_dir, log, rank0_first, save_atomic, shuffled_batches, train
 
-CODE_VERSION = "tasks-images-1"  # bump when generation or training changes what gets cached
+CODE_VERSION = "tasks-images-2"  # bump when generation or training changes what gets cached
 
 # (made-up prompt word, palette (RGB in [0, 1]: background, foreground, accent), texture, shape)
 STYLES = (
@@ -47,7 +49,6 @@ STYLES = (
 TEXTURES = ("hstripes", "vstripes", "checker", "dots", "rings", "diagonal", "gradient", "waves", "plain")
 SHAPES = ("none", "circle", "square", "triangle", "cross")
 STYLE_WORDS = tuple(s[0] for s in STYLES)
-GENERIC = "generic"  # the base model's only prompt word
 
 
 def _texture(kind: str, yy, xx, freq: float, phase: float) -> torch.Tensor:
@@ -116,33 +117,44 @@ def style_images(style: int, n: int, size: int, seed: int, offset: int = 0) -> t
     return torch.stack(out) if out else torch.empty(0, 3, size, size)
 
 
-def generic_images(n: int, size: int, seed: int) -> torch.Tensor:
-    """(n, 3, size, size): the base model's corpus: random palettes, textures and shapes."""
+def generic_images(n: int, size: int, seed: int) -> tuple[torch.Tensor, list[tuple[str, str]]]:
+    """The base model's corpus: (n, 3, size, size) images in random palettes, textures and shapes, and each
+    image's plain prompt (texture, shape): the base learns to draw what plain words say, never a style word."""
     g = torch.Generator()
-    out = []
+    out, prompts = [], []
     for i in range(n):
         g.manual_seed(_seed("generic", seed, 0, i))
         palette = torch.rand(3, 3, generator=g).tolist()
         texture = TEXTURES[int(torch.randint(len(TEXTURES), (), generator=g))]
         shape = SHAPES[int(torch.randint(len(SHAPES), (), generator=g))]
         out.append(render(palette, texture, shape, size, g))
-    return torch.stack(out)
+        prompts.append((texture, shape))
+    return torch.stack(out), prompts
 
 
 def _seed(kind: str, seed: int, a: int, b: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{kind}-{seed}-{a}-{b}".encode()).digest()[:8], "little") >> 1
 
 
-def prompt_embeddings(words, dim: int, tokens: int = 4, seed: int = 0) -> torch.Tensor:
-    """(len(words), tokens, dim) fixed text embeddings: `tokens − 1` shared "a picture of" tokens, then the
-    word's token; each token a seeded unit-variance Gaussian vector (a tiny text encoder's stand-in)."""
-    g = torch.Generator().manual_seed(_seed("prefix", seed, dim, tokens))
-    prefix = torch.randn(tokens - 1, dim, generator=g)
+def prompt_embeddings(prompts, dim: int, seed: int = 0) -> torch.Tensor:
+    """(len(prompts), 1 + W, dim) fixed text embeddings of prompts of W words each: a shared "a picture of"
+    token, then one token per word; each a seeded unit-variance Gaussian vector (a tiny text encoder's
+    stand-in). A style's prompt is its word twice (`style_prompt`), the base model's its texture and shape."""
+    g = torch.Generator().manual_seed(_seed("prefix", seed, dim, 0))
+    prefix = torch.randn(1, dim, generator=g)
     out = []
-    for w in words:
-        g.manual_seed(_seed(f"word:{w}", seed, dim, 0))
-        out.append(torch.cat([prefix, torch.randn(1, dim, generator=g)]))
+    for words in prompts:
+        toks = [prefix]
+        for w in words:
+            g.manual_seed(_seed(f"word:{w}", seed, dim, 0))
+            toks.append(torch.randn(1, dim, generator=g))
+        out.append(torch.cat(toks))
     return torch.stack(out)
+
+
+def style_prompt(word: str) -> tuple[str, str]:
+    """A style's prompt: its made-up word in both word slots (the base model's texture and shape slots)."""
+    return (word, word)
 
 
 @dataclass(frozen=True)
@@ -153,7 +165,6 @@ class ImageModelConfig:
     channels: tuple[int, ...] = (32, 64)
     cross_attention_dim: int = 32
     attention_head_dim: int = 8
-    text_tokens: int = 4
     pretrain_images: int = 3000
     pretrain_epochs: int = 3
     pretrain_lr: float = 2e-3
@@ -251,7 +262,7 @@ def style_data(n_train: int, n_test: int, cfg: ImageModelConfig, seed: int) -> I
     train = torch.cat([style_images(k, n_train, cfg.size, seed) for k in range(len(STYLES))])
     test = torch.cat([style_images(k, n_test, cfg.size, seed, offset=n_train) for k in range(len(STYLES))])
     labels = lambda n: torch.arange(len(STYLES)).repeat_interleave(n)  # noqa: E731
-    emb = prompt_embeddings(STYLE_WORDS, cfg.cross_attention_dim, cfg.text_tokens, seed)
+    emb = prompt_embeddings([style_prompt(w) for w in STYLE_WORDS], cfg.cross_attention_dim, seed)
     return ImageData(train, test, labels(n_train), labels(n_test), emb, STYLE_WORDS)
 
 
@@ -284,10 +295,10 @@ def _build_unet(data: ImageData, cfg: ImageModelConfig, *, seed: int, cache, use
         log(f"loaded the LoRA-tuned UNet from the cache {path}", progress)
         return unet, {**state["info"], "cached": True, "cache_path": str(path)}
     t0 = time.perf_counter()
-    plain = generic_images(cfg.pretrain_images, cfg.size, seed)
-    generic = prompt_embeddings([GENERIC], cfg.cross_attention_dim, cfg.text_tokens, seed)
+    plain, prompts = generic_images(cfg.pretrain_images, cfg.size, seed)
+    cond = prompt_embeddings(prompts, cfg.cross_attention_dim, seed)
     zeros = torch.zeros(len(plain), dtype=torch.long)
-    make = lambda rows: image_batch(plain[rows], generic[zeros[rows]], zeros[rows], torch.tensor(rows))  # noqa: E731
+    make = lambda rows: image_batch(plain[rows], cond[rows], zeros[rows], torch.tensor(rows))  # noqa: E731
     pre_loss = train(unet, shuffled_batches(list(range(len(plain))), cfg.batch_size, make), cfg.pretrain_epochs,
                      cfg.pretrain_lr, "pre-train the UNet", progress, seed, loss_fn=training_loss(cfg, seed))
     t1 = time.perf_counter()
