@@ -112,7 +112,7 @@ def _progress(args) -> bool | None:
 # The optional dependencies of each command: (module, pip extra).
 NEEDS = {
     "demo": [("transformers", "hf"), ("peft", "hf"), ("matplotlib", "eval")],
-    "demo-images": [("diffusers", "diffusion"), ("peft", "hf"), ("matplotlib", "eval")],
+    "demo --task images": [("diffusers", "diffusion"), ("peft", "hf"), ("matplotlib", "eval")],
     "eval": [("sklearn", "eval"), ("matplotlib", "eval")],
 }
 
@@ -142,7 +142,7 @@ def demo(args) -> int:
     if any(t != "images" for t in args.task):
         require("demo")
     if "images" in args.task:
-        require("demo-images")
+        require("demo --task images")
     from .tasks.demo import DemoConfig, format_table, run_demo
     from .tasks.images import ImageModelConfig
     from .tasks.model import ModelConfig

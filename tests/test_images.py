@@ -90,3 +90,13 @@ def test_bad_task_exits_2_one_line(argv, needle, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0]
+
+
+def test_missing_diffusers_named_before_any_work(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "diffusers" else real(name, *a))
+    assert main(["demo", "--task", "images", "--tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "diffusers" in err and "pyinf[diffusion]" in err
