@@ -4,6 +4,8 @@
     pyinf demo --task images  ... on procedural image styles (a tiny LoRA-tuned diffusion UNet, cached)
     pyinf eval mislabeled   flipped-label detection on scikit-learn's digits, per method
     pyinf eval lds          linear datamodeling score on digits, per method
+    pyinf eval mislabeled --task text   the same on a LoRA-tuned text classifier, over seeds
+    pyinf eval select       data selection by influence (HyperINF): accuracy after LoRA-tuning on the top k%
 
 User errors (bad options, missing files, bad sizes) end with exit code 2 and
 one line on stderr.
@@ -75,6 +77,31 @@ _positive_int = _positive(int, "an integer")
 _positive_float = _positive(float, "a number")
 
 
+def _list_of(parse, kind: str):
+    """An argparse type: a comma-separated list of `parse` values (at least one, no repeats)."""
+
+    def parse_list(text: str):
+        values = tuple(parse(t.strip()) for t in text.split(",") if t.strip())
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}")
+        if len(set(values)) != len(values):
+            raise argparse.ArgumentTypeError(f"repeated values in {text!r}")
+        return values
+
+    return parse_list
+
+
+def _seed(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+
+
+_dampings = _list_of(_positive_float, "comma-separated dampings > 0")
+_seeds = _list_of(_seed, "comma-separated integer seeds")
+
+
 def _out_dir(path: str) -> str:
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"--out {path!r} exists and is not a folder")
@@ -89,11 +116,15 @@ def _threads(args) -> None:
     torch.set_num_threads(args.threads)
 
 
-def _common(p: argparse.ArgumentParser, out: str) -> None:
+def _common(p: argparse.ArgumentParser, out: str, damping_sweep: bool = False) -> None:
     p.add_argument("--methods", type=_methods, default=ALL_METHODS,
                    help=f"comma-separated subset of {','.join(ALL_METHODS)} (forward runs once Attributor accepts it)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--damping", type=_positive_float, default=0.1, help="relative damping c (every method but forward)")
+    if damping_sweep:  # every damping from one capture: "method@damping" rows
+        p.add_argument("--damping", type=_dampings, default=(0.1,),
+                       help="relative damping c, or a comma-separated sweep (e.g. 0.01,0.1,1) run from one capture")
+    else:
+        p.add_argument("--damping", type=_positive_float, default=0.1, help="relative damping c (every method but forward)")
     p.add_argument("--lissa-iterations", type=_positive_int, default=None, help="LiSSA's iteration budget")
     p.add_argument("--forward-lr", type=_positive_float, default=None, help="Forward-INF step size")
     p.add_argument("--out", default=out, help="output folder (default: %(default)s)")
@@ -114,6 +145,7 @@ NEEDS = {
     "demo": [("transformers", "hf"), ("peft", "hf"), ("matplotlib", "eval")],
     "demo --task images": [("diffusers", "diffusion"), ("peft", "hf"), ("matplotlib", "eval")],
     "eval": [("sklearn", "eval"), ("matplotlib", "eval")],
+    "eval --task text": [("transformers", "hf"), ("peft", "hf"), ("matplotlib", "eval")],
 }
 
 
@@ -186,7 +218,11 @@ def _run_eval(args, cfg, run, format_table, files: str) -> int:
     require("eval")
     _threads(args)
     _out_dir(args.out)
-    cfg.steps, cfg.hidden, cfg.damping, cfg.seed = args.steps, args.hidden, args.damping, args.seed
+    if hasattr(args, "steps"):  # the digits MLP's
+        cfg.steps, cfg.hidden = args.steps, args.hidden
+    cfg.damping, cfg.seed = args.damping, args.seed
+    if isinstance(args.damping, tuple):  # a damping sweep
+        cfg.damping, cfg.dampings = args.damping[0], args.damping
     cfg.methods, cfg.out, cfg.progress = args.methods, args.out, _progress(args)
     if args.lissa_iterations:
         cfg.lissa_iterations = args.lissa_iterations
@@ -198,11 +234,51 @@ def _run_eval(args, cfg, run, format_table, files: str) -> int:
     return 0
 
 
+def _text_options(args, cfg) -> None:
+    """The text task's seeds, model size and cache (`pyinf eval mislabeled --task text`, `pyinf eval select`)."""
+    from .tasks.text_classes import TINY
+
+    if args.task == "text":
+        require("eval --task text")
+        # the demo's settings for a LoRA model (--forward-lr, --lissa-iterations override): LiSSA's self-influence
+        # runs its iterations for every training point, 300 would take ~3 min a seed here
+        cfg.forward_lr, cfg.lissa_iterations = 1e-3, 100
+        cfg.seeds = (0, 1, 2)
+    if args.seeds is not None:
+        cfg.seeds = args.seeds
+    elif args.seed != 0:  # --seed alone: that one seed
+        cfg.seeds = (args.seed,)
+    if args.tiny:
+        cfg.text_model = TINY
+    if args.cache is not None and os.path.exists(args.cache) and not os.path.isdir(args.cache):
+        raise ValueError(f"--cache {args.cache!r} exists and is not a folder")
+    cfg.cache, cfg.use_cache = args.cache, not args.no_cache
+
+
+def _text_arguments(p: argparse.ArgumentParser, seeds: str) -> None:
+    p.add_argument("--seeds", type=_seeds, default=None,
+                   help=f"comma-separated seeds, each a new data set, flips and model; mean ± sd over them "
+                        f"(default: {seeds})")
+    p.add_argument("--cache", default=None, help="text model cache folder (default: $PYINF_CACHE or ~/.cache/pyinf)")
+    p.add_argument("--no-cache", action="store_true", help="train the text models again, do not read or write the cache")
+    p.add_argument("--tiny", action="store_true", help="a tiny text model trained in seconds (smoke tests)")
+
+
 def eval_mislabeled(args) -> int:
     from .evals.mislabeled import MislabeledConfig, format_table, run_mislabeled
 
-    cfg = MislabeledConfig(n_train=args.n_train, n_val=args.n_val, flip=args.flip)
+    cfg = MislabeledConfig(n_train=args.n_train, n_val=args.n_val, flip=args.flip, task=args.task)
+    _text_options(args, cfg)
     return _run_eval(args, cfg, run_mislabeled, format_table, "mislabeled_report.json, mislabeled.png")
+
+
+def eval_select(args) -> int:
+    from .evals.select import SelectConfig, format_table, run_select
+
+    cfg = SelectConfig(n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, flip=args.flip, keep=args.keep)
+    args.task = "text"
+    _text_options(args, cfg)
+    return _run_eval(args, cfg, run_select, format_table, "select_report.json, select.png")
 
 
 def eval_lds(args) -> int:
@@ -230,16 +306,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="a tiny model trained in seconds (smoke tests)")
     p.set_defaults(func=demo)
 
-    ev = sub.add_parser("eval", help="benchmarks: mislabeled, lds")
+    ev = sub.add_parser("eval", help="benchmarks: mislabeled, lds, select")
     esub = ev.add_subparsers(dest="eval", required=True, parser_class=_Parser)
-    p = esub.add_parser("mislabeled", help="flipped-label detection on digits")
-    _common(p, "pyinf-out")
+    p = esub.add_parser("mislabeled", help="flipped-label detection on digits or a LoRA-tuned text classifier")
+    _common(p, "pyinf-out", damping_sweep=True)
+    p.add_argument("--task", choices=("digits", "text"), default="digits",
+                   help="digits: an MLP on scikit-learn's digits; text: a LoRA-tuned transformer classifier on "
+                        "generated sentences (default: %(default)s)")
     p.add_argument("--n-train", type=_positive_int, default=1000)
     p.add_argument("--n-val", type=_positive_int, default=300)
     p.add_argument("--flip", type=float, default=0.2, help="fraction of training labels flipped")
-    p.add_argument("--steps", type=_positive_int, default=300, help="full-batch Adam steps")
-    p.add_argument("--hidden", type=_positive_int, default=32)
+    p.add_argument("--steps", type=_positive_int, default=300, help="full-batch Adam steps (digits)")
+    p.add_argument("--hidden", type=_positive_int, default=32, help="MLP width (digits)")
+    _text_arguments(p, "--seed alone on digits, 0,1,2 on text")
     p.set_defaults(func=eval_mislabeled)
+    p = esub.add_parser("select", help="data selection by influence on a noisy LoRA text task (HyperINF)")
+    _common(p, "pyinf-out", damping_sweep=True)
+    p.add_argument("--n-train", type=_positive_int, default=1000, help="training pool size")
+    p.add_argument("--n-val", type=_positive_int, default=100, help="clean validation examples the pool is scored on")
+    p.add_argument("--n-test", type=_positive_int, default=1000, help="clean test examples")
+    p.add_argument("--flip", type=float, default=0.2, help="fraction of the pool's labels flipped")
+    p.add_argument("--keep", type=_list_of(_positive_float, "comma-separated percentages"), default=(20.0, 50.0),
+                   help="percentages of the pool to keep, each in (0, 100) (default: 20,50)")
+    _text_arguments(p, "0,1,2")
+    p.set_defaults(func=eval_select)
     p = esub.add_parser("lds", help="linear datamodeling score on digits")
     _common(p, "pyinf-out")
     p.add_argument("--n-train", type=_positive_int, default=500)

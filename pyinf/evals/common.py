@@ -116,31 +116,49 @@ def available_methods(methods) -> tuple[list[str], list[str]]:
     return ok, [m for m in methods if m not in ok]
 
 
-def _options(method: str, damping: float, lissa_iterations: int, forward_lr: float) -> dict:
+def sweep(methods, dampings) -> list[tuple[str, str, float]]:
+    """The analyses of a sweep from one capture: (row name, method, damping) for every method and damping;
+    the row is "method@damping" when there are several dampings ("method" for one), and tracin and forward,
+    which take no damping, run once."""
+    dampings = list(dict.fromkeys(float(d) for d in dampings))
+    if not dampings or any(not d > 0 for d in dampings):
+        raise ValueError(f"dampings must be > 0, got {dampings}")
+    rows = []
+    for m in methods:
+        undamped = m in ("tracin", "forward")
+        for d in (dampings[:1] if undamped else dampings):
+            rows.append((m if len(dampings) == 1 or undamped else f"{m}@{d:g}", m, d))
+    return rows
+
+
+def _options(method: str, damping: float, lissa_iterations: int, forward_lr: float,
+             forward_moves=FORWARD_BLOCKS) -> dict:
     if method == "forward":  # it moves the weights: a joined [W | b] block cannot be stepped
-        return {"lr": forward_lr, "moves": FORWARD_BLOCKS}
+        return {"lr": forward_lr, **({"moves": forward_moves} if forward_moves is not None else {})}
     return {"damping": damping, **({"iterations": lissa_iterations} if method == "lissa" else {})}
 
 
-def capture(model, methods, train, *, damping: float, lissa_iterations: int, forward_lr: float, progress: bool):
-    """(the training data captured once for every method, `pyinf.capture_gradients`; seconds)."""
+def capture(model, methods, train, *, damping: float, lissa_iterations: int, forward_lr: float, progress: bool,
+            blocks=BLOCKS, loss=per_sample_loss, forward_moves=FORWARD_BLOCKS):
+    """(the training data captured once for every method, `pyinf.capture_gradients`; seconds). The defaults are
+    the digits MLP's; a PEFT model takes blocks="lora", loss=None (its Hugging Face loss), forward_moves=None."""
     from .. import capture_gradients
     from ..analysis import make_analysis, shared_capture_options
 
     device = next(model.parameters()).device
     analyses = []
     for m in methods:
-        opts = _options(m, damping, lissa_iterations, forward_lr)
+        opts = _options(m, damping, lissa_iterations, forward_lr, forward_moves)
         analyses.append(make_analysis(m, device, damping=opts.pop("damping", damping), options=opts))
     needs = shared_capture_options(analyses)
     t0 = time.perf_counter()
-    grads = capture_gradients(model, train, blocks=BLOCKS, loss=per_sample_loss, batch_size=256, progress=progress,
+    grads = capture_gradients(model, train, blocks=blocks, loss=loss, batch_size=256, progress=progress,
                               **needs)
     return grads, time.perf_counter() - t0
 
 
 def attribute(grads, method: str, query, *, damping: float, lissa_iterations: int, forward_lr: float,
-              self_influence: bool, query_grads: dict):
+              self_influence: bool, query_grads: dict, forward_moves=FORWARD_BLOCKS):
     """(scores (m, n), self-influence (n,) or None, info) of one method from the shared capture `grads`
     (the gradient methods score query gradients captured once, kept in `query_grads`)."""
     from .. import Attributor
@@ -152,7 +170,7 @@ def attribute(grads, method: str, query, *, damping: float, lissa_iterations: in
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         att = Attributor(grads.model, method=method, gradients=grads,
-                         **_options(method, damping, lissa_iterations, forward_lr))
+                         **_options(method, damping, lissa_iterations, forward_lr, forward_moves))
         info["options"] = att.describe()
         # rank 0's result on every rank (Attributor returns None on the others), so all compute the same metrics
         scores = broadcast_from_rank0(score_in_sweep(att, grads, query, query_grads)).float()
