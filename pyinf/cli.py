@@ -1,6 +1,7 @@
 """The `pyinf` command (`python -m pyinf ...`).
 
     pyinf demo              every method on the embedded tasks (a tiny LoRA-tuned model, cached)
+    pyinf demo --task images  ... on procedural image styles (a tiny LoRA-tuned diffusion UNet, cached)
     pyinf eval mislabeled   flipped-label detection on scikit-learn's digits, per method
     pyinf eval lds          linear datamodeling score on digits, per method
     pyinf eval mislabeled --task text   the same on a LoRA-tuned text classifier, over seeds
@@ -145,6 +146,7 @@ def _progress(args) -> bool | None:
 # The optional dependencies of each command: (module, pip extra).
 NEEDS = {
     "demo": [("transformers", "hf"), ("peft", "hf"), ("matplotlib", "eval")],
+    "demo --task images": [("diffusers", "diffusion"), ("peft", "hf"), ("matplotlib", "eval")],
     "eval": [("sklearn", "eval"), ("matplotlib", "eval")],
     "eval --task text": [("transformers", "hf"), ("peft", "hf"), ("matplotlib", "eval")],
     "eval leakage": [("transformers", "hf"), ("peft", "hf"), ("matplotlib", "eval")],
@@ -163,9 +165,23 @@ def require(command: str) -> None:
                          f"{'is' if len(missing) == 1 else 'are'} not installed: pip install 'pyinf[{extras}]'")
 
 
+def _tasks(text: str) -> tuple[str, ...]:
+    from .tasks.demo import ALL_TASKS
+
+    names = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    bad = [t for t in names if t not in ALL_TASKS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown task(s) {bad or text!r}; choose from {','.join(ALL_TASKS)}")
+    return names
+
+
 def demo(args) -> int:
-    require("demo")
+    if any(t != "images" for t in args.task):
+        require("demo")
+    if "images" in args.task:
+        require("demo --task images")
     from .tasks.demo import DemoConfig, format_table, run_demo
+    from .tasks.images import ImageModelConfig
     from .tasks.model import ModelConfig
 
     _threads(args)
@@ -176,9 +192,18 @@ def demo(args) -> int:
     if args.tiny:  # the test suite's size: runs in seconds, numbers mean little
         model = ModelConfig(hidden=32, layers=1, heads=2, intermediate=64, pretrain_texts=200, pretrain_epochs=1,
                             finetune_epochs=1)
-    cfg = DemoConfig(seed=args.seed, n_train=args.n_train, n_test=args.n_test, methods=args.methods,
-                     damping=args.damping, model=model, out=args.out, cache=args.cache,
-                     use_cache=not args.no_cache, progress=_progress(args))
+    images = ImageModelConfig()
+    if args.tiny:
+        images = ImageModelConfig(size=8, channels=(8, 16), cross_attention_dim=8, attention_head_dim=4,
+                                  pretrain_images=64, pretrain_epochs=1, finetune_epochs=1, draws=1)
+    sizes = {}  # --n-train / --n-test: every task's per-class sizes when given (defaults: 90/10 LM, 30/5 images)
+    if args.n_train is not None:
+        sizes.update(n_train=args.n_train, image_n_train=args.n_train)
+    if args.n_test is not None:
+        sizes.update(n_test=args.n_test, image_n_test=args.n_test)
+    cfg = DemoConfig(seed=args.seed, methods=args.methods, damping=args.damping, model=model, tasks=args.task,
+                     images=images, out=args.out, cache=args.cache, use_cache=not args.no_cache,
+                     progress=_progress(args), **sizes)
     if args.lissa_iterations:
         cfg.lissa_iterations = args.lissa_iterations
     if args.forward_lr:
@@ -188,7 +213,8 @@ def demo(args) -> int:
     cfg.forward_queries = args.forward_queries
     report = run_demo(cfg)
     print(format_table(report))
-    print(f"\nscores, report and figure saved under {args.out}/ (demo_scores.pt, demo_report.json, demo.png)")
+    grid = ", images_grid.png" if "images_grid.png" in str(report["tasks"].get("images", {}).get("files")) else ""
+    print(f"\nscores, report and figure saved under {args.out}/ (demo_scores.pt, demo_report.json, demo.png{grid})")
     return 0
 
 
@@ -343,10 +369,14 @@ def _lm_arguments(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pyinf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    p = sub.add_parser("demo", help="every method on the embedded sentence and math tasks")
+    p = sub.add_parser("demo", help="every method on the embedded sentence and math tasks (--task images: images)")
     _common(p, "pyinf-out")
-    p.add_argument("--n-train", type=_positive_int, default=90, help="training examples per class")
-    p.add_argument("--n-test", type=_positive_int, default=10, help="test examples (queries) per class")
+    p.add_argument("--task", type=_tasks, default=("sentences", "math"),
+                   help="comma-separated subset of sentences,math,images (default: sentences,math)")
+    p.add_argument("--n-train", type=_positive_int, default=None,
+                   help="training examples per class (default: 90; images: 30)")
+    p.add_argument("--n-test", type=_positive_int, default=None,
+                   help="test examples (queries) per class (default: 10; images: 5)")
     p.add_argument("--cache", default=None, help="model cache folder (default: $PYINF_CACHE or ~/.cache/pyinf)")
     p.add_argument("--no-cache", action="store_true", help="train the model again, do not read or write the cache")
     p.add_argument("--forward-queries", type=int, default=3,

@@ -11,6 +11,13 @@ once, `pyinf.capture_gradients`, and every method runs from that capture,
 the gradient methods on query gradients captured once too; the capture time
 is reported per task). Saves `demo_scores.pt`,
 `demo_report.json` and `demo.png` under the output folder.
+
+Every task runs through one loop as a `DemoTask` (a model, its training data
+and queries as batches, the ground truth, the loss and measurement): the LM
+tasks ("sentences", "math") share one model; "images" (`--task images`,
+`pyinf.tasks.images_demo`) is a LoRA-tuned diffusion UNet, its queries
+held-out images of a style, and also writes `images_grid.png`. A method that
+fails on a task is reported (its error in the report and the table), not fatal.
 """
 from __future__ import annotations
 
@@ -18,6 +25,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -29,6 +37,14 @@ from .model import ModelConfig, build_model, exact_match, per_example_loss
 from .sentences import sentence_transformations
 
 ALL_METHODS = ("tracin", "datainf", "exact", "lissa", "hyperinf", "kfac", "ekfac", "forward")
+ALL_TASKS = ("sentences", "math", "images")
+LM_TASKS = ("sentences", "math")
+
+
+def _image_model_config():
+    from .images import ImageModelConfig
+
+    return ImageModelConfig()
 
 
 @dataclass
@@ -43,6 +59,10 @@ class DemoConfig:
     forward_queries: int = 3  # per class (forward costs m x n forward passes); 0 = every query
     batch_size: int = 64
     model: ModelConfig = field(default_factory=ModelConfig)
+    tasks: tuple[str, ...] = LM_TASKS  # of ALL_TASKS
+    image_n_train: int = 30  # per style
+    image_n_test: int = 5  # per style
+    images: Any = field(default_factory=_image_model_config)  # pyinf.tasks.images.ImageModelConfig
     out: str = "pyinf-out"
     cache: str | None = None
     use_cache: bool = True
@@ -73,25 +93,50 @@ def _options(method: str, cfg: DemoConfig) -> dict:
     return {}
 
 
-def query_rows(task, method: str, cfg: DemoConfig) -> list[int]:
+@dataclass
+class DemoTask:
+    """One task of the demo, whatever its model: what the loop of `run_demo` needs.
+
+    train_batches: the training set as batches (what `capture_gradients` takes), n samples in all;
+    query_batches(rows): the test examples `rows` (a list of indices) as batches;
+    train_labels (n,), query_labels (m,): the classes (ground truth: same class = relevant);
+    n_train, n_test: per class (k of recall@k; the forward query subset);
+    task: the `pyinf.Task` (None: the Hugging Face LM losses); fit: what the model's fit reports;
+    finish(out folder, {method: scores (m, n)}) -> names of the extra files it wrote (or None).
+    """
+
+    name: str
+    class_names: tuple[str, ...]
+    model: torch.nn.Module
+    train_batches: list
+    query_batches: Callable[[list[int]], list]
+    train_labels: torch.Tensor
+    query_labels: torch.Tensor
+    n_train: int
+    n_test: int
+    task: Any = None
+    fit: dict = field(default_factory=dict)
+    finish: Callable[[Path, dict], list[str]] | None = None
+
+
+def query_rows(task: DemoTask, method: str, cfg: DemoConfig) -> list[int]:
     """The test examples used as queries: all, or for forward the first `forward_queries` of each class."""
-    if method != "forward" or not cfg.forward_queries or cfg.forward_queries >= cfg.n_test:
-        return list(range(len(task.test)))
-    return [i for i, e in enumerate(task.test) if i % cfg.n_test < cfg.forward_queries]
+    m = len(task.query_labels)
+    if method != "forward" or not cfg.forward_queries or cfg.forward_queries >= task.n_test:
+        return list(range(m))
+    return [i for i in range(m) if i % task.n_test < cfg.forward_queries]
 
 
-def _capture(model, tok, task, methods: list[str], cfg: DemoConfig):
-    """The task's training examples captured once for every method (`pyinf.capture_gradients`), and the
-    query gradients once for every gradient method (on rank 0, broadcast); (grads, query batches, seconds)."""
+def _capture(task: DemoTask, methods: list[str], cfg: DemoConfig):
+    """The task's training examples captured once for every method (`pyinf.capture_gradients`); (grads, seconds)."""
     from .. import capture_gradients
     from ..analysis import make_analysis, shared_capture_options
 
-    device = next(model.parameters()).device
+    device = next(task.model.parameters()).device
     needs = shared_capture_options([make_analysis(m, device, options=_options(m, cfg)) for m in methods])
-    answer_only = cfg.model.answer_only
-    train = [tok.batch(task.train[k : k + cfg.batch_size], answer_only) for k in range(0, len(task.train), cfg.batch_size)]
     t0 = time.perf_counter()
-    grads = capture_gradients(model, train, batch_size=cfg.batch_size, progress=cfg.progress, **needs)
+    grads = capture_gradients(task.model, task.train_batches, task=task.task, batch_size=cfg.batch_size,
+                              progress=cfg.progress, **needs)
     return grads, time.perf_counter() - t0
 
 
@@ -105,16 +150,13 @@ def score_in_sweep(att, grads, query, shared: dict) -> torch.Tensor | None:
     return att.score(query_grads=shared["V"])
 
 
-def _run_method(grads, tok, task, method: str, cfg: DemoConfig, query_grads: dict) -> tuple[torch.Tensor, dict]:
+def _run_method(grads, task: DemoTask, method: str, cfg: DemoConfig, query_grads: dict) -> tuple[torch.Tensor, dict]:
     """One method from the shared capture: fit + score (forward: on its query subset; the others: on the
     query gradients, captured by the first of them into `query_grads`)."""
     from .. import Attributor
     from ..distributed import broadcast_from_rank0
 
-    answer_only = cfg.model.answer_only
-    rows = query_rows(task, method, cfg)
-    test = [task.test[i] for i in rows]
-    query = [tok.batch(test[k : k + cfg.batch_size], answer_only) for k in range(0, len(test), cfg.batch_size)]
+    query = task.query_batches(query_rows(task, method, cfg))
     kwargs = {"damping": cfg.damping} if method != "forward" else {}
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
@@ -124,7 +166,7 @@ def _run_method(grads, tok, task, method: str, cfg: DemoConfig, query_grads: dic
     seconds = time.perf_counter() - t0
     notes = list(dict.fromkeys(str(w.message) for w in caught if "pyinf" in str(w.filename) or "pyinf" in str(w.message)))
     info = att.describe()
-    return scores, {"seconds": seconds, "warnings": notes, "options": info, "queries": len(rows),
+    return scores, {"seconds": seconds, "warnings": notes, "options": info, "queries": len(query_rows(task, method, cfg)),
                     "backend": info["backend"]}
 
 
@@ -134,7 +176,7 @@ def _figure(path: Path, report: dict, scores: dict, labels: dict):
     tasks = list(report["tasks"])
     fig, axes = plt.subplots(len(tasks), 2, figsize=(12, 4.2 * len(tasks)), squeeze=False)
     for r, task in enumerate(tasks):
-        res = report["tasks"][task]["methods"]
+        res = {m: r for m, r in report["tasks"][task]["methods"].items() if "auc" in r}  # failed ones: no bar
         names = list(res)
         ax = axes[r, 0]
         ax.bar(names, [res[m]["auc"] for m in names], color="tab:blue")
@@ -145,7 +187,9 @@ def _figure(path: Path, report: dict, scores: dict, labels: dict):
         for i, m in enumerate(names):
             ax.text(i, res[m]["auc"] + 0.02, f"{res[m]['auc']:.2f}", ha="center", fontsize=9)
         ax.legend(loc="lower right")
-        show = "datainf" if "datainf" in scores[task] else names[0]
+        if not scores[task]:
+            continue
+        show = "datainf" if "datainf" in scores[task] else next(iter(scores[task]))
         S = -scores[task][show]  # helpfulness; rows and columns are class-major already
         qo = labels[task]["query"].argsort(stable=True)
         to = labels[task]["train"].argsort(stable=True)
@@ -160,51 +204,102 @@ def _figure(path: Path, report: dict, scores: dict, labels: dict):
     save_figure(fig, path)
 
 
+def lm_tasks(cfg: DemoConfig, names) -> tuple[list[DemoTask], dict]:
+    """The LM tasks `names` (of "sentences", "math") on their one fine-tuned model (both tasks' training sets:
+    it is built on both whichever run); (tasks, the model's info)."""
+    data = {"sentences": sentence_transformations(cfg.seed, cfg.n_train, cfg.n_test),
+            "math": math_problems(cfg.seed, cfg.n_train, cfg.n_test)}
+    model, tok, info = build_model([e for t in data.values() for e in t.train], cfg.model, seed=cfg.seed,
+                                   data_seed=cfg.seed, cache=cfg.cache, use_cache=cfg.use_cache,
+                                   progress=cfg.progress)
+    answer_only, bs = cfg.model.answer_only, cfg.batch_size
+    tasks = []
+    for name in names:
+        t = data[name]
+        fit = {"train_loss": per_example_loss(model, tok, list(t.train), answer_only).mean().item(),
+               "test_loss": per_example_loss(model, tok, list(t.test), answer_only).mean().item(),
+               "test_exact_match": exact_match(model, tok, list(t.test))}
+        test = t.test
+        tasks.append(DemoTask(
+            name=t.name, class_names=tuple(t.class_names), model=model,
+            train_batches=[tok.batch(t.train[k : k + bs], answer_only) for k in range(0, len(t.train), bs)],
+            query_batches=lambda rows, test=test: [tok.batch([test[i] for i in rows[k : k + bs]], answer_only)
+                                                   for k in range(0, len(rows), bs)],
+            train_labels=torch.tensor([e.label for e in t.train]), query_labels=torch.tensor([e.label for e in test]),
+            n_train=cfg.n_train, n_test=cfg.n_test, fit=fit))
+    return tasks, info
+
+
+def build_tasks(cfg: DemoConfig) -> tuple[list[DemoTask], dict]:
+    """Every task of `cfg.tasks` as a `DemoTask`, its model built or loaded from the cache; (tasks, {model name:
+    info})."""
+    bad = [t for t in cfg.tasks if t not in ALL_TASKS]
+    if bad or not cfg.tasks:
+        raise ValueError(f"unknown task(s) {bad or list(cfg.tasks)}; choose from {','.join(ALL_TASKS)}")
+    tasks, models = [], {}
+    names = [t for t in cfg.tasks if t in LM_TASKS]
+    if names:
+        lm, models["lm"] = lm_tasks(cfg, names)
+        tasks += lm
+    if "images" in cfg.tasks:
+        from .images_demo import image_task
+
+        task, models["images"] = image_task(cfg)
+        tasks.append(task)
+    order = {t: i for i, t in enumerate(cfg.tasks)}
+    return sorted(tasks, key=lambda t: order[t.name]), models
+
+
 def run_demo(cfg: DemoConfig) -> dict:
+    """Every method on every task of `cfg.tasks` (module doc); writes the outputs, returns the report."""
     t_start = time.perf_counter()
-    tasks = [sentence_transformations(cfg.seed, cfg.n_train, cfg.n_test), math_problems(cfg.seed, cfg.n_train, cfg.n_test)]
     methods = [m for m in cfg.methods if m != "forward" or method_available("forward")]
     skipped = [m for m in cfg.methods if m not in methods]
-    _say(f"pyinf demo: {len(tasks)} tasks x 10 classes x ({cfg.n_train} train + {cfg.n_test} test), "
-         f"methods {', '.join(methods)}" + (f" (not available yet: {', '.join(skipped)})" if skipped else ""), cfg)
-    _say("[1/3] the model: build or load from the cache", cfg)
-    model, tok, info = build_model([e for t in tasks for e in t.train], cfg.model, seed=cfg.seed, data_seed=cfg.seed,
-                                   cache=cfg.cache, use_cache=cfg.use_cache, progress=cfg.progress)
+    _say(f"pyinf demo: tasks {', '.join(cfg.tasks)}, methods {', '.join(methods)}"
+         + (f" (not available yet: {', '.join(skipped)})" if skipped else ""), cfg)
+    _say("[1/3] the models: build or load from the cache", cfg)
+    tasks, models = build_tasks(cfg)
     t_model = time.perf_counter() - t_start
-    report = {"config": {**asdict(cfg), "model": asdict(cfg.model)}, "model": info, "model_seconds": t_model,
-              "skipped_methods": skipped, "backend": describe_backend(next(model.parameters()).device), "tasks": {}}
+    info = models.get("lm", next(iter(models.values())))  # "model": the LM's, as before images
+    report = {"config": {**asdict(cfg), "model": asdict(cfg.model)}, "model": info, "models": models,
+              "model_seconds": t_model, "skipped_methods": skipped,
+              "backend": describe_backend(next(tasks[0].model.parameters()).device), "tasks": {}}
     all_scores, labels = {}, {}
-    _say(f"[2/3] attribution ({'loaded' if info['cached'] else 'trained'} the model in {t_model:.1f} s)", cfg)
+    cached = all(m["cached"] for m in models.values())
+    _say(f"[2/3] attribution ({'loaded' if cached else 'built'} the models in {t_model:.1f} s)", cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
     for task in tasks:
-        tl = torch.tensor([e.label for e in task.train])
-        ql = torch.tensor([e.label for e in task.test])
-        same = ql[:, None] == tl[None, :]
-        fit = {"train_loss": per_example_loss(model, tok, list(task.train), cfg.model.answer_only).mean().item(),
-               "test_loss": per_example_loss(model, tok, list(task.test), cfg.model.answer_only).mean().item(),
-               "test_exact_match": exact_match(model, tok, list(task.test))}
-        _say(f"  {task.name}: train loss {fit['train_loss']:.3f}, test loss {fit['test_loss']:.3f}, "
-             f"test exact match {fit['test_exact_match']:.2f}", cfg)
+        same = task.query_labels[:, None] == task.train_labels[None, :]
+        _say(f"  {task.name}: " + ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in task.fit.items()), cfg)
         res, scores, shared = {}, {}, {}
-        grads, capture_s = _capture(model, tok, task, methods, cfg)
+        grads, capture_s = _capture(task, methods, cfg)
         _say(f"  {task.name}: captured {grads.n} training gradients once, {capture_s:.1f} s", cfg)
         for i, method in enumerate(methods, 1):
             _say(f"  {task.name} [{i}/{len(methods)}] {method} ...", cfg)
-            S, meta = _run_method(grads, tok, task, method, cfg, shared)
+            t0 = time.perf_counter()
+            try:
+                S, meta = _run_method(grads, task, method, cfg, shared)
+            except Exception as e:  # noqa: BLE001 - one method failing is reported, the demo goes on
+                res[method] = {"error": f"{type(e).__name__}: {e}", "seconds": time.perf_counter() - t0}
+                _say(f"      failed: {res[method]['error']}", cfg)
+                continue
             helpful = -S  # most negative score = most helpful
             rows = query_rows(task, method, cfg)
             meta["auc"] = roc_auc(helpful, same[rows]).mean().item()
-            meta["recall_at_k"] = recall_at_k(helpful, same[rows], cfg.n_train).mean().item()
-            meta["k"] = cfg.n_train
-            _say(f"      ROC-AUC {meta['auc']:.3f}, recall@{cfg.n_train} {meta['recall_at_k']:.3f}, "
+            meta["recall_at_k"] = recall_at_k(helpful, same[rows], task.n_train).mean().item()
+            meta["k"] = task.n_train
+            _say(f"      ROC-AUC {meta['auc']:.3f}, recall@{task.n_train} {meta['recall_at_k']:.3f}, "
                  f"{meta['seconds']:.1f} s", cfg)
             for w in meta["warnings"]:
                 _say(f"      warning: {w}", cfg)
             res[method], scores[method] = meta, S
-        report["tasks"][task.name] = {"fit": fit, "class_names": list(task.class_names), "methods": res,
-                                      "capture_seconds": capture_s}
-        all_scores[task.name], labels[task.name] = scores, {"train": tl, "query": ql}
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+        report["tasks"][task.name] = {"fit": task.fit, "class_names": list(task.class_names), "methods": res,
+                                      "capture_seconds": capture_s, "k": task.n_train}
+        if task.finish is not None:
+            report["tasks"][task.name]["files"] = task.finish(out, scores) or []
+        all_scores[task.name] = scores
+        labels[task.name] = {"train": task.train_labels, "query": task.query_labels}
     report["seconds"] = time.perf_counter() - t_start
     _say("[3/3] saving scores, report and figure", cfg)
     torch.save({"scores": all_scores, "labels": labels}, out / "demo_scores.pt")
@@ -216,18 +311,25 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def format_table(report: dict) -> str:
+    """The report as the table the CLI prints: per task, per method ROC-AUC, recall@k, queries, time."""
     lines = []
     for task, tr in report["tasks"].items():
-        k = next(iter(tr["methods"].values()))["k"] if tr["methods"] else 0
-        lines.append(f"\n{task}  (train loss {tr['fit']['train_loss']:.3f}, test exact match {tr['fit']['test_exact_match']:.2f}; "
-                     f"one capture for every method: {tr['capture_seconds']:.2f} s)")
+        k = tr.get("k", 0)
+        fit = ", ".join(f"{name.replace('_', ' ')} {v:.3f}" for name, v in tr["fit"].items())
+        lines.append(f"\n{task}  ({fit}; one capture for every method: {tr['capture_seconds']:.2f} s)")
         lines.append(f"{'method':10s} {'ROC-AUC':>8s} {'recall@' + str(k):>10s} {'queries':>8s} {'time (s)':>9s}"
                      f"  {'backend':<8s}")
         for m, r in tr["methods"].items():
+            if "error" in r:
+                lines.append(f"{m:10s} failed after {r['seconds']:.2f} s: {r['error']}")
+                continue
             lines.append(f"{m:10s} {r['auc']:8.3f} {r['recall_at_k']:10.3f} {r['queries']:8d} {r['seconds']:9.2f}"
                          f"  {r['backend']:<8s}"
                          + ("  (warned: see the report)" if r["warnings"] else ""))
+        for f in tr.get("files", []):
+            lines.append(f"wrote {f}")
     lines.append(f"\nbackend: {report['backend']}")
-    lines.append(f"total {report['seconds']:.1f} s (model {'loaded from cache' if report['model']['cached'] else 'trained'}"
-                 f" in {report['model_seconds']:.1f} s)")
+    models = ", ".join(f"{name} {'loaded from cache' if m['cached'] else 'trained'}"
+                       for name, m in report.get("models", {"model": report["model"]}).items())
+    lines.append(f"total {report['seconds']:.1f} s (models: {models}; {report['model_seconds']:.1f} s)")
     return "\n".join(lines)
