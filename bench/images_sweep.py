@@ -30,7 +30,7 @@ def _pairs(text: str) -> list[tuple[int, int]]:
 
 
 def main() -> None:
-    from pyinf.tasks.demo import DemoConfig, _capture, _run_method
+    from pyinf.tasks.demo import DemoConfig, capture_task, run_method
     from pyinf.tasks.images import influence_losses
     from pyinf.tasks.images_demo import image_task
     from pyinf import Task
@@ -53,12 +53,12 @@ def main() -> None:
         """One capture at (K, window), then methods `ms` at `damping`: rows of the result."""
         tl, meas = influence_losses(cfg.images, K, window)
         t = dataclasses.replace(task, task=Task(train_loss=tl, measurement=meas))
-        grads, cap_s = _capture(t, ms, dataclasses.replace(cfg, damping=damping))
+        grads, cap_s = capture_task(t, ms, dataclasses.replace(cfg, damping=damping))
         same = t.query_labels[:, None] == t.train_labels[None, :]
         shared = {}
         for d in ([damping] if what != "damping" else [float(x) for x in args.dampings.split(",")]):
             for m in ms:
-                S, meta = _run_method(grads, t, m, dataclasses.replace(cfg, damping=d), shared)
+                S, meta = run_method(grads, t, m, dataclasses.replace(cfg, damping=d), shared)
                 row = {"sweep": what, "K": K, "window": list(window), "damping": d, "method": m,
                        "auc": roc_auc(-S, same).mean().item(), "capture_seconds": cap_s,
                        "method_seconds": meta["seconds"], "load": os.getloadavg()[0]}

@@ -166,6 +166,7 @@ def require(command: str) -> None:
 
 
 def _tasks(text: str) -> tuple[str, ...]:
+    """An argparse type: comma-separated demo task names (no repeats), each one of ALL_TASKS."""
     from .tasks.demo import ALL_TASKS
 
     names = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
@@ -176,6 +177,7 @@ def _tasks(text: str) -> tuple[str, ...]:
 
 
 def demo(args) -> int:
+    """`pyinf demo`: every method on the embedded tasks (`pyinf.tasks.demo.run_demo`); prints the table."""
     if any(t != "images" for t in args.task):
         require("demo")
     if "images" in args.task:
@@ -186,8 +188,6 @@ def demo(args) -> int:
 
     _threads(args)
     _out_dir(args.out)
-    if args.cache is not None and os.path.exists(args.cache) and not os.path.isdir(args.cache):
-        raise ValueError(f"--cache {args.cache!r} exists and is not a folder")
     model = ModelConfig()
     if args.tiny:  # the test suite's size: runs in seconds, numbers mean little
         model = ModelConfig(hidden=32, layers=1, heads=2, intermediate=64, pretrain_texts=200, pretrain_epochs=1,
@@ -202,12 +202,9 @@ def demo(args) -> int:
     if args.n_test is not None:
         sizes.update(n_test=args.n_test, image_n_test=args.n_test)
     cfg = DemoConfig(seed=args.seed, methods=args.methods, damping=args.damping, model=model, tasks=args.task,
-                     images=images, out=args.out, cache=args.cache, use_cache=not args.no_cache,
+                     images=images, out=args.out, cache=_cache_option(args), use_cache=not args.no_cache,
                      progress=_progress(args), **sizes)
-    if args.lissa_iterations:
-        cfg.lissa_iterations = args.lissa_iterations
-    if args.forward_lr:
-        cfg.forward_lr = args.forward_lr
+    _method_options(args, cfg)
     if args.forward_queries < 0:
         raise ValueError(f"--forward-queries must be >= 0, got {args.forward_queries}")
     cfg.forward_queries = args.forward_queries
@@ -290,6 +287,7 @@ def _text_arguments(p: argparse.ArgumentParser, seeds: str) -> None:
 
 
 def eval_mislabeled(args) -> int:
+    """`pyinf eval mislabeled`: flipped-label detection on digits or (--task text) a LoRA text classifier."""
     from .evals.mislabeled import MislabeledConfig, format_table, run_mislabeled
 
     cfg = MislabeledConfig(n_train=args.n_train, n_val=args.n_val, flip=args.flip, task=args.task)
@@ -298,6 +296,7 @@ def eval_mislabeled(args) -> int:
 
 
 def eval_select(args) -> int:
+    """`pyinf eval select`: HyperINF's data selection on the noisy LoRA text task."""
     from .evals.select import SelectConfig, format_table, run_select
 
     cfg = SelectConfig(n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, flip=args.flip, keep=args.keep)
@@ -307,6 +306,7 @@ def eval_select(args) -> int:
 
 
 def eval_lds(args) -> int:
+    """`pyinf eval lds`: the linear datamodeling score on digits or (--task lm) the demo's LoRA LM."""
     from .evals.lds import LDSConfig, format_table, run_lds
 
     if args.task == "lm":
@@ -339,6 +339,7 @@ def _lm_eval(args, cfg, command: str, run, format_table, files: str) -> int:
 
 
 def eval_lds_lm(args) -> int:
+    """`pyinf eval lds --task lm`: LDS over LoRA fine-tunes of the demo's LM on random halves (cached)."""
     from .evals.lds_lm import LMLDSConfig, format_table, run_lds_lm
 
     cfg = LMLDSConfig(fraction=args.fraction)
@@ -348,6 +349,7 @@ def eval_lds_lm(args) -> int:
 
 
 def eval_leakage(args) -> int:
+    """`pyinf eval leakage`: planted exact and paraphrased copies of test examples, found in each top 10."""
     from .evals.leakage import LeakageConfig, format_table, run_leakage
 
     cfg = LeakageConfig(n_train=args.n_train, n_test=args.n_test, n_leak=args.n_leak, copies=args.copies,
@@ -367,6 +369,7 @@ def _lm_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `pyinf` argument parser: demo and eval's subcommands, one line and exit code 2 on bad options."""
     parser = _Parser(prog="pyinf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("demo", help="every method on the embedded sentence and math tasks (--task images: images)")
@@ -451,6 +454,7 @@ def _init_process_group(stack: contextlib.ExitStack) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point: parse `argv`, run the command (under torchrun: in the process group); the exit code."""
     rank = _rank()
     with contextlib.ExitStack() as stack:
         if rank != 0:  # under torchrun only rank 0 prints

@@ -74,6 +74,9 @@ class Use:
 
 @dataclass(frozen=True, eq=False)
 class Target:
+    """One resolved block: its parameter (LoRA A, B as Bᵀ, or a plain weight, with its bias for "+bias"), the
+    uses the capture hooks read, and its `Block` shape."""
+
     name: str
     param: nn.Parameter
     uses: tuple[Use, ...]

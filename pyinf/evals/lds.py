@@ -26,6 +26,8 @@ from .common import EvalConfig, attribute, available_methods, batches, capture, 
 
 @dataclass
 class LDSConfig(EvalConfig):
+    """Options of `pyinf eval lds` on digits: sizes, retrained subsets (beside EvalConfig's)."""
+
     n_train: int = 500
     n_query: int = 100
     subsets: int = 100

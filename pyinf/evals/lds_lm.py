@@ -28,6 +28,8 @@ from .lm import LMEvalConfig, attribute_all, check_config, demo_tasks, load_base
 
 @dataclass
 class LMLDSConfig(LMEvalConfig):
+    """Options of `pyinf eval lds --task lm`: sizes, fine-tunes on random subsets, seeds, methods, cache."""
+
     n_train: int = 20  # per class and task
     n_query: int = 2  # per class and task
     subsets: int = 50

@@ -39,6 +39,8 @@ KINDS = ("exact", "paraphrase")
 
 @dataclass
 class LeakageConfig(LMEvalConfig):
+    """Options of `pyinf eval leakage`: leaked test examples, copies, seeds, methods, cache."""
+
     n_train: int = 90  # per class and task: the demo's training set
     n_test: int = 10  # per class and task
     n_leak: int = 10  # leaked test examples per task

@@ -38,6 +38,8 @@ from .common import (EvalConfig, attribute, available_methods, batches, capture,
 
 @dataclass
 class MislabeledConfig(EvalConfig):
+    """Options of `pyinf eval mislabeled`: task (digits or text), sizes, flip fraction, seeds, dampings."""
+
     n_train: int = 1000
     n_val: int = 300
     flip: float = 0.2

@@ -42,6 +42,8 @@ from .mislabeled import _mean_sd
 
 @dataclass
 class SelectConfig(EvalConfig):
+    """Options of `pyinf eval select`: pool, validation and test sizes, flip fraction, kept percentages, seeds."""
+
     n_train: int = 1000
     n_val: int = 100
     n_test: int = 1000

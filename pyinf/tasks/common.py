@@ -24,6 +24,8 @@ class Example:
 
 @dataclass(frozen=True)
 class TaskData:
+    """An embedded task's examples: name, class names, training and test examples (class-major)."""
+
     name: str
     class_names: tuple[str, ...]
     train: tuple[Example, ...]

@@ -49,6 +49,8 @@ def _image_model_config():
 
 @dataclass
 class DemoConfig:
+    """Options of `pyinf demo`: tasks, sizes, methods and their settings, model configs, output and cache."""
+
     seed: int = 0
     n_train: int = 90  # per class
     n_test: int = 10  # per class
@@ -127,7 +129,7 @@ def query_rows(task: DemoTask, method: str, cfg: DemoConfig) -> list[int]:
     return [i for i in range(m) if i % task.n_test < cfg.forward_queries]
 
 
-def _capture(task: DemoTask, methods: list[str], cfg: DemoConfig):
+def capture_task(task: DemoTask, methods: list[str], cfg: DemoConfig):
     """The task's training examples captured once for every method (`pyinf.capture_gradients`); (grads, seconds)."""
     from .. import capture_gradients
     from ..analysis import make_analysis, shared_capture_options
@@ -150,7 +152,7 @@ def score_in_sweep(att, grads, query, shared: dict) -> torch.Tensor | None:
     return att.score(query_grads=shared["V"])
 
 
-def _run_method(grads, task: DemoTask, method: str, cfg: DemoConfig, query_grads: dict) -> tuple[torch.Tensor, dict]:
+def run_method(grads, task: DemoTask, method: str, cfg: DemoConfig, query_grads: dict) -> tuple[torch.Tensor, dict]:
     """One method from the shared capture: fit + score (forward: on its query subset; the others: on the
     query gradients, captured by the first of them into `query_grads`)."""
     from .. import Attributor
@@ -273,13 +275,13 @@ def run_demo(cfg: DemoConfig) -> dict:
         same = task.query_labels[:, None] == task.train_labels[None, :]
         _say(f"  {task.name}: " + ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in task.fit.items()), cfg)
         res, scores, shared = {}, {}, {}
-        grads, capture_s = _capture(task, methods, cfg)
+        grads, capture_s = capture_task(task, methods, cfg)
         _say(f"  {task.name}: captured {grads.n} training gradients once, {capture_s:.1f} s", cfg)
         for i, method in enumerate(methods, 1):
             _say(f"  {task.name} [{i}/{len(methods)}] {method} ...", cfg)
             t0 = time.perf_counter()
             try:
-                S, meta = _run_method(grads, task, method, cfg, shared)
+                S, meta = run_method(grads, task, method, cfg, shared)
             except Exception as e:  # noqa: BLE001 - one method failing is reported, the demo goes on
                 res[method] = {"error": f"{type(e).__name__}: {e}", "seconds": time.perf_counter() - t0}
                 _say(f"      failed: {res[method]['error']}", cfg)

@@ -111,6 +111,8 @@ class WordTokenizer:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """Size and training schedule of the demo's tiny Llama and its LoRA fine-tune (part of the cache key)."""
+
     hidden: int = 128
     layers: int = 4
     heads: int = 4

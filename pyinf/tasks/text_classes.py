@@ -111,6 +111,8 @@ class TextTokenizer:
 
 @dataclass(frozen=True)
 class TextModelConfig:
+    """Size and training schedule of the text classifier and its LoRA tune (part of the cache key)."""
+
     hidden: int = 64
     layers: int = 2
     heads: int = 4
