@@ -50,14 +50,14 @@ def test_images_demo_tiny_end_to_end(tmp_path, capsys, monkeypatch):
     args = ["demo", "--task", "images", "--tiny", "--n-train", "3", "--n-test", "2", "--out", str(out),
             "--cache", str(cache), "--lissa-iterations", "5", "--methods", "tracin,datainf,exact,kfac,forward",
             "--quiet"]
-    real = demo_mod._run_method
+    real = demo_mod.run_method
 
     def exact_fails(grads, task, method, cfg, shared):
         if method == "exact":
             raise RuntimeError("injected failure")
         return real(grads, task, method, cfg, shared)
 
-    monkeypatch.setattr(demo_mod, "_run_method", exact_fails)
+    monkeypatch.setattr(demo_mod, "run_method", exact_fails)
     assert main(args) == 0
     table = capsys.readouterr().out
     assert "images" in table and "datainf" in table and "exact      failed" in table and "injected failure" in table
@@ -74,7 +74,7 @@ def test_images_demo_tiny_end_to_end(tmp_path, capsys, monkeypatch):
     assert (out / "images_grid.png").stat().st_size > 1000 and (out / "demo.png").stat().st_size > 1000
     assert len(list(cache.rglob("unet.pt"))) == 1
     # second run: the UNet from the cache, the same scores (the seeded denoising loss is deterministic)
-    monkeypatch.setattr(demo_mod, "_run_method", real)
+    monkeypatch.setattr(demo_mod, "run_method", real)
     assert main(args[:-3] + ["--methods", "datainf", "--quiet"]) == 0
     rep2 = json.loads((out / "demo_report.json").read_text())
     assert rep2["models"]["images"]["cached"] is True
