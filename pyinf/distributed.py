@@ -87,6 +87,15 @@ def broadcast_from_rank0(obj: Any) -> Any:
     return box[0]
 
 
+def batch_size_for_ranks(n: int, bs: int) -> int:
+    """`bs`, made small enough that `n` samples give every rank of the current process group at least one batch
+    (per-sample gradients: the batching changes no score); `bs` itself outside a group."""
+    comm = current()
+    if comm is None:
+        return bs
+    return max(1, min(bs, -(-n // comm.world)))
+
+
 def shard_range(num_batches: int, rank: int, world: int) -> tuple[int, int]:
     """Batch indices `[lo, hi)` of `rank`: contiguous, sizes differing by at most one."""
     return num_batches * rank // world, num_batches * (rank + 1) // world

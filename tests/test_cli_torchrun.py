@@ -69,3 +69,38 @@ def test_user_error_of_another_rank_maps_to_exit_2(monkeypatch, capsys):
     monkeypatch.setattr(cli, "eval_mislabeled", internal)
     with pytest.raises(RuntimeError, match="AssertionError"):
         cli.main(["eval", "mislabeled"])
+
+
+def _numbers(tree, path=()):
+    """Every float leaf of a report (but wall times), keyed by its path."""
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() if key not in ("seconds", "run", "config")
+                for k, v in _numbers(sub, path + (key,)).items()}
+    if isinstance(tree, float) and "seconds" not in path[-1]:
+        return {path: tree}
+    return {}
+
+
+LORA_EVALS = {
+    "text": (["eval", "mislabeled", "--task", "text", "--tiny", "--seeds", "0", "--n-train", "60", "--n-val", "20",
+              "--methods", "tracin,datainf,kfac"], "mislabeled_report.json"),
+    "leakage": (["eval", "leakage", "--tiny", "--n-train", "3", "--n-test", "2", "--n-leak", "2", "--seeds", "0",
+                 "--methods", "tracin,kfac,forward"], "leakage_report.json"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LORA_EVALS))
+def test_lora_evals_torchrun_match_one_process(tmp_path, name):
+    """The LoRA evals under two gloo ranks (rank 0 trains and caches the model, rank 1 loads it; at least one
+    batch per rank however small the set) give the single-process numbers."""
+    args, report = LORA_EVALS[name]
+    cache = ["--cache", str(tmp_path / "cache")]
+    r = _run(TORCHRUN + args + cache + ["--out", str(tmp_path / "dist")], tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = _run([sys.executable, "-m", "pyinf"] + args + cache + ["--out", str(tmp_path / "one"), "--quiet"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    dist = _numbers(json.loads((tmp_path / "dist" / report).read_text()))
+    one = _numbers(json.loads((tmp_path / "one" / report).read_text()))
+    assert dist.keys() == one.keys() and len(one) > 5
+    for key, v in one.items():
+        assert dist[key] == pytest.approx(v, abs=1e-5), key

@@ -100,11 +100,9 @@ def train_mlp(X, y, *, hidden: int, steps: int, lr: float, weight_decay: float, 
 def batches(X, y, bs: int = 256):
     """`X` (n, d_in), `y` (n,) as a list of {"x", "labels"} batches of `bs` samples (under torchrun, this rank's
     contiguous share)."""
-    from ..distributed import current
+    from ..distributed import batch_size_for_ranks
 
-    comm = current()
-    if comm is not None:  # at least one batch per rank (per-sample gradients: the batching changes no score)
-        bs = max(1, min(bs, -(-len(X) // comm.world)))
+    bs = batch_size_for_ranks(len(X), bs)
     return [{"x": X[k : k + bs], "labels": y[k : k + bs]} for k in range(0, len(X), bs)]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ..distributed import batch_size_for_ranks
 from ..tasks.math_problems import math_problems
 from ..tasks.model import ModelConfig, finetune, log, pretrained_base
 from ..tasks.sentences import sentence_transformations
@@ -73,8 +74,8 @@ def tune(base, tok, examples, cfg: LMEvalConfig, desc: str = "LoRA fine-tune", p
 def lm_batches(tok, examples, cfg: LMEvalConfig) -> list:
     """`examples` as tokenised batches of `cfg.batch_size` (loss tokens as in the fine-tune)."""
     examples = list(examples)
-    return [tok.batch(examples[k : k + cfg.batch_size], cfg.model.answer_only)
-            for k in range(0, len(examples), cfg.batch_size)]
+    bs = batch_size_for_ranks(len(examples), cfg.batch_size)  # under torchrun: a batch for every rank
+    return [tok.batch(examples[k : k + bs], cfg.model.answer_only) for k in range(0, len(examples), bs)]
 
 
 def attribute_all(model, tok, train, queries, methods, cfg: LMEvalConfig):

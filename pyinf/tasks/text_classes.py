@@ -105,7 +105,11 @@ class TextTokenizer:
         return {"input_ids": ids, "attention_mask": mask, "labels": torch.as_tensor(labels, dtype=torch.long)}
 
     def batches(self, texts, labels, bs: int = 64) -> list[dict[str, torch.Tensor]]:
-        """`batch` over consecutive runs of `bs` examples (dataset order)."""
+        """`batch` over consecutive runs of `bs` examples (dataset order; under torchrun `bs` shrinks so that every
+        rank gets a batch)."""
+        from ..distributed import batch_size_for_ranks
+
+        bs = batch_size_for_ranks(len(texts), bs)
         return [self.batch(texts[k : k + bs], labels[k : k + bs]) for k in range(0, len(texts), bs)]
 
 
