@@ -84,6 +84,8 @@ def _numbers(tree, path=()):
 LORA_EVALS = {
     "text": (["eval", "mislabeled", "--task", "text", "--tiny", "--seeds", "0", "--n-train", "60", "--n-val", "20",
               "--methods", "tracin,datainf,kfac"], "mislabeled_report.json"),
+    "images demo": (["demo", "--task", "images", "--tiny", "--n-train", "3", "--n-test", "2", "--methods",
+                     "tracin,datainf,kfac,forward"], "demo_report.json"),
     "leakage": (["eval", "leakage", "--tiny", "--n-train", "3", "--n-test", "2", "--n-leak", "2", "--seeds", "0",
                  "--methods", "tracin,kfac,forward"], "leakage_report.json"),
 }
@@ -91,8 +93,8 @@ LORA_EVALS = {
 
 @pytest.mark.parametrize("name", sorted(LORA_EVALS))
 def test_lora_evals_torchrun_match_one_process(tmp_path, name):
-    """The LoRA evals under two gloo ranks (rank 0 trains and caches the model, rank 1 loads it; at least one
-    batch per rank however small the set) give the single-process numbers."""
+    """The LoRA evals and the images demo under two gloo ranks (rank 0 trains and caches the model, rank 1 loads
+    it; at least one batch per rank however small the set) give the single-process numbers."""
     args, report = LORA_EVALS[name]
     cache = ["--cache", str(tmp_path / "cache")]
     r = _run(TORCHRUN + args + cache + ["--out", str(tmp_path / "dist")], tmp_path)

@@ -31,6 +31,7 @@ import torch
 
 from ..reports import pyplot, save_figure, save_report
 from ..backends import describe as describe_backend
+from ..distributed import batch_size_for_ranks
 from ..metrics import recall_at_k, roc_auc
 from .math_problems import math_problems
 from .model import ModelConfig, build_model, exact_match, per_example_loss
@@ -214,7 +215,9 @@ def lm_tasks(cfg: DemoConfig, names) -> tuple[list[DemoTask], dict]:
     model, tok, info = build_model([e for t in data.values() for e in t.train], cfg.model, seed=cfg.seed,
                                    data_seed=cfg.seed, cache=cfg.cache, use_cache=cfg.use_cache,
                                    progress=cfg.progress)
-    answer_only, bs = cfg.model.answer_only, cfg.batch_size
+    answer_only = cfg.model.answer_only
+    # under torchrun: small enough that every rank gets a training batch of every task
+    bs = batch_size_for_ranks(min(len(data[n].train) for n in names), cfg.batch_size)
     tasks = []
     for name in names:
         t = data[name]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..distributed import batch_size_for_ranks
 from .images import STYLE_WORDS, batches_of, build_unet, influence_losses, style_data
 
 GRID_TOP = 5
@@ -43,7 +44,7 @@ def image_task(cfg):
     train_loss, measurement = influence_losses(icfg)
     # the binding shows over every timestep (at high noise the prompt moves the loss little): seeded, K draws
     everywhere = influence_losses(icfg, timesteps=(0, len(measurement.alphas_cumprod)))[1]
-    bs = cfg.batch_size
+    bs = batch_size_for_ranks(len(data.train), cfg.batch_size)  # under torchrun: a training batch per rank
     train = batches_of(data.train, data.cond(data.train_labels), data.train_labels, bs)
 
     def queries(rows):
