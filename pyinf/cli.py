@@ -122,7 +122,8 @@ def _threads(args) -> None:
 def _common(p: argparse.ArgumentParser, out: str, damping_sweep: bool = False) -> None:
     p.add_argument("--methods", type=_methods, default=ALL_METHODS,
                    help=f"comma-separated subset of {','.join(ALL_METHODS)} (forward runs once Attributor accepts it)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed (default 0); on the evals that run several seeds, --seed N alone runs only N")
     if damping_sweep:  # every damping from one capture: "method@damping" rows
         p.add_argument("--damping", type=_dampings, default=(0.1,),
                        help="relative damping c, or a comma-separated sweep (e.g. 0.01,0.1,1) run from one capture")
@@ -201,7 +202,7 @@ def demo(args) -> int:
         sizes.update(n_train=args.n_train, image_n_train=args.n_train)
     if args.n_test is not None:
         sizes.update(n_test=args.n_test, image_n_test=args.n_test)
-    cfg = DemoConfig(seed=args.seed, methods=args.methods, damping=args.damping, model=model, tasks=args.task,
+    cfg = DemoConfig(seed=args.seed or 0, methods=args.methods, damping=args.damping, model=model, tasks=args.task,
                      images=images, out=args.out, cache=_cache_option(args), use_cache=not args.no_cache,
                      progress=_progress(args), **sizes)
     _method_options(args, cfg)
@@ -223,10 +224,10 @@ def _cache_option(args) -> str | None:
 
 
 def _seeds_option(args, cfg) -> None:
-    """--seeds, else --seed alone (not 0): that one seed; else the eval's default seeds."""
+    """--seeds, else --seed alone: that one seed; else the eval's default seeds."""
     if args.seeds is not None:
         cfg.seeds = args.seeds
-    elif args.seed != 0:
+    elif args.seed is not None:
         cfg.seeds = (args.seed,)
 
 
@@ -253,7 +254,7 @@ def _run_eval(args, cfg, run, format_table, files: str) -> int:
     _out_dir(args.out)
     if hasattr(args, "steps"):  # the digits MLP's
         cfg.steps, cfg.hidden = args.steps, args.hidden
-    cfg.damping, cfg.seed = args.damping, args.seed
+    cfg.damping, cfg.seed = args.damping, args.seed or 0
     if isinstance(args.damping, tuple):  # a damping sweep
         cfg.damping, cfg.dampings = args.damping[0], args.damping
     cfg.methods, cfg.out, cfg.progress = args.methods, args.out, _progress(args)
@@ -309,8 +310,17 @@ def eval_lds(args) -> int:
     """`pyinf eval lds`: the linear datamodeling score on digits or (--task lm) the demo's LoRA LM."""
     from .evals.lds import LDSConfig, format_table, run_lds
 
-    if args.task == "lm":
+    lm = args.task == "lm"
+    other_task = ({"--steps": args.steps, "--hidden": args.hidden} if lm else
+                  {"--seeds": args.seeds, "--cache": args.cache, "--no-cache": args.no_cache or None,
+                   "--finetune-epochs": args.finetune_epochs, "--tiny": args.tiny or None})
+    given = [k for k, v in other_task.items() if v is not None]
+    if given:  # accepted by the parser for the other task: never silently ignored
+        raise ValueError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to "
+                         f"--task {'digits' if lm else 'lm'} only")
+    if lm:
         return eval_lds_lm(args)
+    args.steps, args.hidden = _or(args.steps, 300), _or(args.hidden, 32)
     cfg = LDSConfig(n_train=_or(args.n_train, 500), n_query=_or(args.n_query, 100), subsets=_or(args.subsets, 100),
                     fraction=args.fraction)
     return _run_eval(args, cfg, run_lds, format_table, "lds_report.json, lds.png")
@@ -422,8 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="queries (digits, default 100) / per class and task (lm, default 2)")
     p.add_argument("--subsets", type=_positive_int, default=None, help="retrained models (digits 100, lm 50)")
     p.add_argument("--fraction", type=float, default=0.5, help="subset size as a fraction of the training set")
-    p.add_argument("--steps", type=_positive_int, default=300, help="full-batch Adam steps (digits)")
-    p.add_argument("--hidden", type=_positive_int, default=32, help="(digits)")
+    p.add_argument("--steps", type=_positive_int, default=None, help="full-batch Adam steps (digits; default 300)")
+    p.add_argument("--hidden", type=_positive_int, default=None, help="MLP width (digits; default 32)")
     _lm_arguments(p)
     p.set_defaults(func=eval_lds)
     p = esub.add_parser("leakage", help="leaked test examples found by influence on the demo's LoRA model")

@@ -94,6 +94,7 @@ def test_eval_leakage_tiny(tmp_path):
                 ranks = torch.tensor(r[f"{kind}_ranks"])
                 assert ranks.shape == (len(queries), 1) and ranks.min() >= 0 and ranks.max() < len(train)
                 assert r[f"{kind}_in_top"] == pytest.approx((ranks < 10).double().mean().item())
+                assert r[f"{kind}_median_rank"] == pytest.approx(ranks.double().quantile(0.5).item())
     for m, s in rep["summary"].items():
         vals = [rep["runs"][k]["methods"][m]["exact_in_top"] for k in ("0", "1")]
         assert s["exact_in_top"] == pytest.approx(sum(vals) / 2)
@@ -184,9 +185,21 @@ def test_base_and_finetune_cache_split(tmp_path):
     assert not i4["cached"] and all(torch.equal(s1[k], v) for k, v in m4.state_dict().items())
 
 
-def test_lm_eval_seed_alone_runs_that_seed(tmp_path):
-    rc = main(["eval", "leakage", *TINY, "--n-train", "2", "--n-test", "1", "--n-leak", "1", "--seed", "3",
+@pytest.mark.parametrize("seed", ["3", "0"])  # 0 too: it is not the same as no --seed (seeds 0, 1, 2)
+def test_lm_eval_seed_alone_runs_that_seed(tmp_path, seed):
+    rc = main(["eval", "leakage", *TINY, "--n-train", "2", "--n-test", "1", "--n-leak", "1", "--seed", seed,
                "--methods", "tracin", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o")])
     rep = json.loads((tmp_path / "o" / "leakage_report.json").read_text())
-    assert rc == 0 and list(rep["runs"]) == ["3"] and rep["config"]["base_seed"] == 0
+    assert rc == 0 and list(rep["runs"]) == [seed] and rep["config"]["base_seed"] == 0
     assert rep["summary"]["tracin"]["exact_in_top_sd"] is None  # one seed: no sd
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "lds", "--seeds", "1,2"], "--seeds applies to --task lm only"),
+    (["eval", "lds", "--tiny", "--no-cache"], "--no-cache, --tiny apply to --task lm only"),
+    (["eval", "lds", "--task", "lm", "--steps", "10"], "--steps applies to --task digits only"),
+])
+def test_lds_options_of_the_other_task_are_refused(argv, message, capsys):
+    """Options the parser takes for one task are an error on the other, never silently ignored."""
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err

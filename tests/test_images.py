@@ -100,3 +100,20 @@ def test_missing_diffusers_named_before_any_work(monkeypatch, capsys):
     assert main(["demo", "--task", "images", "--tiny"]) == 2
     err = capsys.readouterr().err
     assert "diffusers" in err and "pyinf[diffusion]" in err
+
+
+def test_images_demo_figures_use_a_method_that_scored_every_query(tmp_path):
+    """forward scores 3 queries per style: the grid and the heatmap must show another method (here kfac, listed
+    after it), and with forward alone the demo still ends, without a grid."""
+    args = ["demo", "--task", "images", "--tiny", "--n-train", "3", "--n-test", "4", "--cache", str(tmp_path / "c"),
+            "--quiet"]
+    out = tmp_path / "both"
+    assert main(args + ["--methods", "forward,kfac", "--out", str(out)]) == 0
+    task = json.loads((out / "demo_report.json").read_text())["tasks"]["images"]
+    assert "finish_error" not in task and task["methods"]["forward"]["queries"] == 30
+    assert (out / "images_grid.png").stat().st_size > 1000 and (out / "demo.png").stat().st_size > 1000
+    out = tmp_path / "forward"
+    assert main(args + ["--methods", "forward", "--out", str(out)]) == 0
+    task = json.loads((out / "demo_report.json").read_text())["tasks"]["images"]
+    assert "finish_error" not in task and task["files"] == []
+    assert not (out / "images_grid.png").exists() and (out / "demo.png").stat().st_size > 1000

@@ -91,12 +91,15 @@ def run_lds_lm(cfg: LMLDSConfig) -> dict:
         for method in methods:
             rho = lds_per_query(masks, scores[method], actual)
             ok = rho[~rho.isnan()]
+            if not len(ok):  # a Spearman of constants: nothing to average, say so instead of reporting NaN
+                raise ValueError(f"eval lds --task lm: {method} has no query with a defined LDS on seed {seed} "
+                                 f"(its scores or every retrained loss are constant); use more --subsets or queries")
             per_query[method] += ok.tolist()
-            res[method] = {"lds": ok.mean().item(), "lds_sd_queries": ok.std().item(), "nan_queries": int(rho.isnan().sum()),
+            lds, sd = mean_sd(ok.tolist())
+            res[method] = {"lds": lds, "lds_sd_queries": sd, "nan_queries": int(rho.isnan().sum()),
                            "per_query": rho.tolist(), "seconds": infos[method]["seconds"],
                            "warnings": infos[method]["warnings"]}
-            log(f"    {method}: LDS {res[method]['lds']:.3f} ± {res[method]['lds_sd_queries']:.3f} over queries",
-                cfg.progress)
+            log(f"    {method}: LDS {pm(lds, sd, 3)} over queries", cfg.progress)
         fit = {"train_loss": per_example_loss(model, tok, train, cfg.model.answer_only).mean().item(),
                "query_loss": per_example_loss(model, tok, queries, cfg.model.answer_only).mean().item(),
                "retrained_query_loss_mean": actual.mean().item(),
@@ -106,8 +109,7 @@ def run_lds_lm(cfg: LMLDSConfig) -> dict:
     summary = {}
     for method in methods:
         lds, lds_sd = mean_sd(runs[s]["methods"][method]["lds"] for s in cfg.seeds)
-        pooled = torch.tensor(per_query[method], dtype=torch.float64)
-        summary[method] = {"lds": lds, "lds_sd_seeds": lds_sd, "lds_sd_queries": pooled.std().item(),
+        summary[method] = {"lds": lds, "lds_sd_seeds": lds_sd, "lds_sd_queries": mean_sd(per_query[method])[1],
                            "seconds": mean_sd(runs[s]["methods"][method]["seconds"] for s in cfg.seeds)[0]}
     report = {"config": {**asdict(cfg), "model": asdict(cfg.model)}, "task": "lm", "base": base_info,
               "skipped_methods": skipped, "summary": summary, "runs": {str(s): r for s, r in runs.items()},
@@ -144,7 +146,7 @@ def format_table(report: dict) -> str:
     lines = [f"{'method':10s} {'LDS (seeds)':>14s} {'sd (queries)':>13s} {'time (s)':>9s}"]
     for m, r in report["summary"].items():
         warned = any(run["methods"][m]["warnings"] for run in report["runs"].values())
-        lines.append(f"{m:10s} {pm(r['lds'], r['lds_sd_seeds'], 3):>14s} {r['lds_sd_queries']:13.3f} "
+        lines.append(f"{m:10s} {pm(r['lds'], r['lds_sd_seeds'], 3):>14s} {'–' if r['lds_sd_queries'] is None else format(r['lds_sd_queries'], '.3f'):>13s} "
                      f"{r['seconds']:9.2f}" + ("  (warned: see the report)" if warned else ""))
     retrain = [r["retrain"] for r in report["runs"].values()]
     lines.append(f"seeds {cfg['seeds']}: mean ± sd over seeds of the mean over queries; fine-tunes on subsets: "

@@ -143,7 +143,7 @@ def run_leakage(cfg: LeakageConfig) -> dict:
             for kind in KINDS:
                 found = (ranks[kind] < cfg.top).sum(1).double()  # copies in the top, per query
                 r[f"{kind}_in_top"] = found.mean().item()
-                r[f"{kind}_median_rank"] = ranks[kind].double().median().item()
+                r[f"{kind}_median_rank"] = ranks[kind].double().quantile(0.5).item()  # torch.median: the lower one
                 r[f"{kind}_ranks"] = ranks[kind].tolist()
                 r[f"{kind}_in_top_by_task"] = {
                     t: found[[q for q, p in enumerate(planted) if p["task"] == t]].mean().item()

@@ -1,7 +1,7 @@
 """What the LoRA language-model evals share (`pyinf eval leakage`, `pyinf eval lds --task lm`).
 
 The demo's model and tasks (`pyinf.tasks`): the pre-trained base (`pretrained_base`, cached: the demo's own
-base at the default config and `--seed`), LoRA fine-tunes of copies of it on the eval's training sets
+base at the default config and `base_seed`, 0; `--seed` picks the eval's data), LoRA fine-tunes of copies of it on the eval's training sets
 (`finetune`, cached by config, seed and examples; the same seeded adapter init for every fine-tune), and
 attribution of the adapter's blocks from one capture per model (`common.capture` / `common.attribute` with
 blocks="lora" and the Hugging Face loss; the gradient methods score query gradients captured once).

@@ -32,6 +32,13 @@ class TaskData:
     test: tuple[Example, ...]
 
 
+def shown_method(scores: dict, n_queries: int, prefer: str = "datainf") -> str | None:
+    """The method a figure shows: `prefer` when it scored every query, else the first method that did
+    (forward scores a subset of the queries); None when none did."""
+    full = [m for m, S in scores.items() if S.shape[0] == n_queries]
+    return prefer if prefer in full else (full[0] if full else None)
+
+
 def split(name, class_names, per_class: list[list[Example]], n_train: int, n_test: int) -> TaskData:
     """Class-major order: train = class 0's n_train, class 1's, ...; test likewise."""
     train = tuple(e for ex in per_class for e in ex[:n_train])

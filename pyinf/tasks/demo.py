@@ -33,6 +33,7 @@ from ..reports import pyplot, save_figure, save_report
 from ..backends import describe as describe_backend
 from ..distributed import batch_size_for_ranks
 from ..metrics import recall_at_k, roc_auc
+from .common import shown_method
 from .math_problems import math_problems
 from .model import ModelConfig, build_model, exact_match, per_example_loss
 from .sentences import sentence_transformations
@@ -192,7 +193,10 @@ def _figure(path: Path, report: dict, scores: dict, labels: dict):
         ax.legend(loc="lower right")
         if not scores[task]:
             continue
-        show = "datainf" if "datainf" in scores[task] else next(iter(scores[task]))
+        show = shown_method(scores[task], len(labels[task]["query"]))
+        if show is None:  # only forward ran: it scores a subset of the queries
+            axes[r, 1].set_axis_off()
+            continue
         S = -scores[task][show]  # helpfulness; rows and columns are class-major already
         qo = labels[task]["query"].argsort(stable=True)
         to = labels[task]["train"].argsort(stable=True)
@@ -301,8 +305,12 @@ def run_demo(cfg: DemoConfig) -> dict:
             res[method], scores[method] = meta, S
         report["tasks"][task.name] = {"fit": task.fit, "class_names": list(task.class_names), "methods": res,
                                       "capture_seconds": capture_s, "k": task.n_train}
-        if task.finish is not None:
-            report["tasks"][task.name]["files"] = task.finish(out, scores) or []
+        if task.finish is not None:  # a task's own figures: a failure is reported, as a method's is
+            try:
+                report["tasks"][task.name]["files"] = task.finish(out, scores) or []
+            except Exception as e:  # noqa: BLE001
+                report["tasks"][task.name]["finish_error"] = f"{type(e).__name__}: {e}"
+                _say(f"  {task.name}: its figures failed: {type(e).__name__}: {e}", cfg)
         all_scores[task.name] = scores
         labels[task.name] = {"train": task.train_labels, "query": task.query_labels}
     report["seconds"] = time.perf_counter() - t_start

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..distributed import batch_size_for_ranks
+from .common import shown_method
 from .images import STYLE_WORDS, batches_of, build_unet, influence_losses, style_data
 
 GRID_TOP = 5
@@ -59,18 +60,22 @@ def image_task(cfg):
     task = DemoTask(name="images", class_names=STYLE_WORDS, model=unet, train_batches=train, query_batches=queries,
                     train_labels=data.train_labels, query_labels=data.test_labels, n_train=cfg.image_n_train,
                     n_test=cfg.image_n_test, task=Task(train_loss=train_loss, measurement=measurement), fit=fit,
-                    finish=lambda out, scores: [str(grid(Path(out) / "images_grid.png", data, scores))]
+                    finish=lambda out, scores: [str(p) for p in [grid(Path(out) / "images_grid.png", data, scores)]
+                                                if p is not None]
                     if scores else [])
     return task, info
 
 
-def grid(path: Path, data, scores: dict, method: str = "datainf") -> Path:
+def grid(path: Path, data, scores: dict, method: str = "datainf") -> Path | None:
     """`path`: the first query of each style (rows) beside its GRID_TOP most helpful training images under
-    `method` (or the first method scored), framed green when of the query's style, red otherwise."""
+    `method` (or the first method that scored every query), framed green when of the query's style, red
+    otherwise; None (no figure) when no method scored every query."""
     from ..reports import pyplot, save_figure
 
+    method = shown_method(scores, len(data.test_labels), method)
+    if method is None:
+        return None
     plt = pyplot()
-    method = method if method in scores else next(iter(scores))
     S = scores[method]
     rows = [int((data.test_labels == k).nonzero()[0]) for k in range(len(data.words))]
     fig, axes = plt.subplots(len(rows), GRID_TOP + 1, figsize=(1.3 * (GRID_TOP + 1), 1.3 * len(rows)),
