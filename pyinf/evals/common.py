@@ -3,6 +3,7 @@ attribution through `pyinf.Attributor` with the MLP's `nn.Linear` layers as plai
 (the one per-sample gradient path: `pyinf.capture`, as `pyinf.per_sample_grads`)."""
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -183,3 +184,25 @@ def attribute(grads, method: str, query, *, damping: float, lissa_iterations: in
     info["seconds"] = time.perf_counter() - t0
     info["warnings"] = list(dict.fromkeys(str(w.message) for w in caught if "pyinf" in str(w.filename)))
     return scores, si, info
+
+
+def mean_sd(values) -> tuple[float, float | None]:
+    """(mean, sample sd) of `values`; the sd is None for a single value (undefined)."""
+    values = [float(v) for v in values]
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return m, None
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def pm(mean: float, sd: float | None, digits: int = 2) -> str:
+    """"mean ± sd" (just the mean when the sd is undefined)."""
+    return f"{mean:.{digits}f}" + ("" if sd is None else f" ± {sd:.{digits}f}")
+
+
+def checked_seeds(seeds) -> list[int]:
+    """`seeds` as a list; ValueError when one repeats (a repeated seed would count one run twice in mean ± sd)."""
+    seeds = list(seeds)
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds must be distinct, got {seeds}")
+    return seeds

@@ -21,9 +21,9 @@ import torch
 from ..progress import bar
 from ..reports import pyplot, save_figure, save_report
 from ..tasks.model import ModelConfig, log, per_example_loss
-from .common import available_methods
+from .common import available_methods, mean_sd, pm
 from .lds import lds_per_query, random_subsets
-from .lm import LMEvalConfig, attribute_all, check_config, demo_tasks, load_base, mean_sd, pm, tune
+from .lm import LMEvalConfig, attribute_all, check_config, demo_tasks, load_base, tune
 
 
 @dataclass

@@ -31,8 +31,8 @@ from ..reports import pyplot, save_figure, save_report
 from ..tasks.common import Example
 from ..tasks.model import log, per_example_loss
 from ..tasks.sentences import SENTENCE_CLASSES
-from .common import available_methods
-from .lm import LMEvalConfig, attribute_all, check_config, demo_tasks, load_base, mean_sd, pm, tune
+from .common import available_methods, mean_sd, pm
+from .lm import LMEvalConfig, attribute_all, check_config, demo_tasks, load_base, tune
 
 KINDS = ("exact", "paraphrase")
 

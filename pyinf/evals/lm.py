@@ -8,14 +8,13 @@ blocks="lora" and the Hugging Face loss; the gradient methods score query gradie
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from ..distributed import batch_size_for_ranks
 from ..tasks.math_problems import math_problems
 from ..tasks.model import ModelConfig, finetune, log, pretrained_base
 from ..tasks.sentences import sentence_transformations
-from .common import METHODS, attribute, capture
+from .common import METHODS, attribute, capture, checked_seeds
 
 # The test suite's model: trains in seconds, its numbers mean little (the demo's --tiny).
 TINY_MODEL = ModelConfig(hidden=32, layers=1, heads=2, intermediate=64, pretrain_texts=200, pretrain_epochs=1,
@@ -48,8 +47,7 @@ def check_config(cfg: LMEvalConfig) -> None:
     """ValueError naming the bad option (seeds, sizes)."""
     if not cfg.seeds:
         raise ValueError("--seeds: give at least one seed")
-    if len(set(cfg.seeds)) != len(cfg.seeds):
-        raise ValueError(f"--seeds: repeated seeds in {list(cfg.seeds)}")
+    checked_seeds(cfg.seeds)
     if not cfg.methods:
         raise ValueError("--methods: give at least one method")
 
@@ -93,17 +91,3 @@ def attribute_all(model, tok, train, queries, methods, cfg: LMEvalConfig):
                                **opts)
         scores[method], infos[method] = S.cpu(), info
     return scores, infos, capture_s
-
-
-def mean_sd(values) -> tuple[float, float | None]:
-    """(mean, sample sd) of `values`; the sd is None for a single value (undefined)."""
-    values = [float(v) for v in values]
-    m = sum(values) / len(values)
-    if len(values) < 2:
-        return m, None
-    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
-
-
-def pm(mean: float, sd: float | None, digits: int = 2) -> str:
-    """"mean ± sd" (just the mean when the sd is undefined)."""
-    return f"{mean:.{digits}f}" + ("" if sd is None else f" ± {sd:.{digits}f}")

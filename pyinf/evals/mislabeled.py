@@ -32,8 +32,8 @@ import torch
 from ..reports import pyplot, save_figure, save_report
 from ..metrics import curve_auc, detection_curve
 from ..tasks.text_classes import TextModelConfig
-from .common import (EvalConfig, attribute, available_methods, batches, capture, per_sample_loss,
-                     split_digits, sweep, train_cfg_mlp)
+from .common import (EvalConfig, attribute, available_methods, batches, capture, checked_seeds, mean_sd,
+                     per_sample_loss, split_digits, sweep, train_cfg_mlp)
 
 
 @dataclass
@@ -134,11 +134,6 @@ def _train_losses(model, train_batches, loss) -> torch.Tensor:
     return torch.cat([(loss or default_loss)(model, b) for b in train_batches]).float()
 
 
-def _mean_sd(values: list[float]) -> tuple[float, float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    return t.mean().item(), (t.std().item() if len(values) > 1 else 0.0)
-
-
 def run_mislabeled(cfg: MislabeledConfig) -> dict:
     """Run the mislabeled-detection eval (module doc) on `cfg.task`, for every seed: per method (and damping) the
     area under the detection curve of aggregate and self influence, with wall times, mean ± sd over the seeds
@@ -148,9 +143,7 @@ def run_mislabeled(cfg: MislabeledConfig) -> dict:
     if cfg.task not in TASKS:
         raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {cfg.task!r}")
     t0 = time.perf_counter()
-    seeds = list(cfg.seeds) or [cfg.seed]
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"--seeds must be distinct, got {seeds}")
+    seeds = checked_seeds(cfg.seeds or [cfg.seed])
     methods, skipped = available_methods(cfg.methods)
     rows = sweep(methods, cfg.dampings or (cfg.damping,))
     n_flip = int(round(cfg.flip * cfg.n_train))
@@ -180,18 +173,18 @@ def run_mislabeled(cfg: MislabeledConfig) -> dict:
         for key in ("aggregated_auc", "aggregated_found_at_20pct", "self_auc", "self_found_at_20pct", "seconds"):
             vals = [p["methods"][row][key] for p in per_seed if key in p["methods"][row]]
             if vals:
-                r[key], r[key + "_sd"] = _mean_sd(vals)
+                r[key], r[key + "_sd"] = mean_sd(vals)
                 r[key + "_per_seed"] = vals
         r["warnings"] = list(dict.fromkeys(w for p in per_seed for w in p["methods"][row]["warnings"]))
         r["options"] = per_seed[0]["methods"][row]["options"]
         summary[row] = r
-    facts = {k: _mean_sd([p[k] for p in per_seed])[0] for k in ("val_accuracy", "fits_flipped")}
-    facts["loss_baseline_auc"], facts["loss_baseline_auc_sd"] = _mean_sd([p["loss_baseline_auc"] for p in per_seed])
+    facts = {k: mean_sd([p[k] for p in per_seed])[0] for k in ("val_accuracy", "fits_flipped")}
+    facts["loss_baseline_auc"], facts["loss_baseline_auc_sd"] = mean_sd([p["loss_baseline_auc"] for p in per_seed])
     report = {"config": asdict(cfg), "task": cfg.task, "seeds": seeds, **facts, "n_flipped": n_flip,
               "skipped_methods": skipped, "perfect_auc": 1 - n_flip / (2 * cfg.n_train), "methods": summary,
               "paper_ordering": PAPER_ORDERING,
               "ordering": {m: ordering(summary, f"{m}_auc") for m in ("aggregated", "self")}, "per_seed": per_seed,
-              "capture_seconds": _mean_sd(capture_s)[0], "seconds": time.perf_counter() - t0}
+              "capture_seconds": mean_sd(capture_s)[0], "seconds": time.perf_counter() - t0}
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_report(report, out / "mislabeled_report.json")

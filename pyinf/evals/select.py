@@ -36,8 +36,7 @@ import torch
 
 from ..reports import pyplot, save_figure, save_report
 from ..tasks.text_classes import TextModelConfig
-from .common import EvalConfig, attribute, available_methods, capture, sweep
-from .mislabeled import _mean_sd
+from .common import EvalConfig, attribute, available_methods, capture, checked_seeds, mean_sd, pm, sweep
 
 
 @dataclass
@@ -100,9 +99,7 @@ def _check(cfg: SelectConfig) -> list[int]:
         raise ValueError("--keep needs at least one percentage")
     for k in cfg.keep:
         top_fraction(torch.zeros(cfg.n_train), k)  # raises on a bad percentage or an empty selection
-    seeds = list(cfg.seeds) or [cfg.seed]
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"--seeds must be distinct, got {seeds}")
+    seeds = checked_seeds(cfg.seeds or [cfg.seed])
     return seeds
 
 
@@ -177,7 +174,7 @@ def run_select(cfg: SelectConfig) -> dict:
         s = {}
         for key in ("val_accuracy", "test_accuracy", "flipped_fraction"):
             vals = [r[key] for r in results]
-            s[key], s[key + "_sd"] = _mean_sd(vals)
+            s[key], s[key + "_sd"] = mean_sd(vals)
             s[key + "_per_seed"] = vals
         s["n"], s["epochs"] = results[0]["n"], results[0]["epochs"]
         return s
@@ -190,12 +187,12 @@ def run_select(cfg: SelectConfig) -> dict:
               "methods": {}, "per_seed": per_seed}
     for row, method, damping in [(r + suffix, m, d) for r, m, d in rows for suffix in ("", PER_CLASS)]:
         r = {"method": method, "damping": None if method == "forward" else damping, "per_class": row.endswith(PER_CLASS),
-             "seconds": _mean_sd([p["methods"][row]["seconds"] for p in per_seed])[0],
+             "seconds": mean_sd([p["methods"][row]["seconds"] for p in per_seed])[0],
              "warnings": list(dict.fromkeys(w for p in per_seed for w in p["methods"][row]["warnings"]))}
         for k in cfg.keep:
             r[pct(k)] = summarise([p["methods"][row][k] for p in per_seed])
         report["methods"][row] = r
-    report["capture_seconds"] = _mean_sd([p["capture_seconds"] for p in per_seed])[0]
+    report["capture_seconds"] = mean_sd([p["capture_seconds"] for p in per_seed])[0]
     report["seconds"] = time.perf_counter() - t0
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -214,14 +211,14 @@ def _figure(path, cfg: SelectConfig, report: dict):
         names = rows + ["random"]
         res = [report["methods"][r][pct(k)] for r in rows] + [report["random"][pct(k)]]
         acc = [r["test_accuracy"] for r in res]
-        sd = [r["test_accuracy_sd"] for r in res]
+        sd = [r["test_accuracy_sd"] or 0.0 for r in res]  # one seed: no sd
         colors = ["tab:orange" if r.endswith(PER_CLASS) else "tab:blue" for r in rows] + ["tab:gray"]
         ax.bar(range(len(names)), acc, yerr=sd, color=colors, capsize=3)
         lines = [report["full"]["test_accuracy"], report["clean_only"]["test_accuracy"]]
         lo = max(0.0, min([a - e for a, e in zip(acc, sd)] + lines) - 0.05)
         hi = min(1.0, max([a + e for a, e in zip(acc, sd)] + lines) + 0.06)
         for i, r in enumerate(res):  # the numbers, above each bar
-            ax.text(i, r["test_accuracy"] + r["test_accuracy_sd"] + 0.01 * (hi - lo),
+            ax.text(i, acc[i] + sd[i] + 0.01 * (hi - lo),
                     f"{r['test_accuracy']:.3f}\nflip {r['flipped_fraction']:.2f}", ha="center", va="bottom", fontsize=6)
         for key, color, label in (("full", "black", "full pool"), ("clean_only", "tab:green", "clean part only")):
             ax.axhline(report[key]["test_accuracy"], color=color, ls="--", lw=1,
@@ -244,7 +241,7 @@ def format_table(report: dict) -> str:
     keeps = list(report["random"])
 
     def cell(r):
-        return f"{r['test_accuracy']:.3f}±{r['test_accuracy_sd']:.3f} ({r['flipped_fraction']:.2f})"
+        return f"{pm(r['test_accuracy'], r['test_accuracy_sd'], 3)} ({r['flipped_fraction']:.2f})"
 
     lines = [f"seeds {','.join(map(str, report['seeds']))}: test accuracy mean±sd (flipped fraction of the selection)",
              f"{'selection':24s} " + " ".join(f"{'keep ' + k + '%':>22s}" for k in keeps) + f" {'time (s)':>9s}"]
